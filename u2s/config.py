@@ -1,0 +1,284 @@
+"""Job configuration: pydantic models, YAML presets and ``--set`` overrides.
+
+A job config is validated in full before Ray starts, so a typo or a bad value fails fast and names the
+field. Load one with :func:`load_config`::
+
+    cfg = load_config(preset="cpu-tiny", overrides=["stage2.num_inference_steps=4"])
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS = ("cpu-tiny", "paper")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Model):
+    """How to reach object storage. Credentials come from the standard AWS chain (env, profile, role)."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto, R2...). Default: $AWS_ENDPOINT_URL or AWS."
+    )
+    region: str | None = Field(None, description="S3 region. Default: $AWS_DEFAULT_REGION or the AWS chain.")
+    anon: bool = Field(False, description="Anonymous access (public buckets).")
+
+
+class InputConfig(_Model):
+    """Where the images come from and how the source is laid out."""
+
+    uri: str = Field(..., description="Local path or s3:// URI of the dataset root (or a Parquet file/folder).")
+    format: Literal["image_folder", "class_folders", "coco", "parquet"] = Field(
+        "image_folder",
+        description="image_folder: every image under uri, recursively; class_folders: label = parent folder "
+        "(Caltech101 / MIT Indoor67); coco: annotation JSON + image folder, id = COCO image id; "
+        "parquet: a Hugging Face `Image` column.",
+    )
+    coco_annotations: str | None = Field(
+        None, description="COCO only: path/URI of the instances JSON. Images are read from `uri`."
+    )
+    image_column: str = Field("image", description="Parquet only: the Hugging Face Image column.")
+    id_column: str | None = Field(
+        None, description="Parquet only: column holding the row id. Default: hash of file URI + row index."
+    )
+    label_column: str | None = Field(None, description="Parquet only: column holding the label.")
+    extensions: list[str] = Field(
+        [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"],
+        description="Folder formats: file suffixes (case-insensitive) that count as images.",
+    )
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows (smoke runs).")
+
+    @model_validator(mode="after")
+    def _coco_needs_annotations(self) -> InputConfig:
+        if self.format == "coco" and not self.coco_annotations:
+            raise ValueError("format 'coco' needs input.coco_annotations (the instances JSON)")
+        return self
+
+
+class OutputConfig(_Model):
+    """Where the two tables go. They are separate URIs so they can carry different access rights."""
+
+    uri: str = Field(..., description="Safe dataset (images + public captions); `_run.json` is written here.")
+    sensitive_uri: str = Field(
+        ..., description="Sensitive triplets (private caption, public caption, edit instruction, review)."
+    )
+    overwrite: bool = Field(False, description="Replace existing outputs instead of failing.")
+    rows_per_file: int = Field(1000, ge=1, description="Target rows per Parquet file.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> OutputConfig:
+        a, b = self.uri.rstrip("/"), self.sensitive_uri.rstrip("/")
+        if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
+            raise ValueError("output.uri and output.sensitive_uri must be separate locations, neither inside the other")
+        return self
+
+
+class DecodeConfig(_Model):
+    """Per-row validation limits; a row that breaks one gets status=error, the job goes on."""
+
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="Largest width*height accepted (decompression-bomb guard)."
+    )
+    max_bytes: int = Field(64 * 2**20, ge=1, description="Largest encoded file size accepted.")
+
+
+class Resources(_Model):
+    """Ray resources of one stage's actor pool (or tasks, for stateless stages)."""
+
+    pool_size: int = Field(1, ge=1, description="Actors in the pool (ActorPoolStrategy size).")
+    batch_size: int = Field(8, ge=1, description="Rows per batch handed to the stage.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor/task.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100', 'A10G'.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per actor. Default: max(1, num_cpus)."
+    )
+
+    def ray_remote_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            args["num_gpus"] = self.num_gpus
+        if self.accelerator_type:
+            args["accelerator_type"] = self.accelerator_type
+        return args
+
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus))
+
+
+class ModelConfig(_Model):
+    """A model loaded with `from_pretrained`: a Hugging Face id or a local/mounted path."""
+
+    model: str = Field(..., description="HF model id or local path (`~` and ${ENV} are expanded).")
+    revision: str | None = Field(None, description="HF revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
+    trust_remote_code: bool = Field(False, description="Allow model repos with custom code.")
+
+
+class GenerationConfig(_Model):
+    """Decoding settings of one model call. The paper decodes greedily."""
+
+    max_new_tokens: int = Field(256, ge=1, description="Upper bound on generated tokens.")
+    retry_temperature: float = Field(
+        0.7, ge=0, description="A row whose output fails validation is retried once, sampled at this temperature."
+    )
+
+
+class Stage1Config(_Model):
+    """Inspect (flag), describe (dual captions + review) and instruct (edit instruction)."""
+
+    engine: Literal["transformers"] = Field(
+        "transformers", description="Inference engine. transformers: local, xgrammar-constrained."
+    )
+    vlm: ModelConfig = Field(..., description="Vision-language model for inspect and describe.")
+    llm: ModelConfig = Field(..., description="Text LLM for the edit instruction.")
+    image_size: int = Field(448, ge=28, description="Images are resized to fit this square before the VLM.")
+    default_class_hint: str = Field(
+        "image", description="Used for {image_class} in prompts when a row has no label."
+    )
+    inspect_generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(max_new_tokens=128))
+    describe_generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(max_new_tokens=1024))
+    instruct_generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(max_new_tokens=512))
+    inspect: Resources = Field(default_factory=Resources, description="Inspect pool (runs on every row).")
+    describe: Resources = Field(default_factory=Resources, description="Describe pool (flagged rows).")
+    instruct: Resources = Field(default_factory=Resources, description="Instruct pool (flagged rows).")
+
+
+class Stage2Config(_Model):
+    """The diffusion editor that rewrites flagged images."""
+
+    editor: Literal["instruct_pix2pix"] = Field("instruct_pix2pix", description="Editor name.")
+    model: ModelConfig = Field(..., description="Editor pipeline (diffusers `from_pretrained`).")
+    num_inference_steps: int = Field(100, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Text guidance (IP2P cfg-text).")
+    image_guidance_scale: float = Field(1.5, ge=0, description="Image guidance (IP2P cfg-image).")
+    resolution: int = Field(512, ge=64, description="Working size: long side, rounded to a multiple of 64.")
+    seed: int = Field(42, description="Base seed; each row's seed derives from it and the row id.")
+    output_format: Literal["PNG", "JPEG", "WEBP"] = Field("PNG", description="Encoding of edited images.")
+    resources: Resources = Field(default_factory=Resources, description="Editor pool.")
+
+
+class RayConfig(_Model):
+    """How to reach Ray. Inside `ray job submit` the job attaches to its cluster automatically."""
+
+    address: str | None = Field(None, description="Ray address; None: attach if a cluster runs, else start one.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started cluster.")
+    object_store_memory: int | None = Field(None, ge=75 * 2**20, description="Local cluster object store bytes.")
+    decode: Resources = Field(
+        default_factory=lambda: Resources(batch_size=32, num_cpus=0.25), description="Read + decode tasks."
+    )
+    write_num_cpus: float = Field(0.25, ge=0, description="CPUs per Parquet write task.")
+
+
+class JobConfig(_Model):
+    """One anonymization job."""
+
+    input: InputConfig
+    output: OutputConfig
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    stage1: Stage1Config
+    stage2: Stage2Config
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names each bad field and its problem."""
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any) -> Any:
+    """Expand ${VAR} / ${VAR:-default} and a leading ~ in every string of a parsed YAML tree."""
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    if isinstance(value, str):
+        value = _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+        return os.path.expanduser(value) if value.startswith("~") else value
+    return value
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_path(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def preset_text(name: str) -> str:
+    """The raw YAML of a bundled preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
+    return resources.files("u2s.presets").joinpath(f"{name}.yaml").read_text()
+
+
+def load_config(
+    preset: str | None = None,
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> JobConfig:
+    """Preset, then YAML file, then `key.path=value` overrides (values parsed as YAML), validated."""
+    tree: dict[str, Any] = {}
+    if preset:
+        tree = yaml.safe_load(preset_text(preset)) or {}
+    if path:
+        try:
+            user = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        if not isinstance(user, dict):
+            raise ConfigError(f"config {path} must be a YAML mapping")
+        tree = _deep_merge(tree, user)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), raw)
+    try:
+        return JobConfig.model_validate(_expand(tree))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """One line per problem: `field.path: message` (input values left out; they may be secrets)."""
+    lines = [f"invalid config ({e.error_count()} problem{'s' if e.error_count() > 1 else ''}):"]
+    for err in e.errors(include_input=False, include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def dump_config(cfg: JobConfig) -> str:
+    """The resolved config as YAML (what `u2s config show` prints and `_run.json` records)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

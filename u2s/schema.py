@@ -1,0 +1,128 @@
+"""The data contract: row status, privacy categories and the Arrow schema of every table.
+
+Rows move between stages as Arrow tables with :data:`WORKING_SCHEMA`. Sinks project them onto
+:data:`SAFE_SCHEMA` (no private text) and :data:`TRIPLETS_SCHEMA` (the sensitive columns).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+
+import pyarrow as pa
+
+
+class Status(str, Enum):
+    """Final state of a row. While a row is still in flight its status is null."""
+
+    EDITED = "edited"  # flagged and rewritten by the editor
+    KEPT = "kept"  # not private: original bytes pass through untouched
+    ERROR = "error"  # could not be processed; `error` says which stage and why; no image is published
+
+
+class Category(str, Enum):
+    """The nine privacy categories of the paper (PAPER.md §2.2)."""
+
+    PEOPLE = "people"
+    APPEARANCE = "appearance_cues"
+    HEALTH = "health_indicators"
+    TEXT = "texts_or_symbols"
+    LOCATION_TIME = "locations_or_timestamps"
+    INTERACTIONS = "personal_interactions"
+    PROFESSIONAL = "professional_or_school_settings"
+    IDENTIFIERS = "cultural_political_religious_identifiers"
+    BELONGINGS = "private_belongings_or_behaviours"
+
+
+STAGES = ("decode", "inspect", "describe", "instruct", "edit")
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+REVIEW_TYPE = pa.list_(pa.struct([("item", pa.string()), ("reason", pa.string()), ("category", pa.string())]))
+TIMINGS_TYPE = pa.struct([(stage, pa.float64()) for stage in STAGES])
+
+_FIELDS: dict[str, pa.DataType] = {
+    "id": pa.string(),
+    "source": pa.string(),
+    "label": pa.string(),
+    "image": IMAGE_TYPE,
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "status": pa.string(),
+    "error": pa.string(),
+    "privacy_flag": pa.bool_(),
+    "categories": pa.list_(pa.string()),
+    "review": REVIEW_TYPE,
+    "private_caption": pa.string(),
+    "public_caption": pa.string(),
+    "edit_instruction": pa.string(),
+    "editor": pa.string(),
+    "seed": pa.int64(),
+    "timings": TIMINGS_TYPE,
+}
+
+#: Columns that carry private content and never enter the safe table.
+PRIVATE_COLUMNS = ("review", "private_caption", "edit_instruction")
+
+SOURCE_COLUMNS = ("id", "source", "label", "image")
+SAFE_COLUMNS = (
+    "id", "source", "label", "image", "width", "height", "status", "error", "privacy_flag", "categories",
+    "public_caption", "editor", "seed", "timings",
+)  # fmt: skip
+TRIPLET_COLUMNS = (
+    "id", "source", "label", "status", "error", "privacy_flag", "categories", "review", "private_caption",
+    "public_caption", "edit_instruction",
+)  # fmt: skip
+
+
+def _schema(columns: tuple[str, ...]) -> pa.Schema:
+    return pa.schema([pa.field(name, _FIELDS[name]) for name in columns])
+
+
+WORKING_SCHEMA = _schema(tuple(_FIELDS))
+SOURCE_SCHEMA = _schema(SOURCE_COLUMNS)
+TRIPLETS_SCHEMA = _schema(TRIPLET_COLUMNS)
+
+
+def _hf_feature(dtype: pa.DataType) -> dict:
+    """Hugging Face `datasets` feature dict for an Arrow type (the subset the contract uses)."""
+    if dtype == IMAGE_TYPE:
+        return {"_type": "Image"}
+    if pa.types.is_list(dtype):
+        return {"_type": "List", "feature": _hf_feature(dtype.value_type)}
+    if pa.types.is_struct(dtype):
+        return {f.name: _hf_feature(f.type) for f in dtype}
+    names = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.bool_(): "bool",
+             pa.float64(): "float64"}  # fmt: skip
+    return {"_type": "Value", "dtype": names[dtype]}
+
+
+def _with_hf_features(schema: pa.Schema) -> pa.Schema:
+    """Attach the `huggingface` metadata so `datasets.load_dataset("parquet", ...)` decodes `image`."""
+    features = {f.name: _hf_feature(f.type) for f in schema}
+    return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+
+
+SAFE_SCHEMA = _with_hf_features(_schema(SAFE_COLUMNS))
+
+
+def empty_timings() -> dict[str, float | None]:
+    return dict.fromkeys(STAGES)
+
+
+def new_row(id: str, source: str, label: str | None, image_bytes: bytes | None) -> dict:
+    """A working row as a reader emits it: every contract column present, stage outputs null."""
+    row = dict.fromkeys(_FIELDS)
+    row.update(id=id, source=source, label=label, image={"bytes": image_bytes, "path": source},
+               timings=empty_timings())  # fmt: skip
+    return row
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """Working rows → Arrow table with the full working schema."""
+    return pa.Table.from_pylist(rows, schema=WORKING_SCHEMA)
+
+
+def mark_error(row: dict, stage: str, reason: str) -> None:
+    """Fail one row: status=error, `error` = "stage: reason". Reasons must hold no private text."""
+    row["status"] = Status.ERROR.value
+    row["error"] = f"{stage}: {reason}"
