@@ -15,13 +15,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS = ("cpu-tiny", "paper")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _absolute(uri: str | None) -> str | None:
+    """Local paths become absolute: Ray workers do not share the driver's working directory."""
+    if uri is None or "://" in uri:
+        return uri
+    return os.path.abspath(uri)
 
 
 class StorageConfig(_Model):
@@ -58,6 +65,8 @@ class InputConfig(_Model):
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many rows (smoke runs).")
 
+    _absolute_paths = field_validator("uri", "coco_annotations")(_absolute)
+
     @model_validator(mode="after")
     def _coco_needs_annotations(self) -> InputConfig:
         if self.format == "coco" and not self.coco_annotations:
@@ -74,6 +83,8 @@ class OutputConfig(_Model):
     )
     overwrite: bool = Field(False, description="Replace existing outputs instead of failing.")
     rows_per_file: int = Field(1000, ge=1, description="Target rows per Parquet file.")
+
+    _absolute_paths = field_validator("uri", "sensitive_uri")(_absolute)
 
     @model_validator(mode="after")
     def _distinct(self) -> OutputConfig:
@@ -124,6 +135,12 @@ class ModelConfig(_Model):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
     trust_remote_code: bool = Field(False, description="Allow model repos with custom code.")
+
+    @field_validator("model")
+    @classmethod
+    def _local_dir_absolute(cls, value: str) -> str:
+        # An existing local folder wins over a hub id (as in `from_pretrained`); pin it for the workers.
+        return os.path.abspath(value) if os.path.isdir(value) else value
 
 
 class GenerationConfig(_Model):

