@@ -17,7 +17,9 @@ from u2s.config import PRESETS, ConfigError, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=PRESETS, help="bundled preset")
     parser.add_argument("--config", help="YAML job config, merged over the preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -34,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = io_overrides(args.input, args.input_format, args.output, args.sensitive_output) + args.overrides
+    overrides = (
+        io_overrides(args.input, args.input_format, args.output, args.sensitive_output) + args.overrides
+    )
     try:
         cfg = load_config(preset=args.preset, path=args.config, overrides=overrides)
     except ConfigError as e:

@@ -19,10 +19,15 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect job configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help=f"Bundled preset: {', '.join(PRESETS)}.")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML job config (merged over the preset).")]
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", "-p", help=f"Bundled preset: {', '.join(PRESETS)}.")
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML job config (merged over the preset).")
+]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", "-s", help="Override a field: key.path=value (value parsed as YAML).")
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a field: key.path=value (value parsed as YAML)."),
 ]
 
 
@@ -56,7 +61,9 @@ def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     input: Annotated[str | None, typer.Option(help="Input URI (local path or s3://).")] = None,
-    input_format: Annotated[str | None, typer.Option(help="image_folder, class_folders, coco or parquet.")] = None,
+    input_format: Annotated[
+        str | None, typer.Option(help="image_folder, class_folders, coco or parquet.")
+    ] = None,
     output: Annotated[str | None, typer.Option(help="Safe dataset URI.")] = None,
     sensitive_output: Annotated[str | None, typer.Option(help="Sensitive triplets URI.")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
@@ -81,7 +88,9 @@ def config_show(
 
 
 @app.command("tiny-models")
-def tiny_models(out: Annotated[Path, typer.Argument(help="Folder to write the models into.")], seed: int = 0) -> None:
+def tiny_models(
+    out: Annotated[Path, typer.Argument(help="Folder to write the models into.")], seed: int = 0
+) -> None:
     """Build tiny random models of every supported family (for tests and the CPU demo)."""
     from u2s.testing.tiny_models import build_all
 

@@ -44,7 +44,9 @@ class StorageConfig(_Model):
 class InputConfig(_Model):
     """Where the images come from and how the source is laid out."""
 
-    uri: str = Field(..., description="Local path or s3:// URI of the dataset root (or a Parquet file/folder).")
+    uri: str = Field(
+        ..., description="Local path or s3:// URI of the dataset root (or a Parquet file/folder)."
+    )
     format: Literal["image_folder", "class_folders", "coco", "parquet"] = Field(
         "image_folder",
         description="image_folder: every image under uri, recursively; class_folders: label = parent folder "
@@ -90,7 +92,9 @@ class OutputConfig(_Model):
     def _distinct(self) -> OutputConfig:
         a, b = self.uri.rstrip("/"), self.sensitive_uri.rstrip("/")
         if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
-            raise ValueError("output.uri and output.sensitive_uri must be separate locations, neither inside the other")
+            raise ValueError(
+                "output.uri and output.sensitive_uri must be separate locations, neither inside the other"
+            )
         return self
 
 
@@ -148,7 +152,9 @@ class GenerationConfig(_Model):
 
     max_new_tokens: int = Field(256, ge=1, description="Upper bound on generated tokens.")
     retry_temperature: float = Field(
-        0.7, ge=0, description="A row whose output fails validation is retried once, sampled at this temperature."
+        0.7,
+        ge=0,
+        description="A row whose output fails validation is retried once, sampled at this temperature.",
     )
 
 
@@ -165,8 +171,12 @@ class Stage1Config(_Model):
         "image", description="Used for {image_class} in prompts when a row has no label."
     )
     inspect_generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(max_new_tokens=128))
-    describe_generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(max_new_tokens=1024))
-    instruct_generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(max_new_tokens=512))
+    describe_generation: GenerationConfig = Field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=1024)
+    )
+    instruct_generation: GenerationConfig = Field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=512)
+    )
     inspect: Resources = Field(default_factory=Resources, description="Inspect pool (runs on every row).")
     describe: Resources = Field(default_factory=Resources, description="Describe pool (flagged rows).")
     instruct: Resources = Field(default_factory=Resources, description="Instruct pool (flagged rows).")
@@ -189,9 +199,13 @@ class Stage2Config(_Model):
 class RayConfig(_Model):
     """How to reach Ray. Inside `ray job submit` the job attaches to its cluster automatically."""
 
-    address: str | None = Field(None, description="Ray address; None: attach if a cluster runs, else start one.")
+    address: str | None = Field(
+        None, description="Ray address; None: attach if a cluster runs, else start one."
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started cluster.")
-    object_store_memory: int | None = Field(None, ge=75 * 2**20, description="Local cluster object store bytes.")
+    object_store_memory: int | None = Field(
+        None, ge=75 * 2**20, description="Local cluster object store bytes."
+    )
     decode: Resources = Field(
         default_factory=lambda: Resources(batch_size=32, num_cpus=0.25), description="Read + decode tasks."
     )

@@ -93,8 +93,14 @@ def _scaled_bitmap_mask(text: str, font: ImageFont.ImageFont, size: int) -> Imag
     return small.resize((small.width * factor, small.height * factor), Image.Resampling.NEAREST)
 
 
-def _put_text(img: Image.Image, text: str, size: int, center: tuple[int, int], fill: tuple[int, int, int],
-              stroke: int = 0) -> None:
+def _put_text(
+    img: Image.Image,
+    text: str,
+    size: int,
+    center: tuple[int, int],
+    fill: tuple[int, int, int],
+    stroke: int = 0,
+) -> None:
     """Draw ``text`` centred on ``center`` (in place)."""
     mask = _text_mask(text, size, stroke)
     xy = (center[0] - mask.width // 2, center[1] - mask.height // 2)
@@ -120,8 +126,9 @@ def _phone_number() -> Image.Image:
 def _licence_plate() -> Image.Image:
     """A UK-style licence plate box with "AB12 CDE" on a plain grey background."""
     img = Image.new("RGB", (480, 200), (150, 150, 150))
-    ImageDraw.Draw(img).rounded_rectangle((20, 30, 459, 169), radius=14, fill=(250, 210, 20),
-                                          outline=(0, 0, 0), width=5)
+    ImageDraw.Draw(img).rounded_rectangle(
+        (20, 30, 459, 169), radius=14, fill=(250, 210, 20), outline=(0, 0, 0), width=5
+    )
     _put_text(img, "AB12 CDE", 88, (240, 100), (0, 0, 0), stroke=1)
     return img
 
@@ -218,8 +225,12 @@ _SPECS: tuple[tuple[str, str, str, Callable[[], bytes]], ...] = (
     ("formats/exif_rotated.jpg", "exif-rotated", "image", _exif_rotated_jpeg),
     ("broken/empty.jpg", "empty", "error", lambda: b""),
     ("broken/truncated.jpg", "truncated", "error", lambda: _truncated(_jpeg(_photo(_skimage("coffee"))))),
-    ("broken/not_an_image.png", "not-an-image", "error",
-     lambda: b"This is a plain text file that merely carries a .png name.\n"),
+    (
+        "broken/not_an_image.png",
+        "not-an-image",
+        "error",
+        lambda: b"This is a plain text file that merely carries a .png name.\n",
+    ),
 )
 
 
@@ -266,8 +277,12 @@ def describe_samples(samples: Sequence[SampleImage]) -> str:
         size = s.path.stat().st_size if s.path.exists() else 0
         rows.append((s.path.relative_to(base).as_posix(), s.kind, s.expected, str(size), _header(s.path)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             .rstrip() for r in rows]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        pairs = enumerate(zip(row, widths, strict=True))
+        return "  ".join(c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in pairs).rstrip()
+
+    lines = [fmt(r) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

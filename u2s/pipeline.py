@@ -53,7 +53,9 @@ def _stateless(batch: pa.Table, stage: Stage) -> pa.Table:
     return stage(batch)
 
 
-def _actor_stage(ds: ray.data.Dataset, stage_cls: type, resources: Resources, **kwargs: Any) -> ray.data.Dataset:
+def _actor_stage(
+    ds: ray.data.Dataset, stage_cls: type, resources: Resources, **kwargs: Any
+) -> ray.data.Dataset:
     import ray.data
 
     return ds.map_batches(
@@ -152,7 +154,9 @@ def format_summary(summary: RunSummary) -> str:
     for status in ("kept", "edited", "error"):
         lines.append(f"  {status:<8}{summary.by_status.get(status, 0):>8}")
     if summary.errors_by_stage:
-        lines.append("errors by stage: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors_by_stage.items())))
+        lines.append(
+            "errors by stage: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors_by_stage.items()))
+        )
     lines.append("stage       rows   busy s   s/row")
     for stage, rows in summary.stage_rows.items():
         seconds = summary.stage_seconds.get(stage, 0.0)

@@ -1,55 +1,150 @@
-"""Decoding and validation of image bytes into upright 8-bit RGB."""
+"""Decoding and validation of image bytes into upright 8-bit RGB, and the pipeline's decode stage."""
 
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from u2s.config import DecodeConfig
+from u2s.schema import mark_error
+from u2s.stage import Stage
+
+logger = logging.getLogger(__name__)
+
+#: Pillow formats accepted from datasets, tried in this order. Everything else is refused: EPS would run
+#: Ghostscript on untrusted bytes, and formats without a magic number (TGA) would accept arbitrary data.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "ICO", "JPEG2000", "AVIF", "QOI")
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 class DecodeError(ValueError):
     """Bytes that cannot become an image; the message is a short, content-free reason."""
 
 
+def _available_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(f for f in FORMATS if f in Image.OPEN)
+
+
+def _wide_to_l(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer / float single-channel → 8-bit L, rescaled (never clipped to white)."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
+        top = 1.0  # float images in [0, 1]
+    else:  # 32-bit ints / floats: 8-bit range unless the data says 16-bit
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+    arr = np.nan_to_num(np.clip(arr / top * 255.0, 0, 255)).round().astype(np.uint8)
+    return Image.fromarray(arr, mode="L")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode → 8-bit RGB. Transparency is composited over white; 16/32-bit is rescaled."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if img.mode in _WIDE_MODES:
+        return _wide_to_l(img).convert("RGB")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")  # palette / tRNS transparency → alpha
+    if img.mode in _ALPHA_MODES:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation to the pixels.
+
+    Unlike ``ImageOps.exif_transpose`` this never rewrites the EXIF block (the pixels are all that is
+    kept), so a malformed block elsewhere in the EXIF cannot fail the image; an unreadable orientation
+    leaves the image as stored.
+    """
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # PIL raises many types on broken EXIF blocks
+        logger.debug("ignoring unreadable EXIF")
+        return img
+    method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return img.transpose(method) if method is not None else img
+
+
 def load_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode ``data`` to an upright (EXIF-transposed) 8-bit RGB image, fully loaded.
 
-    Raises :class:`DecodeError` for empty, truncated or non-image bytes and for images with more than
-    ``max_pixels`` pixels (checked from the header, before any pixel is decoded).
+    Raises :class:`DecodeError` for empty, truncated or non-image bytes, unsupported formats and colour
+    modes, and for images with more than ``max_pixels`` pixels (checked from the header, before any pixel
+    is decoded).
     """
     if not data:
         raise DecodeError("empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=_available_formats())
     except Image.DecompressionBombError as e:
         raise DecodeError("image exceeds the pixel limit") from e
     except Exception as e:  # PIL raises UnidentifiedImageError, SyntaxError, ValueError... by format
-        raise DecodeError("not an image") from e
+        raise DecodeError("not an image (or an unsupported format)") from e
     width, height = img.size
+    if width < 1 or height < 1:
+        raise DecodeError(f"image has no pixels: {width}x{height}")
     if max_pixels is not None and width * height > max_pixels:
         raise DecodeError(f"image too large: {width}x{height} exceeds the {max_pixels}-pixel limit")
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
     except Image.DecompressionBombError as e:
         raise DecodeError("image exceeds the pixel limit") from e
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt pixel data
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:  # truncated or corrupt pixel data
         raise DecodeError(f"corrupt or truncated image data ({type(e).__name__})") from e
+    img = _upright(img)
+    try:
+        return _to_rgb(img)
+    except (OSError, ValueError) as e:  # e.g. LAB / YCbCr-with-alpha modes Pillow cannot convert
+        raise DecodeError(f"unsupported colour mode {img.mode}") from e
+
+
+class DecodeStage(Stage):
+    """Validate each row's image bytes and record its upright size; bad rows get ``decode`` errors.
+
+    The encoded bytes are never replaced: rows that stay `kept` publish the original file unchanged.
+    """
+
+    name = "decode"
+
+    def __init__(self, decode: DecodeConfig) -> None:
+        self.config = decode
+
+    def check(self, data: bytes | None) -> tuple[int, int]:
+        """Upright ``(width, height)`` of ``data``; raises :class:`DecodeError` when it breaks a limit."""
+        if data is None:
+            raise DecodeError("no image bytes")
+        if len(data) > self.config.max_bytes:
+            raise DecodeError(
+                f"file too large: {len(data)} bytes exceeds the {self.config.max_bytes}-byte limit"
+            )
+        img = load_rgb(data, max_pixels=self.config.max_pixels)
+        size = img.size
+        img.close()
+        return size
+
+    def process(self, rows: list[dict]) -> None:
+        for row in rows:
+            try:
+                row["width"], row["height"] = self.check((row["image"] or {}).get("bytes"))
+            except DecodeError as e:
+                mark_error(row, self.name, str(e))

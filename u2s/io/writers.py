@@ -110,7 +110,9 @@ class SafeAndTripletsDatasink(Datasink[dict]):
     def write(self, blocks, ctx) -> dict[str, Any]:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]
-        rows = pa.concat_tables([t.select(WORKING_SCHEMA.names) for t in tables]).to_pylist() if tables else []
+        rows = (
+            pa.concat_tables([t.select(WORKING_SCHEMA.names) for t in tables]).to_pylist() if tables else []
+        )
         for row in rows:
             finalize_row(row)
         sensitive = [{n: row[n] for n in TRIPLETS_SCHEMA.names} for row in rows if row["privacy_flag"]]

@@ -22,7 +22,11 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-TINY_MODELS = {"vlm": "build_tiny_vlm", "llm": "build_tiny_llm", "instruct_pix2pix": "build_tiny_instruct_pix2pix"}
+TINY_MODELS = {
+    "vlm": "build_tiny_vlm",
+    "llm": "build_tiny_llm",
+    "instruct_pix2pix": "build_tiny_instruct_pix2pix",
+}
 
 
 def _byte_unicode() -> list[str]:
@@ -45,7 +49,9 @@ def qwen_tokenizer():
     vocab = {c: i for i, c in enumerate(_byte_unicode())}
     for token in QWEN_SPECIALS:
         vocab[token] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
     tok.chat_template = CHATML_TEMPLATE
     tok.padding_side = "left"
@@ -161,7 +167,9 @@ def build_tiny_instruct_pix2pix(out: str | Path, seed: int = 0) -> Path:
             max_position_embeddings=77,
         )
     )  # fmt: skip
-    scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler = EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
     pipe = StableDiffusionInstructPix2PixPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,

@@ -1,0 +1,21 @@
+"""Stage-1 inference engines: one interface, shared prompts and schemas; only transport differs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from u2s.stage1.engines.base import Engine, generate_validated
+
+if TYPE_CHECKING:
+    from u2s.config import ModelConfig, Stage1Config
+
+__all__ = ["Engine", "build_engine", "generate_validated"]
+
+
+def build_engine(stage1: Stage1Config, model: ModelConfig, vision: bool) -> Engine:
+    """The engine ``stage1.engine`` names, loaded with ``model`` (a VLM when ``vision``)."""
+    if stage1.engine == "transformers":
+        from u2s.stage1.engines.transformers import TransformersEngine
+
+        return TransformersEngine(model, vision=vision, image_size=stage1.image_size)
+    raise ValueError(f"unknown stage-1 engine {stage1.engine!r}")

@@ -1,0 +1,210 @@
+"""EditStage over real Arrow batches with the tiny InstructPix2Pix pipeline; seeds and working sizes."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from u2s.config import ModelConfig, Resources, Stage2Config
+from u2s.schema import new_row, rows_to_table
+from u2s.stage2.runner import EditStage, encode_image, row_seed, working_size
+
+# --- row_seed -----------------------------------------------------------------------------------------
+
+
+def test_row_seed_is_sha256_of_base_seed_and_id():
+    expected = int.from_bytes(hashlib.sha256(b"42:coco/000000123.jpg").digest()[:8], "big") & (2**63 - 1)
+    assert row_seed(42, "coco/000000123.jpg") == expected
+
+
+def test_row_seed_range_and_sensitivity():
+    seeds = {row_seed(base, rid) for base in (0, 1, 42) for rid in ("a", "b", "img-1", "img-2")}
+    assert len(seeds) == 12
+    assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds)
+    assert row_seed(42, "a") == row_seed(42, "a")
+
+
+# --- working_size -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "resolution", "expected"),
+    [
+        (77, 50, 128, (128, 64)),
+        (50, 77, 128, (64, 128)),
+        (64, 64, 128, (128, 128)),
+        (640, 480, 512, (512, 384)),
+        (4000, 3000, 512, (512, 384)),
+        (1920, 1080, 512, (512, 320)),  # 288 → nearest multiple of 64
+        (1000, 10, 512, (512, 64)),  # short side never below 64
+        (10, 10, 64, (64, 64)),
+        (300, 200, 100, (128, 64)),  # the long side is rounded to a multiple of 64 too
+    ],
+)
+def test_working_size(width, height, resolution, expected):
+    assert working_size(width, height, resolution) == expected
+
+
+def test_working_size_rejects_empty_images():
+    with pytest.raises(ValueError):
+        working_size(0, 10, 512)
+
+
+# --- encoding ------------------------------------------------------------------------------------------
+
+
+def _noise(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_encode_image_formats():
+    img = _noise(40, 30, 0)
+    png, ext = encode_image(img, "PNG")
+    assert ext == "png" and np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(img))
+    for fmt, suffix in (("JPEG", "jpg"), ("WEBP", "webp")):
+        data, ext = encode_image(img, fmt)
+        decoded = Image.open(io.BytesIO(data))
+        assert ext == suffix and decoded.format == fmt and decoded.size == (40, 30)
+
+
+# --- EditStage -----------------------------------------------------------------------------------------
+
+
+def _config(tiny_models, **overrides) -> Stage2Config:
+    fields = dict(
+        model=ModelConfig(model=str(tiny_models["instruct_pix2pix"]), dtype="float32", device="cpu"),
+        num_inference_steps=2, resolution=128, seed=42, resources=Resources(batch_size=2, torch_threads=1),
+    )  # fmt: skip
+    return Stage2Config(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def stage(tiny_models) -> EditStage:
+    return EditStage(_config(tiny_models))
+
+
+def _encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _flagged(rid: str, data: bytes, size: tuple[int, int] | None) -> dict:
+    row = new_row(rid, f"src/{rid}", "people", data)
+    row.update(privacy_flag=True, categories=["people"], public_caption="a person in a room",
+               private_caption="PRIVATE", edit_instruction="change the face and the shirt")  # fmt: skip
+    if size:
+        row["width"], row["height"] = size
+    return row
+
+
+def _rows() -> list[dict]:
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # stored 77x50, upright 50x77
+    rows = [
+        _flagged("wide-1", _encode(_noise(77, 50, 1)), (77, 50)),
+        _flagged("wide-2", _encode(_noise(80, 52, 2), "JPEG", quality=90), (80, 52)),
+        _flagged("wide-3", _encode(_noise(77, 50, 3)), None),  # no size columns: decoded size
+        _flagged("tall", _encode(_noise(50, 77, 4)), (50, 77)),
+        _flagged("exif", _encode(_noise(77, 50, 5), "JPEG", exif=rotated), (50, 77)),
+        _flagged("square", _encode(_noise(64, 64, 6)), (64, 64)),
+        _flagged("corrupt", b"\x89PNG\r\n\x1a\n not really", None),
+    ]
+    kept = new_row("kept", "src/kept", "cat", _encode(_noise(70, 40, 7)))
+    kept.update(width=70, height=40, status="kept", privacy_flag=False, categories=[])
+    errored = _flagged("errored", _encode(_noise(64, 64, 8)), (64, 64))
+    errored.update(status="error", error="instruct: invalid output")
+    waiting = _flagged("no-instruction", _encode(_noise(64, 64, 9)), (64, 64))
+    waiting["edit_instruction"] = None
+    return [*rows, kept, errored, waiting]
+
+
+EDITED = ("wide-1", "wide-2", "wide-3", "tall", "exif", "square")
+UNTOUCHED = ("kept", "errored", "no-instruction")
+UNCHANGED_COLUMNS = ("source", "label", "privacy_flag", "categories", "public_caption", "private_caption",
+                     "edit_instruction")  # fmt: skip
+
+
+def _without_timings(table: pa.Table) -> pa.Table:
+    return table.drop_columns(["timings"])
+
+
+def test_edit_stage_edits_flagged_rows_only(stage):
+    inputs = _rows()
+    table = rows_to_table(inputs)
+    out = {row["id"]: row for row in stage(table).to_pylist()}
+    expected_input = {row["id"]: row for row in rows_to_table(inputs).to_pylist()}
+    assert list(out) == [row["id"] for row in inputs]  # order and count preserved
+
+    for rid in EDITED:
+        row, before = out[rid], expected_input[rid]
+        assert row["status"] == "edited" and row["error"] is None, rid
+        assert row["editor"] == "instruct_pix2pix"
+        assert row["seed"] == row_seed(42, rid)
+        assert row["image"]["path"] == f"{rid}.png"
+        assert row["image"]["bytes"] != before["image"]["bytes"]
+        decoded = Image.open(io.BytesIO(row["image"]["bytes"]))
+        assert decoded.format == "PNG" and decoded.mode == "RGB"
+        original = Image.open(io.BytesIO(before["image"]["bytes"]))
+        upright = (50, 77) if rid == "exif" else original.size
+        assert decoded.size == upright == (row["width"], row["height"]), rid
+        assert row["timings"]["edit"] is not None and row["timings"]["edit"] > 0
+        for column in UNCHANGED_COLUMNS:
+            assert row[column] == before[column]
+
+    corrupt = out["corrupt"]
+    assert corrupt["status"] == "error" and corrupt["error"].startswith("edit: ")
+    assert corrupt["image"] == expected_input["corrupt"]["image"] and corrupt["seed"] is None
+
+    for rid in UNTOUCHED:
+        assert out[rid] == expected_input[rid], rid  # byte-identical, no timings, no seed
+        assert out[rid]["timings"]["edit"] is None
+
+
+def test_edit_stage_is_deterministic(stage, tiny_models):
+    table = rows_to_table(_rows())
+    first = _without_timings(stage(table))
+    assert _without_timings(stage(table)).equals(first)
+    fresh = EditStage(_config(tiny_models))  # another actor loading the same model
+    assert _without_timings(fresh(table)).equals(first)
+
+
+def test_edit_stage_buckets_chunks_and_isolates_failures(stage, monkeypatch):
+    calls = []
+    real_edit = stage.editor.edit
+
+    def spy(images, public_captions, instructions, seeds):
+        sizes = {img.size for img in images}
+        calls.append((sizes, len(images)))
+        if sizes == {(64, 128)}:
+            raise RuntimeError("device fell over: 'change the face'")
+        return real_edit(images, public_captions, instructions, seeds)
+
+    monkeypatch.setattr(stage.editor, "edit", spy)
+    out = {row["id"]: row for row in stage(rows_to_table(_rows())).to_pylist()}
+
+    assert all(len(sizes) == 1 and 1 <= n <= 2 for sizes, n in calls)  # one size per call, batch_size 2
+    assert sorted((next(iter(s)), n) for s, n in calls) == [
+        ((64, 128), 2), ((128, 64), 1), ((128, 64), 2), ((128, 128), 1)
+    ]  # fmt: skip
+    for rid in ("tall", "exif"):  # the failed bucket: errored, without the exception's text
+        assert out[rid]["status"] == "error"
+        assert out[rid]["error"] == "edit: editor failed (RuntimeError)"
+    for rid in ("wide-1", "wide-2", "wide-3", "square"):
+        assert out[rid]["status"] == "edited"
+
+
+def test_edit_stage_jpeg_output(tiny_models):
+    jpeg_stage = EditStage(_config(tiny_models, output_format="JPEG"))
+    row = _flagged("one", _encode(_noise(90, 60, 0)), (90, 60))
+    (out,) = jpeg_stage(rows_to_table([copy.deepcopy(row)])).to_pylist()
+    assert out["status"] == "edited" and out["image"]["path"] == "one.jpg"
+    decoded = Image.open(io.BytesIO(out["image"]["bytes"]))
+    assert decoded.format == "JPEG" and decoded.size == (90, 60)

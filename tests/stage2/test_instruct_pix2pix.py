@@ -1,0 +1,91 @@
+"""The InstructPix2Pix editor, loaded from a tiny saved pipeline through the registry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from u2s.config import ModelConfig, Resources, Stage2Config
+from u2s.stage2.editors import EDITORS, Editor, load_editor
+
+
+def _config(tiny_models, **overrides) -> Stage2Config:
+    fields = dict(
+        model=ModelConfig(model=str(tiny_models["instruct_pix2pix"]), dtype="float32", device="cpu"),
+        num_inference_steps=2, resolution=128, resources=Resources(batch_size=2, torch_threads=1),
+    )  # fmt: skip
+    return Stage2Config(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def editor(tiny_models) -> Editor:
+    return load_editor(_config(tiny_models))
+
+
+def _noise(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.int16)
+
+
+def test_loads_saved_pipeline_through_registry(editor):
+    from u2s.stage2.editors.instruct_pix2pix import InstructPix2PixEditor
+
+    assert isinstance(editor, InstructPix2PixEditor)
+    assert editor.name == "instruct_pix2pix" == InstructPix2PixEditor.name
+    assert EDITORS["instruct_pix2pix"].endswith(":InstructPix2PixEditor")
+    pipe = editor.pipe
+    assert pipe.unet.config.in_channels == 8  # the tiny IP2P UNet read back from disk
+    assert pipe.safety_checker is None
+    assert pipe.device.type == "cpu" and pipe.unet.dtype.is_floating_point
+
+
+def test_unknown_editor_is_rejected(tiny_models):
+    cfg = _config(tiny_models).model_copy(update={"editor": "nope"})  # bypasses validation on purpose
+    with pytest.raises(ValueError, match="unknown editor 'nope'"):
+        load_editor(cfg)
+
+
+def test_edit_keeps_working_size_and_changes_pixels(editor):
+    images = [_noise(128, 64, 0), _noise(128, 64, 1)]
+    out = editor.edit(images, ["a room", "a street"], ["make it blue", "paint the wall"], [1, 2])
+    assert len(out) == 2
+    for src, dst in zip(images, out, strict=True):
+        assert dst.size == (128, 64) and dst.mode == "RGB"
+        assert np.abs(_pixels(dst) - _pixels(src)).mean() > 1
+
+
+def test_same_seed_same_output_different_seed_different_output(editor):
+    images = [_noise(64, 64, 3)] * 2
+    captions, instructions = ["a person"] * 2, ["replace the face"] * 2
+    first = editor.edit(images, captions, instructions, [7, 8])
+    again = editor.edit(images, captions, instructions, [7, 8])
+    for a, b in zip(first, again, strict=True):
+        assert np.array_equal(_pixels(a), _pixels(b))
+    other = editor.edit(images, captions, instructions, [9, 10])
+    for a, b in zip(first, other, strict=True):
+        assert np.abs(_pixels(a) - _pixels(b)).mean() > 1
+
+
+def test_edit_validates_its_inputs(editor):
+    assert editor.edit([], [], [], []) == []
+    with pytest.raises(ValueError, match="same length"):
+        editor.edit([_noise(64, 64, 0)], ["a"], ["b"], [1, 2])
+    with pytest.raises(ValueError, match="one size"):
+        editor.edit([_noise(64, 64, 0), _noise(128, 64, 0)], ["a", "a"], ["b", "b"], [1, 2])
+
+
+def test_importing_stage2_does_not_import_torch():
+    code = (
+        "import sys, u2s.stage2.runner, u2s.stage2.editors, u2s.stage2.editors.instruct_pix2pix; "
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

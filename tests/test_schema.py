@@ -1,0 +1,53 @@
+"""The data contract: private columns never in the safe schema; the safe table reads as an HF dataset."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from u2s.schema import (
+    PRIVATE_COLUMNS,
+    SAFE_SCHEMA,
+    TRIPLETS_SCHEMA,
+    WORKING_SCHEMA,
+    Category,
+    new_row,
+    rows_to_table,
+)
+
+
+def test_safe_schema_has_no_private_columns_and_triplets_have_them():
+    assert not set(PRIVATE_COLUMNS) & set(SAFE_SCHEMA.names)
+    assert set(PRIVATE_COLUMNS) <= set(TRIPLETS_SCHEMA.names)
+    assert set(SAFE_SCHEMA.names) | set(TRIPLETS_SCHEMA.names) <= set(WORKING_SCHEMA.names)
+    assert len(Category) == 9
+
+
+def test_new_row_round_trips_through_arrow():
+    row = new_row("a", "/x/a.png", "cat", b"\x89PNG")
+    table = rows_to_table([row])
+    assert table.schema == WORKING_SCHEMA
+    assert table.to_pylist()[0]["image"] == {"bytes": b"\x89PNG", "path": "/x/a.png"}
+
+
+def test_safe_parquet_loads_with_datasets_and_decodes_images(tmp_path):
+    import datasets
+
+    buf = io.BytesIO()
+    Image.new("RGB", (5, 3), (200, 10, 10)).save(buf, format="PNG")
+    rows = [new_row("a", "a.png", None, buf.getvalue()), new_row("b", "b.png", "x", None)]
+    rows[0].update(status="kept", width=5, height=3, privacy_flag=False, categories=[])
+    rows[1].update(status="error", error="decode: empty file", image=None)
+    table = rows_to_table(rows).select(SAFE_SCHEMA.names).cast(SAFE_SCHEMA)
+    pq.write_table(table, tmp_path / "part.parquet")
+    assert "huggingface" in json.dumps(
+        {k.decode(): v.decode() for k, v in pq.read_schema(tmp_path / "part.parquet").metadata.items()}
+    )
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "*.parquet"), split="train")
+    assert isinstance(ds.features["image"], datasets.Image)
+    first = ds[0]
+    assert isinstance(first["image"], Image.Image) and first["image"].size == (5, 3)
+    assert ds[1]["image"] is None and ds[1]["error"] == "decode: empty file"

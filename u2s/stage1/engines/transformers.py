@@ -1,0 +1,172 @@
+"""Local engine: Hugging Face transformers `generate`, JSON constrained by xgrammar (CPU tests, demo).
+
+Batches are left-padded; each row gets its own grammar matcher (xgrammar's HF logits processor builds
+one `GrammarMatcher` per batch row). Special tokens are removed from the grammar's vocabulary, so a
+constrained string can never contain a token (``<image>``, ``<|im_start|>``...) that decoding with
+``skip_special_tokens`` would silently drop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from u2s.stage1.engines.base import Engine
+from u2s.torch_utils import resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from u2s.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+#: Compact JSON separators: fewer tokens, and no whitespace choices for the model to loop on.
+SEPARATORS = (",", ":")
+
+
+def fit_image(img: Image.Image, size: int) -> Image.Image:
+    """Downscale ``img`` (aspect kept) to fit ``size``×``size``; smaller images are returned as they are."""
+    from PIL import Image
+
+    width, height = img.size
+    scale = size / max(width, height)
+    if scale >= 1:
+        return img
+    new = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return img.resize(new, Image.Resampling.BICUBIC)
+
+
+def _text_only(conversation: list[dict]) -> list[dict]:
+    """Text models: content-part lists become plain strings (not every text chat template takes parts)."""
+    out = []
+    for message in conversation:
+        content = message["content"]
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+        out.append({**message, "content": content})
+    return out
+
+
+def _as_list(ids: Any) -> list[int]:
+    if ids is None:
+        return []
+    return [int(i) for i in ids] if isinstance(ids, (list, tuple)) else [int(ids)]
+
+
+def _cuda_index(device: str) -> int:
+    import torch
+
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
+class TransformersEngine(Engine):
+    """A transformers chat model (vision: processor + image-text-to-text; text: tokenizer + causal LM)."""
+
+    def __init__(self, model: ModelConfig, vision: bool, image_size: int = 448) -> None:
+        import transformers
+        import xgrammar as xgr
+
+        self.vision = vision
+        self.image_size = image_size
+        self.device = resolve_device(model.device)
+        load: dict[str, Any] = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
+        if vision:
+            self.processor = transformers.AutoProcessor.from_pretrained(model.model, **load)
+            self.tokenizer = self.processor.tokenizer
+            model_cls = transformers.AutoModelForImageTextToText
+        else:
+            self.processor = None
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model.model, **load)
+            model_cls = transformers.AutoModelForCausalLM
+        dtype = resolve_dtype(model.dtype, self.device)
+        self.model = model_cls.from_pretrained(model.model, dtype=dtype, **load)
+        self.model.to(self.device).eval()
+
+        self.tokenizer.padding_side = "left"
+        gen = self.model.generation_config
+        self.stop_ids = _as_list(gen.eos_token_id) or _as_list(self.tokenizer.eos_token_id)
+        if not self.stop_ids:
+            raise ValueError(f"{model.model}: no eos token id in its generation config or tokenizer")
+        pad = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token_id = self.pad_id
+
+        vocab_size = self.model.config.get_text_config().vocab_size
+        stops = self.stop_ids
+        info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab_size, stop_token_ids=stops)
+        special = set(self.tokenizer.all_special_ids)
+        special |= {i for i, tok in self.tokenizer.added_tokens_decoder.items() if tok.special}
+        # Empty strings mark tokens the grammar never emits; stop tokens stay known via stop_token_ids.
+        vocab = [b"" if i in special else piece for i, piece in enumerate(info.decoded_vocab)]
+        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stops)
+        self._compiler = xgr.GrammarCompiler(info)
+        self._grammars: dict[str, Any] = {}
+
+    def _grammar(self, schema: dict) -> Any:
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            self._grammars[key] = self._compiler.compile_json_schema(
+                json.dumps(schema), any_whitespace=False, separators=SEPARATORS
+            )
+        return self._grammars[key]
+
+    def _inputs(self, conversations: list[list[dict]], images: list[Image.Image] | None) -> Any:
+        if self.vision:
+            if images is None or len(images) != len(conversations):
+                raise ValueError("a vision engine needs one image per conversation")
+            prompts = [
+                self.processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                for c in conversations
+            ]
+            fitted = [fit_image(img, self.image_size) for img in images]
+            inputs = self.processor(
+                text=prompts, images=fitted, return_tensors="pt", padding=True, add_special_tokens=False
+            )
+        else:
+            prompts = [
+                self.tokenizer.apply_chat_template(_text_only(c), add_generation_prompt=True, tokenize=False)
+                for c in conversations
+            ]
+            inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        images: list[Image.Image] | None,
+        schema: dict,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        import torch
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        if not conversations:
+            return []
+        inputs = self._inputs(conversations, images)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "eos_token_id": self.stop_ids,
+            "pad_token_id": self.pad_id,
+            # A processor holds per-row matchers and is single-use: a fresh one per call.
+            "logits_processor": [LogitsProcessor(self._grammar(schema))],
+        }
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        devices = [_cuda_index(self.device)] if self.device.startswith("cuda") else []
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(**inputs, **kwargs)
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
