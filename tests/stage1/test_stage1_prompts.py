@@ -15,7 +15,9 @@ def _user_text(messages: list[dict]) -> str:
     return content if isinstance(content, str) else next(p["text"] for p in content if p["type"] == "text")
 
 
-@pytest.mark.parametrize("messages", [inspect_messages(), describe_messages("dog"), instruct_messages("a dog")])
+@pytest.mark.parametrize(
+    "messages", [inspect_messages(), describe_messages("dog"), instruct_messages("a dog")]
+)
 def test_shape_one_line_system_then_user(messages):
     assert [m["role"] for m in messages] == ["system", "user"]
     system = messages[0]["content"]
@@ -70,7 +72,8 @@ def test_importing_stage1_does_not_import_torch():
     import subprocess
 
     code = (
-        "import sys, u2s.stage1.inspect, u2s.stage1.describe, u2s.stage1.instruct, u2s.stage1.engines.transformers;"
+        "import sys, u2s.stage1.inspect, u2s.stage1.describe, u2s.stage1.instruct;"
+        "import u2s.stage1.engines.transformers;"
         "bad = [m for m in ('torch', 'transformers', 'xgrammar') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

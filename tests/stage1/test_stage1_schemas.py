@@ -78,14 +78,18 @@ def test_json_schema_fields_in_generation_order_with_limits():
 
 
 def test_parse_valid_outputs():
-    flag = parse_output('{"privacy_flag":true,"categories":["people","texts_or_symbols","people"]}', InspectResult)
+    flag = parse_output(
+        '{"privacy_flag":true,"categories":["people","texts_or_symbols","people"]}', InspectResult
+    )
     assert flag.privacy_flag is True
     assert flag.categories == [Category.PEOPLE, Category.TEXT]  # repeats dropped, order kept
     described = parse_output(json.dumps(_describe()), DescribeResult)
     assert described.review == [ReviewItem(item="a face", reason="it identifies a person", category="people")]
     assert described.public_caption.startswith("A person")
     # strict=False: raw control characters inside strings (what constrained decoders may emit) parse
-    instructed = parse_output('{"edit_instruction":"change the red coat\tto a plain grey jacket"}', InstructResult)
+    instructed = parse_output(
+        '{"edit_instruction":"change the red coat\tto a plain grey jacket"}', InstructResult
+    )
     assert "grey jacket" in instructed.edit_instruction
 
 

@@ -49,6 +49,14 @@ def _text_only(conversation: list[dict]) -> list[dict]:
     return out
 
 
+def _with_parts(conversation: list[dict]) -> list[dict]:
+    """Vision models: string content becomes one text part (many processor templates iterate parts)."""
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+        for m in conversation
+    ]
+
+
 def _as_list(ids: Any) -> list[int]:
     if ids is None:
         return []
@@ -102,7 +110,10 @@ class TransformersEngine(Engine):
         special |= {i for i, tok in self.tokenizer.added_tokens_decoder.items() if tok.special}
         # Empty strings mark tokens the grammar never emits; stop tokens stay known via stop_token_ids.
         vocab = [b"" if i in special else piece for i, piece in enumerate(info.decoded_vocab)]
-        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stops)
+        info = xgr.TokenizerInfo(
+            vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stops,
+            add_prefix_space=info.add_prefix_space,
+        )  # fmt: skip
         self._compiler = xgr.GrammarCompiler(info)
         self._grammars: dict[str, Any] = {}
 
@@ -119,7 +130,7 @@ class TransformersEngine(Engine):
             if images is None or len(images) != len(conversations):
                 raise ValueError("a vision engine needs one image per conversation")
             prompts = [
-                self.processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                self.processor.apply_chat_template(_with_parts(c), add_generation_prompt=True, tokenize=False)
                 for c in conversations
             ]
             fitted = [fit_image(img, self.image_size) for img in images]

@@ -1,0 +1,173 @@
+"""End to end: the Ray job entrypoint anonymizes the demo dataset from S3 to S3 (real moto server,
+real local Ray cluster, tiny models loaded through the production code), and the outputs honour the
+data contract."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image, ImageOps
+
+from u2s.config import StorageConfig
+from u2s.demo_data import write_sample_dataset
+from u2s.io.decode import load_rgb
+from u2s.io.readers import stable_id
+from u2s.io.storage import arrow_filesystem, filesystem
+from u2s.schema import PRIVATE_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _job_main():
+    spec = importlib.util.spec_from_file_location("anonymize_job", REPO / "jobs" / "anonymize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _read_table(uri: str, storage: StorageConfig) -> list[dict]:
+    fs, path = arrow_filesystem(uri, storage)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+
+
+@pytest.fixture(scope="module")
+def job(ray_cluster, tiny_models, s3_endpoint, tmp_path_factory):
+    """Upload the demo samples to S3, run the job once; yield what the checks need."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for bucket in ("e2e-input", "e2e-public", "e2e-restricted"):
+        s3.create_bucket(Bucket=bucket)
+    local = tmp_path_factory.mktemp("samples")
+    samples = write_sample_dataset(local)
+    inputs = {}
+    for sample in samples:
+        key = f"images/{sample.path.relative_to(local).as_posix()}"
+        s3.upload_file(str(sample.path), "e2e-input", key)
+        inputs[stable_id(f"s3://e2e-input/{key}")] = (sample, sample.path.read_bytes())
+
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    argv = [
+        "--preset", "cpu-tiny",
+        "--input", "s3://e2e-input/images",
+        "--output", "s3://e2e-public/u2s/safe",
+        "--sensitive-output", "s3://e2e-restricted/u2s/triplets",
+        "--set", f"storage.endpoint_url={s3_endpoint}",
+        "--set", f"stage1.vlm.model={tiny_models['vlm']}",
+        "--set", f"stage1.llm.model={tiny_models['llm']}",
+        "--set", f"stage2.model.model={tiny_models['instruct_pix2pix']}",
+    ]  # fmt: skip
+    assert _job_main()(argv) == 0
+    return {
+        "inputs": inputs,
+        "storage": storage,
+        "safe": _read_table("s3://e2e-public/u2s/safe", storage),
+        "triplets": _read_table("s3://e2e-restricted/u2s/triplets", storage),
+        "endpoint": s3_endpoint,
+    }
+
+
+def test_every_input_row_appears_exactly_once(job):
+    ids = [row["id"] for row in job["safe"]]
+    assert len(ids) == len(set(ids)) == len(job["inputs"])
+    assert set(ids) == set(job["inputs"])
+    assert {row["status"] for row in job["safe"]} <= {"kept", "edited", "error"}
+
+
+def test_broken_files_are_error_rows_with_reasons_and_no_image(job):
+    by_id = {row["id"]: row for row in job["safe"]}
+    for row_id, (sample, _) in job["inputs"].items():
+        row = by_id[row_id]
+        if sample.expected == "error":
+            assert row["status"] == "error"
+            assert row["error"].startswith("decode: ") and len(row["error"]) > len("decode: ")
+        if row["status"] == "error":
+            assert row["error"] and row["image"] is None and row["public_caption"] is None
+        else:
+            assert row["error"] is None
+
+
+def test_flagged_rows_are_edited_and_unflagged_rows_keep_their_bytes(job):
+    by_id = {row["id"]: row for row in job["safe"]}
+    statuses = {row["status"] for row in job["safe"]}
+    assert {"kept", "edited"} <= statuses, f"need both paths exercised, got {statuses}"
+    for row_id, (_, original) in job["inputs"].items():
+        row = by_id[row_id]
+        if row["status"] == "kept":
+            assert row["privacy_flag"] is False
+            assert row["image"]["bytes"] == original
+        elif row["status"] == "edited":
+            assert row["privacy_flag"] is True and row["editor"] == "instruct_pix2pix"
+            assert row["image"]["bytes"] != original
+            edited = load_rgb(row["image"]["bytes"])
+            assert edited.size == load_rgb(original).size == (row["width"], row["height"])
+            assert row["timings"]["edit"] > 0 and row["timings"]["inspect"] > 0
+
+
+def test_private_text_lives_only_in_the_triplets_table(job):
+    safe, triplets = job["safe"], job["triplets"]
+    assert not set(PRIVATE_COLUMNS) & set(safe[0])
+    edited_ids = {row["id"] for row in safe if row["status"] == "edited"}
+    by_id = {row["id"]: row for row in triplets}
+    assert edited_ids <= set(by_id)
+    assert all(row["privacy_flag"] for row in triplets)
+    private_texts = set()
+    for row_id in edited_ids:
+        triplet = by_id[row_id]
+        assert triplet["private_caption"] and triplet["public_caption"] and triplet["edit_instruction"]
+        private_texts |= {triplet["private_caption"], triplet["edit_instruction"]}
+        private_texts |= {f"{item['item']}" for item in triplet["review"] or []}
+    private_texts = {text for text in private_texts if len(text.strip()) >= 8}
+    assert private_texts
+    safe_strings = [str(value) for row in safe for key, value in row.items() if key != "image"]
+    for text in private_texts:
+        assert not any(text in value for value in safe_strings)
+
+
+def test_private_text_never_reaches_the_logs(job, ray_cluster):
+    from ray._private.worker import global_worker
+
+    logs_dir = Path(global_worker.node.get_logs_dir_path())
+    private = {row["private_caption"] for row in job["triplets"] if row["private_caption"]}
+    private = {text for text in private if len(text) >= 16}
+    assert private
+    for log in logs_dir.rglob("*"):
+        if log.is_file() and log.suffix in (".out", ".err", ".log"):
+            content = log.read_text(errors="ignore")
+            assert not any(text in content for text in private), f"private text leaked into {log.name}"
+
+
+def test_run_record_counts_match_the_table(job):
+    fs, path = filesystem("s3://e2e-public/u2s/safe/_run.json", job["storage"])
+    record = json.loads(fs.cat(path))
+    counts: dict[str, int] = {}
+    for row in job["safe"]:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    assert record["summary"]["rows"] == len(job["inputs"])
+    assert record["summary"]["by_status"] == counts
+    assert record["summary"]["stage_rows"]["inspect"] == len(job["inputs"]) - counts.get("error", 0)
+    assert record["config"]["stage2"]["editor"] == "instruct_pix2pix"
+    assert {"ray", "torch", "diffusers", "transformers"} <= set(record["versions"])
+
+
+def test_safe_table_loads_with_hugging_face_datasets(job):
+    import datasets
+
+    storage_options = {"client_kwargs": {"endpoint_url": job["endpoint"]}}
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files="s3://e2e-public/u2s/safe/*.parquet",
+        storage_options=storage_options,
+        split="train",
+    )
+    assert ds.num_rows == len(job["inputs"])
+    assert isinstance(ds.features["image"], datasets.Image)
+    published = ds.filter(lambda row: row["status"] != "error")
+    assert published.num_rows > 0
+    for row in published:
+        assert isinstance(row["image"], Image.Image)
+        assert ImageOps.exif_transpose(row["image"]).size == (row["width"], row["height"])
