@@ -132,8 +132,11 @@ def test_private_text_never_reaches_the_logs(job, ray_cluster):
     from ray._private.worker import global_worker
 
     logs_dir = Path(global_worker.node.get_logs_dir_path())
-    private = {row["private_caption"] for row in job["triplets"] if row["private_caption"]}
-    private = {text for text in private if len(text) >= 16}
+    private = set()
+    for row in job["triplets"]:
+        private |= {row["private_caption"], row["edit_instruction"]}
+        private |= {item["item"] for item in row["review"] or []}
+    private = {text for text in private if text and len(text) >= 16}
     assert private
     for log in logs_dir.rglob("*"):
         if log.is_file() and log.suffix in (".out", ".err", ".log"):
@@ -149,7 +152,9 @@ def test_run_record_counts_match_the_table(job):
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     assert record["summary"]["rows"] == len(job["inputs"])
     assert record["summary"]["by_status"] == counts
-    assert record["summary"]["stage_rows"]["inspect"] == len(job["inputs"]) - counts.get("error", 0)
+    decoded = [row for row in job["safe"] if not (row["error"] or "").startswith(("read:", "decode:"))]
+    assert record["summary"]["stage_rows"]["inspect"] == len(decoded)
+    assert record["summary"]["stage_rows"]["edit"] == counts.get("edited", 0)
     assert record["config"]["stage2"]["editor"] == "instruct_pix2pix"
     assert {"ray", "torch", "diffusers", "transformers"} <= set(record["versions"])
 

@@ -23,10 +23,12 @@ def _rows() -> list[dict]:
     kept = new_row("k", "/d/k.png", None, b"kept-bytes")
     kept.update(status="kept", privacy_flag=False, categories=[], timings={"inspect": 0.5})
     edited = new_row("e", "/d/e.png", "cat", b"edited-bytes")
-    edited.update(status="edited", privacy_flag=True, categories=["people"], public_caption="a person",
-                  private_caption="Jane Doe at her desk", edit_instruction="change the hair", editor="x", seed=3,
-                  review=[{"item": "face", "reason": "identity", "category": "people"}],
-                  timings={"inspect": 0.5, "edit": 2.0})  # fmt: skip
+    edited.update(
+        status="edited", privacy_flag=True, categories=["people"], public_caption="a person",
+        private_caption="Jane Doe at her desk", edit_instruction="change the hair", editor="x", seed=3,
+        review=[{"item": "face", "reason": "identity", "category": "people"}],
+        timings={"inspect": 0.5, "edit": 2.0},
+    )  # fmt: skip
     failed = new_row("f", "/d/f.png", None, b"private-original")
     failed.update(privacy_flag=True, public_caption="half-done", private_caption="Jane Doe")
     failed.update(status="error", error="instruct: invalid output after retry")
@@ -60,7 +62,9 @@ def test_prepare_outputs_refuses_to_clobber_unless_overwrite(tmp_path):
 def test_datasink_writes_both_tables_in_one_pass(ray_cluster, tmp_path):
     import ray.data
 
-    output = OutputConfig(uri=str(tmp_path / "safe"), sensitive_uri=str(tmp_path / "private"), rows_per_file=2)
+    output = OutputConfig(
+        uri=str(tmp_path / "safe"), sensitive_uri=str(tmp_path / "private"), rows_per_file=2
+    )
     storage = StorageConfig()
     prepare_outputs(output, storage)
     sink = SafeAndTripletsDatasink(output, storage)

@@ -89,12 +89,13 @@ def config_show(
 
 @app.command("tiny-models")
 def tiny_models(
-    out: Annotated[Path, typer.Argument(help="Folder to write the models into.")], seed: int = 0
+    out: Annotated[Path, typer.Argument(help="Folder to write the models into.")],
+    seed_offset: Annotated[int, typer.Option(help="Added to every model's default weight seed.")] = 0,
 ) -> None:
     """Build tiny random models of every supported family (for tests and the CPU demo)."""
     from u2s.testing.tiny_models import build_all
 
-    for name, path in build_all(out, seed=seed).items():
+    for name, path in build_all(out, seed_offset=seed_offset).items():
         typer.echo(f"{name:<18}{path}")
 
 

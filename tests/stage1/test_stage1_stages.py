@@ -48,7 +48,7 @@ def _config(vlm, llm, **generation: GenerationConfig) -> Stage1Config:
         image_size=56,
         default_class_hint="photo",
         inspect_generation=generation.get("inspect", GenerationConfig(max_new_tokens=256)),
-        describe_generation=generation.get("describe", GenerationConfig(max_new_tokens=2048)),
+        describe_generation=generation.get("describe", GenerationConfig(max_new_tokens=4096)),
         instruct_generation=generation.get("instruct", GenerationConfig(max_new_tokens=1024)),
         inspect=one_thread, describe=one_thread, instruct=one_thread,
     )  # fmt: skip
@@ -71,14 +71,14 @@ def config(tiny_models) -> Stage1Config:
     return _config(tiny_models["vlm"], tiny_models["llm"])
 
 
-@pytest.fixture(scope="module", params=[0, 1, 2])
+@pytest.fixture(scope="module", params=["shared", 1, 2])
 def inspect_stage(request, tiny_models, tmp_path_factory) -> InspectStage:
-    """InspectStage on VLMs of several seeds (seed 0 is the shared tiny model)."""
+    """InspectStage on VLMs of several weight seeds ("shared" is the session's tiny model)."""
     from u2s.testing.tiny_models import build_tiny_vlm
 
     vlm = (
         tiny_models["vlm"]
-        if request.param == 0
+        if request.param == "shared"
         else build_tiny_vlm(tmp_path_factory.mktemp("vlm"), request.param)
     )
     return InspectStage(_config(vlm, tiny_models["llm"]))

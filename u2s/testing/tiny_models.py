@@ -28,6 +28,10 @@ TINY_MODELS = {
     "instruct_pix2pix": "build_tiny_instruct_pix2pix",
 }
 
+#: Default weight seeds. A random VLM's greedy flag is often the same for every image; with seed 10
+#: the demo samples get a mix of flagged and unflagged rows, so both paths of the pipeline run.
+DEFAULT_SEEDS = {"vlm": 10, "llm": 0, "instruct_pix2pix": 0}
+
 
 def _byte_unicode() -> list[str]:
     """GPT-2's reversible byte → printable unicode map (what byte-level BPE vocabularies use)."""
@@ -73,7 +77,7 @@ def _qwen2_text_config(tok, **overrides):
     ids = tok.convert_tokens_to_ids
     kwargs = dict(
         vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
         eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"), bos_token_id=None,
         tie_word_embeddings=False,
     )  # fmt: skip
@@ -112,7 +116,8 @@ def build_tiny_vlm(out: str | Path, seed: int = 0) -> Path:
     out = Path(out)
     torch.manual_seed(seed)
     tok = qwen_tokenizer()
-    image_size, patch = 56, 14
+    # 256 image tokens: enough for the random weights' greedy output to depend on the image.
+    image_size, patch = 112, 7
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -178,7 +183,10 @@ def build_tiny_instruct_pix2pix(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def build_all(root: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Build every tiny model under ``root/<name>``; returns name → folder."""
+def build_all(root: str | Path, seed_offset: int = 0) -> dict[str, Path]:
+    """Build every tiny model under ``root/<name>`` (seeds: DEFAULT_SEEDS + offset); returns name → folder."""
     root = Path(root)
-    return {name: globals()[builder](root / name, seed=seed) for name, builder in TINY_MODELS.items()}
+    return {
+        name: globals()[builder](root / name, seed=DEFAULT_SEEDS[name] + seed_offset)
+        for name, builder in TINY_MODELS.items()
+    }

@@ -12,6 +12,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
+from u2s.log_privacy import silence_input_echo
 from u2s.stage1.engines.base import Engine
 from u2s.torch_utils import resolve_device, resolve_dtype
 
@@ -77,6 +78,7 @@ class TransformersEngine(Engine):
         import transformers
         import xgrammar as xgr
 
+        silence_input_echo()
         self.vision = vision
         self.image_size = image_size
         self.device = resolve_device(model.device)

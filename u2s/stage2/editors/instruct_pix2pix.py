@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from u2s.log_privacy import silence_input_echo
 from u2s.stage2.editors.base import Editor
 from u2s.torch_utils import resolve_device, resolve_dtype
 
@@ -26,6 +27,7 @@ class InstructPix2PixEditor(Editor):
     def __init__(self, config: Stage2Config) -> None:
         from diffusers import StableDiffusionInstructPix2PixPipeline
 
+        silence_input_echo()
         self.config = config
         self.device = resolve_device(config.model.device)
         self.pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
