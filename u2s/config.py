@@ -158,12 +158,37 @@ class GenerationConfig(_Model):
     )
 
 
+class HttpEngineConfig(_Model):
+    """An OpenAI-compatible chat-completions server (`vllm serve`, a hosted API)."""
+
+    base_url: str = Field(
+        ..., description="Server root, e.g. http://vlm:8000/v1 (the /chat/completions parent)."
+    )
+    vlm_model: str | None = Field(
+        None, description="Served model name for VLM calls. Default: stage1.vlm.model."
+    )
+    llm_model: str | None = Field(
+        None, description="Served model name for LLM calls. Default: stage1.llm.model."
+    )
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key (never put keys in configs)."
+    )
+    max_concurrency: int = Field(16, ge=1, description="In-flight requests per actor.")
+    qps: float | None = Field(None, gt=0, description="Requests per second per actor (None: unlimited).")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(4, ge=0, description="Retries on 429/5xx/timeouts, with exponential backoff.")
+    backoff_s: float = Field(1.0, gt=0, description="First backoff delay; doubles per retry, with jitter.")
+
+
 class Stage1Config(_Model):
     """Inspect (flag), describe (dual captions + review) and instruct (edit instruction)."""
 
-    engine: Literal["transformers"] = Field(
-        "transformers", description="Inference engine. transformers: local, xgrammar-constrained."
+    engine: Literal["transformers", "http"] = Field(
+        "transformers",
+        description="Inference engine. transformers: local, xgrammar-constrained; http: an OpenAI-compatible "
+        "server (see `http`).",
     )
+    http: HttpEngineConfig | None = Field(None, description="Server settings when engine is 'http'.")
     vlm: ModelConfig = Field(..., description="Vision-language model for inspect and describe.")
     llm: ModelConfig = Field(..., description="Text LLM for the edit instruction.")
     image_size: int = Field(448, ge=28, description="Images are resized to fit this square before the VLM.")
@@ -181,12 +206,81 @@ class Stage1Config(_Model):
     describe: Resources = Field(default_factory=Resources, description="Describe pool (flagged rows).")
     instruct: Resources = Field(default_factory=Resources, description="Instruct pool (flagged rows).")
 
+    @model_validator(mode="after")
+    def _engine_settings(self) -> Stage1Config:
+        if self.engine == "http" and self.http is None:
+            raise ValueError("engine 'http' needs stage1.http (base_url, ...)")
+        return self
+
+
+DIFFUSION_EDITORS = ("instruct_pix2pix", "safe_attention", "flowedit_sd3", "flux_kontext")
+BASELINE_EDITORS = ("blur", "pixelate", "mask", "blur_image")
+EditorName = Literal["instruct_pix2pix", "safe_attention", "flowedit_sd3", "flux_kontext",
+                     "blur", "pixelate", "mask", "blur_image"]  # fmt: skip
+
+
+class SafeAttentionConfig(_Model):
+    """SafeAttention: a public-caption branch in every cross-attention of InstructPix2Pix (PAPER.md §3.2)."""
+
+    variant: Literal["gated", "fusion"] = Field(
+        "gated", description="gated: shared query, learned gate + zero-initialised public scale (variant G); "
+        "fusion: public Q/K/V copies + learned Conv1d fuser over both attention maps (variant F).",
+    )  # fmt: skip
+    weights: str | None = Field(
+        None, description="Saved SafeAttention weights (folder or file). None: untrained, equals plain IP2P."
+    )
+
+
+class FlowEditConfig(_Model):
+    """FlowEdit on Stable Diffusion 3 (training-free; PAPER.md §3.1)."""
+
+    source_prompt: Literal["private_caption", "public_caption"] = Field(
+        "private_caption", description="Column describing the original image."
+    )
+    target_prompt: Literal["public_caption", "combined_caption", "edit_instruction"] = Field(
+        "combined_caption",
+        description="Column describing the wanted image: combined_caption (public caption with the edit "
+        "applied, stage 1's combine call) by default.",
+    )
+    source_guidance_scale: float = Field(3.5, ge=0, description="CFG of the source branch.")
+    target_guidance_scale: float = Field(13.5, ge=0, description="CFG of the target branch.")
+    n_max: int = Field(33, ge=1, description="Edit only the first n_max of the steps (from the noisy end).")
+    n_min: int = Field(0, ge=0, description="Last n_min steps use plain sampling from the target.")
+    n_avg: int = Field(1, ge=1, description="Noise samples averaged per step.")
+    max_side: int = Field(1536, ge=64, description="Long side above this is downscaled to it.")
+    side_multiple: int = Field(16, ge=1, description="Sides are cropped to a multiple of this.")
+
+
+class BaselineConfig(_Model):
+    """Classic anonymization baselines over detected regions (dlib faces, rapidocr text)."""
+
+    regions: list[Literal["faces", "text"]] = Field(["faces", "text"], description="What to hide.")
+    blur_radius: float = Field(
+        0.1, gt=0, description="Gaussian blur radius as a fraction of the region's short side."
+    )
+    pixel_size: int = Field(12, ge=2, description="Pixelation cells across the region's short side.")
+    mask_color: tuple[int, int, int] = Field((0, 0, 0), description="Solid mask colour (RGB).")
+    padding: float = Field(0.15, ge=0, description="Boxes grow by this fraction of their size on each side.")
+    face_upsample: int = Field(
+        1, ge=0, description="dlib HOG detector upsampling passes (finds small faces)."
+    )
+    text_min_score: float = Field(0.5, ge=0, le=1, description="Minimum OCR detection score.")
+
 
 class Stage2Config(_Model):
-    """The diffusion editor that rewrites flagged images."""
+    """The editor that rewrites flagged images: a diffusion editor or a baseline."""
 
-    editor: Literal["instruct_pix2pix"] = Field("instruct_pix2pix", description="Editor name.")
-    model: ModelConfig = Field(..., description="Editor pipeline (diffusers `from_pretrained`).")
+    editor: EditorName = Field(
+        "instruct_pix2pix",
+        description="instruct_pix2pix, safe_attention (dual-condition IP2P), flowedit_sd3, flux_kontext; "
+        "baselines: blur, pixelate, mask (faces/text regions), blur_image (whole image).",
+    )
+    model: ModelConfig | None = Field(
+        None, description="Editor pipeline (diffusers `from_pretrained`); required by diffusion editors."
+    )
+    safe_attention: SafeAttentionConfig = Field(default_factory=SafeAttentionConfig)
+    flowedit: FlowEditConfig = Field(default_factory=FlowEditConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     num_inference_steps: int = Field(100, ge=1, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=0, description="Text guidance (IP2P cfg-text).")
     image_guidance_scale: float = Field(1.5, ge=0, description="Image guidance (IP2P cfg-image).")
@@ -194,6 +288,12 @@ class Stage2Config(_Model):
     seed: int = Field(42, description="Base seed; each row's seed derives from it and the row id.")
     output_format: Literal["PNG", "JPEG", "WEBP"] = Field("PNG", description="Encoding of edited images.")
     resources: Resources = Field(default_factory=Resources, description="Editor pool.")
+
+    @model_validator(mode="after")
+    def _model_for_diffusion(self) -> Stage2Config:
+        if self.editor in DIFFUSION_EDITORS and self.model is None:
+            raise ValueError(f"editor '{self.editor}' needs stage2.model (a diffusers pipeline id or path)")
+        return self
 
 
 class RayConfig(_Model):

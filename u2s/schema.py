@@ -55,13 +55,14 @@ _FIELDS: dict[str, pa.DataType] = {
     "private_caption": pa.string(),
     "public_caption": pa.string(),
     "edit_instruction": pa.string(),
+    "combined_caption": pa.string(),
     "editor": pa.string(),
     "seed": pa.int64(),
     "timings": TIMINGS_TYPE,
 }
 
 #: Columns that carry private content and never enter the safe table.
-PRIVATE_COLUMNS = ("review", "private_caption", "edit_instruction")
+PRIVATE_COLUMNS = ("review", "private_caption", "edit_instruction", "combined_caption")
 
 SOURCE_COLUMNS = ("id", "source", "label", "image")
 SAFE_COLUMNS = (
@@ -70,7 +71,7 @@ SAFE_COLUMNS = (
 )  # fmt: skip
 TRIPLET_COLUMNS = (
     "id", "source", "label", "status", "error", "privacy_flag", "categories", "review", "private_caption",
-    "public_caption", "edit_instruction",
+    "public_caption", "edit_instruction", "combined_caption",
 )  # fmt: skip
 
 

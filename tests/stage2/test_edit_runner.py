@@ -180,12 +180,12 @@ def test_edit_stage_buckets_chunks_and_isolates_failures(stage, monkeypatch):
     calls = []
     real_edit = stage.editor.edit
 
-    def spy(images, public_captions, instructions, seeds):
+    def spy(images, prompts, seeds):
         sizes = {img.size for img in images}
         calls.append((sizes, len(images)))
         if sizes == {(64, 128)}:
             raise RuntimeError("device fell over: 'change the face'")
-        return real_edit(images, public_captions, instructions, seeds)
+        return real_edit(images, prompts, seeds)
 
     monkeypatch.setattr(stage.editor, "edit", spy)
     out = {row["id"]: row for row in stage(rows_to_table(_rows())).to_pylist()}

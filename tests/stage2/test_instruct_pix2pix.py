@@ -11,6 +11,7 @@ from PIL import Image
 
 from u2s.config import ModelConfig, Resources, Stage2Config
 from u2s.stage2.editors import EDITORS, Editor, load_editor
+from u2s.stage2.editors.base import EditPrompt
 
 
 def _config(tiny_models, **overrides) -> Stage2Config:
@@ -55,7 +56,9 @@ def test_unknown_editor_is_rejected(tiny_models):
 
 def test_edit_keeps_working_size_and_changes_pixels(editor):
     images = [_noise(128, 64, 0), _noise(128, 64, 1)]
-    out = editor.edit(images, ["a room", "a street"], ["make it blue", "paint the wall"], [1, 2])
+    out = editor.edit(
+        images, [EditPrompt("make it blue", "a room"), EditPrompt("paint the wall", "a street")], [1, 2]
+    )
     assert len(out) == 2
     for src, dst in zip(images, out, strict=True):
         assert dst.size == (128, 64) and dst.mode == "RGB"
@@ -64,22 +67,22 @@ def test_edit_keeps_working_size_and_changes_pixels(editor):
 
 def test_same_seed_same_output_different_seed_different_output(editor):
     images = [_noise(64, 64, 3)] * 2
-    captions, instructions = ["a person"] * 2, ["replace the face"] * 2
-    first = editor.edit(images, captions, instructions, [7, 8])
-    again = editor.edit(images, captions, instructions, [7, 8])
+    prompts = [EditPrompt("replace the face", "a person")] * 2
+    first = editor.edit(images, prompts, [7, 8])
+    again = editor.edit(images, prompts, [7, 8])
     for a, b in zip(first, again, strict=True):
         assert np.array_equal(_pixels(a), _pixels(b))
-    other = editor.edit(images, captions, instructions, [9, 10])
+    other = editor.edit(images, prompts, [9, 10])
     for a, b in zip(first, other, strict=True):
         assert np.abs(_pixels(a) - _pixels(b)).mean() > 1
 
 
 def test_edit_validates_its_inputs(editor):
-    assert editor.edit([], [], [], []) == []
+    assert editor.edit([], [], []) == []
     with pytest.raises(ValueError, match="same length"):
-        editor.edit([_noise(64, 64, 0)], ["a"], ["b"], [1, 2])
+        editor.edit([_noise(64, 64, 0)], [EditPrompt("b", "a")], [1, 2])
     with pytest.raises(ValueError, match="one size"):
-        editor.edit([_noise(64, 64, 0), _noise(128, 64, 0)], ["a", "a"], ["b", "b"], [1, 2])
+        editor.edit([_noise(64, 64, 0), _noise(128, 64, 0)], [EditPrompt("b", "a")] * 2, [1, 2])
 
 
 def test_importing_stage2_does_not_import_torch():

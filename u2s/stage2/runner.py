@@ -20,6 +20,7 @@ from u2s.io.decode import DecodeError, load_rgb
 from u2s.schema import Status, mark_error
 from u2s.stage import Stage
 from u2s.stage2.editors import load_editor
+from u2s.stage2.editors.base import EditPrompt
 
 if TYPE_CHECKING:
     from u2s.config import Stage2Config
@@ -68,6 +69,16 @@ def encode_image(img: Image.Image, fmt: str) -> tuple[bytes, str]:
     return buf.getvalue(), _EXTENSIONS[fmt]
 
 
+def edit_prompt(row: dict) -> EditPrompt:
+    """The stage-1 texts of a working row, as editors take them."""
+    return EditPrompt(
+        edit_instruction=row["edit_instruction"] or "",
+        public_caption=row["public_caption"] or "",
+        private_caption=row["private_caption"] or "",
+        combined_caption=row.get("combined_caption"),
+    )
+
+
 class EditStage(Stage):
     """Runs the stage-2 editor on flagged rows that have an edit instruction."""
 
@@ -111,10 +122,7 @@ class EditStage(Stage):
         seeds = [row_seed(cfg.seed, row["id"]) for row in rows]
         try:
             outputs = self.editor.edit(
-                [img for _, img, _ in items],
-                [row["public_caption"] or "" for row in rows],
-                [row["edit_instruction"] for row in rows],
-                seeds,
+                [img for _, img, _ in items], [edit_prompt(row) for row in rows], seeds
             )
             if len(outputs) != len(rows):
                 raise RuntimeError("editor returned a wrong number of images")

@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from PIL import Image
+
+
+@dataclass(frozen=True)
+class EditPrompt:
+    """The texts stage 1 wrote for one image. All of them are private: never log them.
+
+    Editors pick what they need: instruction editors the edit instruction, dual-condition editors also
+    the public caption, FlowEdit a source prompt (describes the original) and a target prompt.
+    """
+
+    edit_instruction: str
+    public_caption: str = ""
+    private_caption: str = ""
+    combined_caption: str | None = None  # the public caption with the edit applied (stage 1 call D)
+
+    def column(self, name: str) -> str:
+        """The text of a configurable prompt column (e.g. FlowEdit's source/target columns)."""
+        value = getattr(self, name)
+        if not value:
+            raise ValueError(f"the row has no {name}")
+        return value
 
 
 class Editor(ABC):
@@ -23,20 +45,25 @@ class Editor(ABC):
     def edit(
         self,
         images: list[Image.Image],
-        public_captions: list[str],
-        instructions: list[str],
+        prompts: list[EditPrompt],
         seeds: list[int],
     ) -> list[Image.Image]:
         """Edit a batch of images; returns one RGB image per input, in order.
 
         Args:
             images: upright RGB images that all share one working size (the runner guarantees it).
-            public_captions: per image, the privacy-preserving description of the scene (used by
-                dual-condition and caption-driven editors; instruction-only editors may ignore it).
-            instructions: per image, the edit instruction.
+            prompts: per image, the texts stage 1 wrote (see :class:`EditPrompt`).
             seeds: per image, the seed of its random stream (63-bit, non-negative). An image's output
                 must depend only on its own inputs and seed, so reruns reproduce it.
 
-        The four lists have the same length. Outputs have the same size as the inputs. Captions and
-        instructions are private: implementations must never log them.
+        The three lists have the same length. Outputs have the same size as the inputs. Texts are
+        private: implementations must never log them.
         """
+
+    @staticmethod
+    def check_batch(images: list[Image.Image], prompts: list[EditPrompt], seeds: list[int]) -> None:
+        """Raise ValueError unless the lists align and every image shares one size."""
+        if not len(images) == len(prompts) == len(seeds):
+            raise ValueError("images, prompts and seeds must have the same length")
+        if len({img.size for img in images}) > 1:
+            raise ValueError("all images of one edit call must share one size")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from u2s.log_privacy import silence_input_echo
-from u2s.stage2.editors.base import Editor
+from u2s.stage2.editors.base import Editor, EditPrompt
 from u2s.torch_utils import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -41,22 +41,18 @@ class InstructPix2PixEditor(Editor):
     def edit(
         self,
         images: list[Image.Image],
-        public_captions: list[str],
-        instructions: list[str],
+        prompts: list[EditPrompt],
         seeds: list[int],
     ) -> list[Image.Image]:
         import torch
 
-        if not len(images) == len(public_captions) == len(instructions) == len(seeds):
-            raise ValueError("images, public_captions, instructions and seeds must have the same length")
+        self.check_batch(images, prompts, seeds)
         if not images:
             return []
-        if len({img.size for img in images}) != 1:
-            raise ValueError("all images of one edit call must share one size")
         generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
         with torch.inference_mode():
             out = self.pipe(
-                prompt=list(instructions),
+                prompt=[p.edit_instruction for p in prompts],
                 image=list(images),
                 num_inference_steps=self.config.num_inference_steps,
                 guidance_scale=self.config.guidance_scale,
