@@ -1,6 +1,7 @@
 # u2s — two commands for a newcomer: `make demo` (the job end to end) and `make test` (the suite).
 # Both create/refresh the virtual environment first.
 SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,6 +10,9 @@ STAMP := $(VENV)/.u2s-installed
 export U2S_TINY_MODELS ?= $(CURDIR)/.cache/tiny-models
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+
+# pip warns once per package about find-links folders this machine does not have; keep logs readable.
+QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
 .PHONY: venv test lint demo lock clean
 
@@ -19,9 +23,9 @@ venv: $(STAMP)
 # and `transformers`: the lock leaves them out, and --no-deps keeps pip from pulling them back.
 $(STAMP): pyproject.toml requirements/cpu.lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --no-deps -r requirements/cpu.lock.txt
-	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q torch==2.13.0 $(QUIET_PIP)
+	$(BIN)/pip install -q --no-deps -r requirements/cpu.lock.txt $(QUIET_PIP)
+	$(BIN)/pip install -q --no-deps -e . $(QUIET_PIP)
 	$(BIN)/python -c "import ray.data, vllm, diffusers, transformers, xgrammar"
 	touch $@
 
