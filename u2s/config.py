@@ -276,7 +276,13 @@ class Stage2Config(_Model):
         "baselines: blur, pixelate, mask (faces/text regions), blur_image (whole image).",
     )
     model: ModelConfig | None = Field(
-        None, description="Editor pipeline (diffusers `from_pretrained`); required by diffusion editors."
+        None,
+        description="Editor pipeline (diffusers `from_pretrained`); required by diffusion editors. "
+        "Default: models[editor].",
+    )
+    models: dict[str, ModelConfig] = Field(
+        default_factory=dict,
+        description="Pipelines per editor name, so `--set stage2.editor=NAME` switches editor and model.",
     )
     safe_attention: SafeAttentionConfig = Field(default_factory=SafeAttentionConfig)
     flowedit: FlowEditConfig = Field(default_factory=FlowEditConfig)
@@ -288,6 +294,15 @@ class Stage2Config(_Model):
     seed: int = Field(42, description="Base seed; each row's seed derives from it and the row id.")
     output_format: Literal["PNG", "JPEG", "WEBP"] = Field("PNG", description="Encoding of edited images.")
     resources: Resources = Field(default_factory=Resources, description="Editor pool.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_from_models(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("model") is None:
+            editor = data.get("editor", "instruct_pix2pix")
+            if editor in (data.get("models") or {}):
+                data = {**data, "model": data["models"][editor]}
+        return data
 
     @model_validator(mode="after")
     def _model_for_diffusion(self) -> Stage2Config:
