@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from u2s.config import ConfigError, dump_config, load_config
+from u2s.config import ConfigError, dump_config, load_config, preset_text
 
 
 def test_presets_validate_and_round_trip(tmp_path):
@@ -23,9 +23,17 @@ def test_presets_validate_and_round_trip(tmp_path):
 
 def test_paper_preset_carries_the_papers_models():
     cfg = load_config(preset="paper")
-    assert cfg.stage1.vlm.model == "OpenGVLab/InternVL2_5-8B"
+    # The paper's InternVL2.5-8B is remote code (vLLM engine); transformers runs the native InternVL3 port.
+    assert cfg.stage1.vlm.model == "OpenGVLab/InternVL3-8B-hf"
+    assert "OpenGVLab/InternVL2_5-8B" in preset_text("paper")
+    assert cfg.stage1.vlm_processor_kwargs == {"crop_to_patches": False}  # one 448 px tile
     assert cfg.stage1.llm.model == "Qwen/Qwen3-4B-Instruct-2507"
     assert cfg.stage1.image_size == 448
+    s1 = cfg.stage1
+    assert (s1.mode, s1.inspect_mode, s1.combine, s1.system_prompt) == ("paper", "single", False, "auto")
+    budgets = [g.max_new_tokens for g in (s1.inspect_generation, s1.describe_generation,
+                                          s1.instruct_generation, s1.combine_generation)]  # fmt: skip
+    assert budgets == [128, 1024, 512, 512]
     assert (cfg.stage2.guidance_scale, cfg.stage2.image_guidance_scale) == (7.5, 1.5)
     assert cfg.stage2.resources.num_gpus == 1
 
@@ -62,6 +70,15 @@ def test_unknown_field_and_cross_field_rules_fail():
         load_config(preset="cpu-tiny", overrides=["input.format=coco"])
 
 
+def test_stage1_modes_validate():
+    cfg = load_config(preset="cpu-tiny", overrides=["stage1.mode=fused", "stage1.combine=true"])
+    assert (cfg.stage1.mode, cfg.stage1.combine) == ("fused", True)
+    with pytest.raises(ConfigError, match="per_criterion' needs mode 'paper'"):
+        load_config(preset="cpu-tiny", overrides=["stage1.mode=fused", "stage1.inspect_mode=per_criterion"])
+    with pytest.raises(ConfigError, match=r"stage1\.system_prompt"):
+        load_config(preset="cpu-tiny", overrides=["stage1.system_prompt=user"])
+
+
 def test_secrets_in_values_are_not_echoed():
     with pytest.raises(ConfigError) as err:
         load_config(preset="cpu-tiny", overrides=["stage2.seed=hunter2-secret"])
@@ -91,7 +108,15 @@ def test_config_show_prints_resolved_yaml():
     done = _u2s("config", "show", "paper", "--set", "stage2.num_inference_steps=50")
     assert done.returncode == 0, done.stderr
     shown = yaml.safe_load(done.stdout)
-    assert shown["stage1"]["vlm"]["model"] == "OpenGVLab/InternVL2_5-8B"
+    s1 = shown["stage1"]
+    assert (s1["vlm"]["model"], s1["llm"]["model"]) == (
+        "OpenGVLab/InternVL3-8B-hf",
+        "Qwen/Qwen3-4B-Instruct-2507",
+    )
+    assert s1["image_size"] == 448 and s1["mode"] == "paper"
+    assert [s1[f"{call}_generation"]["max_new_tokens"] for call in ("inspect", "describe", "instruct")] == [
+        128, 1024, 512
+    ]  # fmt: skip
     assert shown["stage2"]["num_inference_steps"] == 50
 
 

@@ -63,3 +63,24 @@ def test_paper_plan_has_one_gpu_pool_per_model_stage(tmp_path, ray_cluster):
     assert ops["DescribeStage"].compute.max_size == 3
     assert ops["EditStage"].batch_size == 6
     assert ops["EditStage"].fn_constructor_kwargs["stage2"] == cfg.stage2
+
+
+def test_fused_mode_has_no_describe_pool_and_combine_adds_its_own(tmp_path, ray_cluster):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    base = [f"input.uri={tmp_path}"]
+    fused = load_config(preset="paper", overrides=[*base, "stage1.mode=fused"])
+    names = [_fn_name(op) for op in _map_operators(build_dataset(fused))]
+    assert names[-3:] == ["FusedInspectStage", "InstructStage", "EditStage"]
+    assert "DescribeStage" not in names and "InspectStage" not in names and "CombineStage" not in names
+
+    overrides = [*base, "stage1.combine=true", "stage1.combine_resources.pool_size=2",
+                 "stage1.combine_resources.batch_size=5"]  # fmt: skip
+    for mode, stages in (("paper", ["InspectStage", "DescribeStage"]), ("fused", ["FusedInspectStage"])):
+        cfg = load_config(preset="paper", overrides=[*overrides, f"stage1.mode={mode}"])
+        ops = _map_operators(build_dataset(cfg))
+        names = [_fn_name(op) for op in ops]
+        assert names[-(len(stages) + 3) :] == [*stages, "InstructStage", "CombineStage", "EditStage"]
+        combine = ops[names.index("CombineStage")]
+        assert combine.compute.min_size == combine.compute.max_size == 2
+        assert combine.batch_size == 5 and combine.ray_remote_args["num_gpus"] == 1
+        assert combine.fn_constructor_kwargs["stage1"] == cfg.stage1

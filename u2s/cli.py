@@ -87,6 +87,45 @@ def config_show(
     typer.echo(dump_config(resolve_config(preset, config, set_ or [])), nl=False)
 
 
+@app.command("eval-flags")
+def eval_flags(
+    table: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN_OR_TABLE",
+            help="Run output (safe table folder or its _run.json) or a Parquet table; local or s3://.",
+        ),
+    ],
+    labels: Annotated[
+        str,
+        typer.Option(
+            metavar="MANIFEST",
+            help="Label manifest (CSV or JSON lines): `id` or `source`/`file`; `private` or VISPR `labels`.",
+        ),
+    ],
+    out: Annotated[
+        str | None, typer.Option(help="Also write the report as JSON here (local or s3://).")
+    ] = None,
+    endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS).")] = None,
+) -> None:
+    """Score stage 1's privacy flags against labels: accuracy, precision, recall, F1, confusion matrix."""
+    from u2s.config import StorageConfig
+    from u2s.eval.flags import LabelError, evaluate_flags, format_report, write_report
+
+    storage = StorageConfig(endpoint_url=endpoint_url)
+    try:
+        report = evaluate_flags(table, labels, storage)
+    except (LabelError, ValueError, FileNotFoundError) as e:
+        typer.echo(f"eval-flags: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_report(report))
+    if out:
+        write_report(report, out, storage)
+    if report.scored == 0:
+        typer.echo("eval-flags: no labelled row could be scored", err=True)
+        raise typer.Exit(1)
+
+
 @app.command("tiny-models")
 def tiny_models(
     out: Annotated[Path, typer.Argument(help="Folder to write the models into.")],

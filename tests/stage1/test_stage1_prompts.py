@@ -7,7 +7,23 @@ import sys
 import pytest
 
 from u2s.schema import Category
-from u2s.stage1.prompts import CATEGORY_GUIDE, describe_messages, inspect_messages, instruct_messages
+from u2s.stage1.prompts import (
+    ALWAYS_TRUE,
+    CATEGORY_GUIDE,
+    apply_system_prompt,
+    combine_messages,
+    criterion_messages,
+    describe_messages,
+    fused_messages,
+    inspect_messages,
+    instruct_messages,
+    merge_system_into_user,
+)
+
+ALL_MESSAGES = [
+    inspect_messages(), describe_messages("dog"), instruct_messages("a dog"), fused_messages("dog"),
+    criterion_messages(Category.PEOPLE), combine_messages("a dog", "make it grey", "dog"),
+]  # fmt: skip
 
 
 def _user_text(messages: list[dict]) -> str:
@@ -15,16 +31,17 @@ def _user_text(messages: list[dict]) -> str:
     return content if isinstance(content, str) else next(p["text"] for p in content if p["type"] == "text")
 
 
-@pytest.mark.parametrize(
-    "messages", [inspect_messages(), describe_messages("dog"), instruct_messages("a dog")]
-)
+@pytest.mark.parametrize("messages", ALL_MESSAGES)
 def test_shape_one_line_system_then_user(messages):
     assert [m["role"] for m in messages] == ["system", "user"]
     system = messages[0]["content"]
     assert isinstance(system, str) and system and "\n" not in system
 
 
-@pytest.mark.parametrize("messages", [inspect_messages(), describe_messages("dog")])
+@pytest.mark.parametrize(
+    "messages", [inspect_messages(), describe_messages("dog"), fused_messages("dog"),
+                 criterion_messages(Category.TEXT)]
+)  # fmt: skip
 def test_vision_prompts_carry_one_image_part_first(messages):
     parts = messages[1]["content"]
     assert parts[0] == {"type": "image"}
@@ -68,11 +85,76 @@ def test_instruct_prompt_embeds_caption_verbatim_and_states_rules():
     assert isinstance(instruct_messages(caption)[1]["content"], str)  # text-only: plain string content
 
 
+@pytest.mark.parametrize("category", list(Category))
+def test_criterion_prompt_holds_one_category_and_the_unsure_rule(category):
+    text = _user_text(criterion_messages(category))
+    name, examples = CATEGORY_GUIDE[category]
+    assert f"Category: {name}, for example {examples}." in text
+    others = [c for c in Category if c is not category]
+    assert not any(CATEGORY_GUIDE[c][1] in text for c in others)  # no other category's examples
+    assert "When unsure, answer TRUE" in text
+    assert '"present"' in text and "{" not in text.replace('{"', "")
+    assert text.count("Always TRUE") == (category in ALWAYS_TRUE)
+    if category in ALWAYS_TRUE:
+        assert f"- Always TRUE: {ALWAYS_TRUE[category]}." in text
+
+
+def test_fused_prompt_carries_the_flag_rule_the_describe_rules_and_the_short_answer():
+    text = _user_text(fused_messages("golden retriever"))
+    inspect, describe = _user_text(inspect_messages()), _user_text(describe_messages("golden retriever"))
+    rules = inspect[inspect.index("Privacy categories") : inspect.index("\n\nAnswer")]
+    fields = describe[describe.index("1. ") : describe.index("\n\nAnswer")]
+    assert rules in text and fields in text
+    assert "{image_class}" not in text and "golden retriever" in text
+    assert 'exactly {"privacy_flag":false}, with no other field' in text
+    for field in ('"categories"', '"review"', '"private_caption"', '"public_caption"'):
+        assert field in text
+
+
+def test_combine_prompt_embeds_both_texts_verbatim_and_states_rules():
+    caption, edit = "A {edit_instruction} person at the left.", "give the {image_class} grey hair"
+    messages = combine_messages(caption, edit, "office")
+    text = _user_text(messages)
+    assert f'"{caption}"' in text and f'"{edit}"' in text
+    assert text.count("office") == 2
+    for rule in ("At most 50 words", "Apply every change", "Keep everything else", "No meta text",
+                 '"combined_caption"'):  # fmt: skip
+        assert rule in text
+    assert isinstance(messages[1]["content"], str)
+
+
+def test_merge_system_into_user_keeps_the_image_first_and_the_text_once():
+    vision = merge_system_into_user(inspect_messages())
+    assert [m["role"] for m in vision] == ["user"]
+    parts = vision[0]["content"]
+    assert parts[0] == {"type": "image"} and len(parts) == 2
+    system, user = inspect_messages()[0]["content"], _user_text(inspect_messages())
+    assert parts[1]["text"] == f"{system}\n\n{user}"
+    text = merge_system_into_user(instruct_messages("a dog"))
+    assert text == [{"role": "user", "content": f"{instruct_messages('a dog')[0]['content']}\n\n"
+                                                f"{_user_text(instruct_messages('a dog'))}"}]  # fmt: skip
+    no_system = [{"role": "user", "content": "hi"}]
+    assert merge_system_into_user(no_system) == no_system
+    original = inspect_messages()
+    merge_system_into_user(original)
+    assert original == inspect_messages()  # input untouched
+
+
+def test_apply_system_prompt_merges_only_when_asked():
+    conversations = [inspect_messages(), instruct_messages("a dog")]
+    assert apply_system_prompt(conversations, "auto") == conversations
+    assert apply_system_prompt(conversations, "system_role") == conversations
+    merged = apply_system_prompt(conversations, "merge_into_user")
+    assert merged == [merge_system_into_user(c) for c in conversations]
+    assert all(m["role"] == "user" for c in merged for m in c)
+
+
 def test_importing_stage1_does_not_import_torch():
     import subprocess
 
     code = (
-        "import sys, u2s.stage1.inspect, u2s.stage1.describe, u2s.stage1.instruct;"
+        "import sys, u2s.stage1.inspect, u2s.stage1.describe, u2s.stage1.instruct, u2s.stage1.fused;"
+        "import u2s.stage1.combine, u2s.eval.flags;"
         "import u2s.stage1.engines.transformers;"
         "bad = [m for m in ('torch', 'transformers', 'xgrammar') if m in sys.modules]; assert not bad, bad"
     )

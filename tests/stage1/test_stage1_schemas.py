@@ -12,7 +12,12 @@ from u2s.stage1.schemas import (
     CAPTION_WORDS,
     CHARS_PER_WORD,
     INSTRUCTION_WORDS,
+    CombineResult,
+    CriterionResult,
     DescribeResult,
+    FusedFlagged,
+    FusedResult,
+    FusedUnflagged,
     InspectResult,
     InstructResult,
     OutputError,
@@ -21,7 +26,7 @@ from u2s.stage1.schemas import (
     parse_output,
 )
 
-MODELS = (InspectResult, DescribeResult, InstructResult)
+MODELS = (InspectResult, DescribeResult, InstructResult, CombineResult, CriterionResult, FusedResult)
 SECRET = "Jane Doe lives at 12 Elm Street"
 
 
@@ -56,7 +61,7 @@ def test_json_schema_is_closed_and_bounds_every_string(model_cls):
         assert obj["additionalProperties"] is False
         assert obj["required"] == list(obj["properties"])
     strings = [n for n in _walk(schema) if isinstance(n, dict) and n.get("type") == "string"]
-    assert strings
+    assert strings or model_cls is CriterionResult  # its only field is a boolean
     for node in strings:
         assert "enum" in node or 0 < node["maxLength"] <= 400, node
 
@@ -129,3 +134,88 @@ def test_word_limits_counted_not_just_characters():
         parse_output(json.dumps(_describe(private_caption=words)), DescribeResult)
     ok = " ".join(["ab"] * CAPTION_WORDS)
     assert parse_output(json.dumps(_describe(private_caption=ok)), DescribeResult).private_caption == ok
+
+
+def _fused(**overrides) -> dict:
+    return {"privacy_flag": True, "categories": ["people", "people"], **_describe(), **overrides}
+
+
+def test_fused_schema_is_an_any_of_with_a_short_unflagged_branch():
+    schema = json_schema(FusedResult)
+    assert set(schema) == {"anyOf"}
+    flagged, unflagged = schema["anyOf"]
+    assert list(flagged["properties"]) == [
+        "privacy_flag", "categories", "review", "private_caption", "public_caption"
+    ]  # fmt: skip
+    assert flagged["properties"]["privacy_flag"]["const"] is True
+    assert unflagged == {
+        "type": "object", "properties": {"privacy_flag": {"const": False, "type": "boolean"}},
+        "required": ["privacy_flag"], "additionalProperties": False,
+    }  # fmt: skip
+    jsonschema.validate({"privacy_flag": False}, schema)
+    jsonschema.validate(_fused(), schema)
+    for bad in (
+        {"privacy_flag": True},
+        {"privacy_flag": False, "categories": []},
+        _fused(privacy_flag=False),
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+def test_xgrammar_compiles_the_fused_schema_and_enforces_both_branches():
+    import xgrammar as xgr
+
+    from u2s.stage1.engines.transformers import SEPARATORS
+    from u2s.testing.tiny_models import qwen_tokenizer
+
+    tok = qwen_tokenizer()
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok))
+    grammar = compiler.compile_json_schema(
+        json.dumps(json_schema(FusedResult)), any_whitespace=False, separators=SEPARATORS
+    )
+
+    def accepts(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(grammar)
+        return matcher.accept_string(text) and matcher.accept_token(tok.convert_tokens_to_ids("<|im_end|>"))
+
+    assert accepts('{"privacy_flag":false}')
+    assert accepts(json.dumps(_fused(), separators=(",", ":")))
+    assert not accepts('{"privacy_flag":true}')
+    assert not accepts('{"privacy_flag":false,"categories":[]}')
+    assert not accepts(json.dumps(_fused(public_caption="x" * 401), separators=(",", ":")))
+
+
+def test_fused_parse_picks_the_branch_from_the_flag():
+    assert parse_output('{"privacy_flag":false}', FusedResult).root == FusedUnflagged(privacy_flag=False)
+    record = parse_output(json.dumps(_fused()), FusedResult).root
+    assert isinstance(record, FusedFlagged)
+    assert record.categories == [Category.PEOPLE]  # repeats dropped
+    assert record.public_caption.startswith("A person")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"privacy_flag":true}', "flagged.private_caption: Field required"),
+        ('{"privacy_flag":false,"categories":[]}', "unflagged.categories: Extra inputs are not permitted"),
+        (json.dumps(_fused(public_caption=" ".join([SECRET] * 10))), "flagged.public_caption"),
+        (json.dumps(_fused(categories=[SECRET])), "flagged.categories.0: not one of the nine categories"),
+        (json.dumps({"privacy_flag": SECRET}), "unflagged.privacy_flag"),
+    ],
+)
+def test_fused_parse_errors_name_one_branch_and_no_content(text, expected):
+    with pytest.raises(OutputError) as info:
+        parse_output(text, FusedResult)
+    message = str(info.value)
+    assert expected in message
+    assert "Jane" not in message and "Elm" not in message
+
+
+def test_criterion_and_combine_records():
+    assert json_schema(CriterionResult)["properties"] == {"present": {"type": "boolean"}}
+    assert parse_output('{"present":true}', CriterionResult).present is True
+    combined = json_schema(CombineResult)["properties"]["combined_caption"]
+    assert combined["maxLength"] == CAPTION_WORDS * CHARS_PER_WORD
+    with pytest.raises(OutputError, match="combined_caption: Value error, more than 50 words"):
+        parse_output(json.dumps({"combined_caption": " ".join(["ab"] * 51)}), CombineResult)

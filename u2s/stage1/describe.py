@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from u2s.schema import mark_error
 from u2s.stage import Stage
 from u2s.stage1.engines import Engine, build_engine, generate_validated
-from u2s.stage1.prompts import describe_messages
+from u2s.stage1.prompts import apply_system_prompt, describe_messages
 from u2s.stage1.rows import batch_seed, load_images
 from u2s.stage1.schemas import DescribeResult, OutputError
 
@@ -34,7 +34,10 @@ class DescribeStage(Stage):
         ready, images = load_images(rows, self.name)
         if not ready:
             return
-        conversations = [describe_messages(row["label"] or self.config.default_class_hint) for row in ready]
+        conversations = apply_system_prompt(
+            [describe_messages(row["label"] or self.config.default_class_hint) for row in ready],
+            self.config.system_prompt,
+        )
         results = generate_validated(
             self.engine, conversations, images, DescribeResult, self.config.describe_generation,
             seed=batch_seed(ready),

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from u2s.schema import mark_error
 from u2s.stage import Stage
 from u2s.stage1.engines import Engine, build_engine, generate_validated
-from u2s.stage1.prompts import instruct_messages
+from u2s.stage1.prompts import apply_system_prompt, instruct_messages
 from u2s.stage1.rows import batch_seed
 from u2s.stage1.schemas import InstructResult, OutputError
 
@@ -31,9 +31,12 @@ class InstructStage(Stage):
         return row["status"] is None and row["privacy_flag"] is True and bool(row["public_caption"])
 
     def process(self, rows: list[dict]) -> None:
+        conversations = apply_system_prompt(
+            [instruct_messages(row["public_caption"]) for row in rows], self.config.system_prompt
+        )
         results = generate_validated(
-            self.engine, [instruct_messages(row["public_caption"]) for row in rows], None, InstructResult,
-            self.config.instruct_generation, seed=batch_seed(rows),
+            self.engine, conversations, None, InstructResult, self.config.instruct_generation,
+            seed=batch_seed(rows),
         )  # fmt: skip
         for row, result in zip(rows, results, strict=True):
             if isinstance(result, OutputError):

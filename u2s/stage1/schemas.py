@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    RootModel,
     StringConstraints,
+    Tag,
     ValidationError,
     field_validator,
 )
@@ -100,6 +103,61 @@ class InstructResult(_Record):
     edit_instruction: InstructionText = Field(description="One continuous edit phrase.")
 
 
+class CombineResult(_Record):
+    """Call D: the public caption with the edit instruction applied (single-prompt editors)."""
+
+    combined_caption: CaptionText = Field(description="Caption of the edited image.")
+
+
+class CriterionResult(_Record):
+    """Per-criterion call A: is one privacy category present (TRUE when unsure)."""
+
+    present: bool = Field(description="TRUE if the category is present, or if unsure.")
+
+
+def _unique_categories(value: list[Category]) -> list[Category]:
+    return list(dict.fromkeys(value))
+
+
+class FusedFlagged(_Record):
+    """Fused calls A + B on a flagged image: flag, categories, review and both captions."""
+
+    privacy_flag: Literal[True]
+    categories: Annotated[list[Category], AfterValidator(_unique_categories)] = Field(
+        max_length=len(Category)
+    )
+    review: list[ReviewItem] = Field(max_length=MAX_REVIEW_ITEMS)
+    private_caption: CaptionText = Field(description="Full visual description.")
+    public_caption: CaptionText = Field(description="Privacy-preserving description.")
+
+
+class FusedUnflagged(_Record):
+    """Fused calls A + B on an image with nothing private: the flag alone (a few tokens)."""
+
+    privacy_flag: Literal[False]
+
+
+def _fused_branch(value: Any) -> str:
+    flag = value.get("privacy_flag") if isinstance(value, dict) else getattr(value, "privacy_flag", None)
+    return "flagged" if flag is True else "unflagged"
+
+
+class FusedResult(
+    RootModel[
+        Annotated[
+            Annotated[FusedFlagged, Tag("flagged")] | Annotated[FusedUnflagged, Tag("unflagged")],
+            Discriminator(_fused_branch),
+        ]
+    ]
+):
+    """Fused calls A + B, one VLM call per image: ``{"privacy_flag":false}`` or the full flagged record.
+
+    The decoder schema is an ``anyOf`` of the two shapes, told apart by the flag's ``const`` (the first
+    value generated), so an unflagged answer costs a handful of tokens and a flagged one always carries
+    captions. Validation picks the branch from the flag, so errors name only that branch's fields.
+    """
+
+
 Result = TypeVar("Result", bound=BaseModel)
 
 _DROP_KEYS = ("title", "default", "description")  # decoders need bounds, not prose
@@ -131,6 +189,11 @@ def json_schema(model_cls: type[BaseModel]) -> dict:
                 out[key] = {name: resolve(sub) for name, sub in value.items()}
             else:
                 out[key] = resolve(value)
+        if (
+            "oneOf" in out
+        ):  # the branches are disjoint (a const flag): anyOf is the same, and widely supported
+            out["anyOf"] = out.pop("oneOf")
+        out.pop("discriminator", None)
         if out.get("type") == "object" or "properties" in out:
             out["type"] = "object"
             out["additionalProperties"] = False
@@ -143,8 +206,9 @@ def json_schema(model_cls: type[BaseModel]) -> dict:
 
 
 def _known_names() -> frozenset[str]:
-    names: set[str] = set()
-    for cls in (InspectResult, ReviewItem, DescribeResult, InstructResult):
+    names: set[str] = {"flagged", "unflagged"}  # FusedResult's branch tags
+    for cls in (InspectResult, ReviewItem, DescribeResult, InstructResult, CombineResult, CriterionResult,
+                FusedFlagged, FusedUnflagged):  # fmt: skip
         names.update(cls.model_fields)
     return frozenset(names)
 

@@ -3,7 +3,8 @@
 Rows are bucketed by working size (an aspect-preserving size whose sides are multiples of 64), so one
 editor call sees images of a single size; each row is seeded from the base seed and its id, so a rerun
 reproduces its output whatever batch it lands in; the edited image is restored to the row's original
-size before encoding.
+size before encoding. Editors with ``native_size`` (the baselines) skip both resizes: rows are bucketed
+by their own size and the output is encoded as returned.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class EditStage(Stage):
     def process(self, rows: list[dict]) -> None:
         cfg = self.config
         # Decode one row at a time and keep only its working-size copy: memory stays bounded by one
-        # full-size image plus the batch at working size.
+        # full-size image plus the batch at working size (native-size editors hold the batch at full size).
         buckets: dict[tuple[int, int], list[tuple[dict, Image.Image, tuple[int, int]]]] = defaultdict(list)
         for row in rows:
             try:
@@ -106,8 +107,11 @@ class EditStage(Stage):
                 mark_error(row, self.name, str(e))
                 continue
             original = (row["width"] or img.width, row["height"] or img.height)
-            size = working_size(img.width, img.height, cfg.resolution)
-            buckets[size].append((row, img.resize(size, Image.Resampling.LANCZOS), original))
+            if self.editor.native_size:  # edited at its own size: no resampling on the way in or out
+                buckets[img.size].append((row, img, original))
+            else:
+                size = working_size(img.width, img.height, cfg.resolution)
+                buckets[size].append((row, img.resize(size, Image.Resampling.LANCZOS), original))
             del img
 
         step = cfg.resources.batch_size

@@ -26,11 +26,13 @@ TINY_MODELS = {
     "vlm": "build_tiny_vlm",
     "llm": "build_tiny_llm",
     "instruct_pix2pix": "build_tiny_instruct_pix2pix",
+    "sd3": "build_tiny_sd3",
+    "flux_kontext": "build_tiny_flux_kontext",
 }
 
 #: Default weight seeds. A random VLM's greedy flag is often the same for every image; with seed 10
 #: the demo samples get a mix of flagged and unflagged rows, so both paths of the pipeline run.
-DEFAULT_SEEDS = {"vlm": 10, "llm": 0, "instruct_pix2pix": 0}
+DEFAULT_SEEDS = {"vlm": 10, "llm": 0, "instruct_pix2pix": 0, "sd3": 0, "flux_kontext": 0}
 
 
 def _byte_unicode() -> list[str]:
@@ -178,6 +180,100 @@ def build_tiny_instruct_pix2pix(out: str | Path, seed: int = 0) -> Path:
     pipe = StableDiffusionInstructPix2PixPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(out)
+    return out
+
+
+def t5_tokenizer():
+    """A character-level T5 tokenizer (Unigram over ~70 single characters), as SD3 and FLUX use."""
+    from transformers import T5Tokenizer
+
+    chars = "▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _tiny_flow_vae(latent_channels: int):
+    """An `AutoencoderKL` with 4 blocks (8x downsampling, like SD3's and FLUX's) and SD3's latent shift."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035, sample_size=32,
+    )  # fmt: skip
+
+
+def _tiny_clip_text_config(tok):
+    from transformers import CLIPTextConfig
+
+    ids = tok.convert_tokens_to_ids
+    return CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+        vocab_size=len(tok), max_position_embeddings=77, bos_token_id=ids("<|startoftext|>"),
+        eos_token_id=ids("<|endoftext|>"), pad_token_id=ids("<|endoftext|>"),
+    )  # fmt: skip
+
+
+def _tiny_t5(tok, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        )
+    )  # fmt: skip
+
+
+def build_tiny_sd3(out: str | Path, seed: int = 0) -> Path:
+    """Stable Diffusion 3 (two projected CLIP encoders, T5, SD3 transformer, 8x VAE), saved to ``out``."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok, t5_tok = clip_tokenizer(), t5_tokenizer()
+    # Text widths as in SD3: the two CLIP hidden states (32 + 32) are zero-padded to T5's width (64).
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
+    )  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_flow_vae(4),
+        text_encoder=CLIPTextModelWithProjection(_tiny_clip_text_config(tok)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_clip_text_config(tok)), tokenizer_2=tok,
+        text_encoder_3=_tiny_t5(t5_tok, 64), tokenizer_3=t5_tok,
+    )  # fmt: skip
+    pipe.save_pretrained(out)
+    return out
+
+
+def build_tiny_flux_kontext(out: str | Path, seed: int = 0) -> Path:
+    """FLUX.1 Kontext (CLIP + T5 encoders, FLUX transformer, 8x VAE), saved to ``out``."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok, t5_tok = clip_tokenizer(), t5_tokenizer()
+    # 4 latent channels packed 2x2 into 16 transformer channels (FLUX: 16 → 64).
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    pipe = FluxKontextPipeline(
+        scheduler=scheduler, vae=_tiny_flow_vae(4), text_encoder=CLIPTextModel(_tiny_clip_text_config(tok)),
+        tokenizer=tok, text_encoder_2=_tiny_t5(t5_tok, 32), tokenizer_2=t5_tok, transformer=transformer,
     )  # fmt: skip
     pipe.save_pretrained(out)
     return out

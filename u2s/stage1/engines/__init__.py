@@ -18,4 +18,15 @@ def build_engine(stage1: Stage1Config, model: ModelConfig, vision: bool) -> Engi
         from u2s.stage1.engines.transformers import TransformersEngine
 
         return TransformersEngine(model, vision=vision, image_size=stage1.image_size)
+    if stage1.engine == "http" and stage1.http is not None:
+        from u2s.stage1.engines.http import HttpEngine
+
+        served = (stage1.http.vlm_model if vision else stage1.http.llm_model) or model.model
+        return HttpEngine(
+            stage1.http,
+            served,
+            vision=vision,
+            image_size=stage1.image_size,
+            system_prompt=stage1.system_prompt,
+        )
     raise ValueError(f"unknown stage-1 engine {stage1.engine!r}")

@@ -16,6 +16,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class EngineError(Exception):
+    """One row's request failed in transport (after the engine's own retries).
+
+    Engines return it in place of that row's text; the message is content-free (status code, exception
+    type), never the prompt or the output.
+    """
+
+
 class Engine(ABC):
     """A chat model that answers a batch of conversations with JSON constrained to a schema."""
 
@@ -28,8 +36,8 @@ class Engine(ABC):
         max_new_tokens: int,
         temperature: float = 0.0,
         seed: int | None = None,
-    ) -> list[str]:
-        """Raw output texts, one per conversation.
+    ) -> list[str | EngineError]:
+        """Raw output texts, one per conversation; an :class:`EngineError` where that row's request failed.
 
         ``conversations`` are OpenAI-style message lists (see :mod:`u2s.stage1.prompts`); ``images``
         holds one image per conversation for vision models (None for text models). Temperature 0
@@ -48,17 +56,17 @@ def generate_validated(
     """Greedy pass, then one sampled retry (``generation.retry_temperature``) of rows that fail parsing.
 
     Returns one parsed record or :class:`OutputError` per conversation; an error's message is
-    ``invalid output after retry: <field problems>`` and holds no generated text.
+    ``invalid output after retry: <field problems>``, or ``request failed: <reason>`` for a row the
+    engine returned as :class:`EngineError` (not retried here), and holds no generated text.
     """
     schema = json_schema(model_cls)
     texts = engine.generate(conversations, images, schema, generation.max_new_tokens, 0.0)
-    results: list[Result | OutputError] = []
-    for text in texts:
-        try:
-            results.append(parse_output(text, model_cls))
-        except OutputError as e:
-            results.append(e)
-    failed = [i for i, r in enumerate(results) if isinstance(r, OutputError)]
+    results = [_parse(text, model_cls) for text in texts]
+    # Transport failures are final (the engine has already retried them); only invalid outputs retry.
+    failed = [
+        i for i, (text, r) in enumerate(zip(texts, results, strict=True))
+        if isinstance(r, OutputError) and not isinstance(text, EngineError)
+    ]  # fmt: skip
     if not failed:
         return results
     logger.info("%s: %d of %d outputs invalid, retrying sampled", model_cls.__name__, len(failed), len(texts))
@@ -71,8 +79,15 @@ def generate_validated(
         seed,
     )
     for i, text in zip(failed, retry, strict=True):
-        try:
-            results[i] = parse_output(text, model_cls)
-        except OutputError as e:
-            results[i] = OutputError(f"invalid output after retry: {e}")
+        results[i] = _parse(text, model_cls, "invalid output after retry: ")
     return results
+
+
+def _parse(text: str | EngineError, model_cls: type[Result], prefix: str = "") -> Result | OutputError:
+    """One engine answer → record, or :class:`OutputError` (``request failed: ...`` for transport errors)."""
+    if isinstance(text, EngineError):
+        return OutputError(f"request failed: {text}")
+    try:
+        return parse_output(text, model_cls)
+    except OutputError as e:
+        return OutputError(f"{prefix}{e}") if prefix else e

@@ -4,16 +4,22 @@ Batches are left-padded; each row gets its own grammar matcher (xgrammar's HF lo
 one `GrammarMatcher` per batch row). Special tokens are removed from the grammar's vocabulary, so a
 constrained string can never contain a token (``<image>``, ``<|im_start|>``...) that decoding with
 ``skip_special_tokens`` would silently drop.
+
+Prompts are rendered with each model's own chat template (the processor's for VLMs, the tokenizer's
+for LLMs). Some families' templates reject a system role (they raise "roles must alternate"); with
+``system_prompt="auto"`` the engine then merges the system text into the first user turn, once per
+engine, and keeps doing so.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from u2s.log_privacy import silence_input_echo
 from u2s.stage1.engines.base import Engine
+from u2s.stage1.prompts import merge_system_into_user
 from u2s.torch_utils import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -71,16 +77,35 @@ def _cuda_index(device: str) -> int:
     return torch.cuda.current_device() if index is None else index
 
 
-class TransformersEngine(Engine):
-    """A transformers chat model (vision: processor + image-text-to-text; text: tokenizer + causal LM)."""
+SystemPrompt = Literal["auto", "system_role", "merge_into_user"]
 
-    def __init__(self, model: ModelConfig, vision: bool, image_size: int = 448) -> None:
+
+class TransformersEngine(Engine):
+    """A transformers chat model (vision: processor + image-text-to-text; text: tokenizer + causal LM).
+
+    ``system_prompt``: "system_role" renders system messages as they are (a template that rejects them
+    fails the call), "merge_into_user" always merges them into the first user turn, "auto" merges only
+    after the template rejected a system role. ``processor_kwargs`` go to every VLM processor call
+    (e.g. ``{"crop_to_patches": False}``: InternVL's single 448 px tile, the paper's setting).
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        vision: bool,
+        image_size: int = 448,
+        system_prompt: SystemPrompt = "auto",
+        processor_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         import transformers
         import xgrammar as xgr
 
         silence_input_echo()
         self.vision = vision
         self.image_size = image_size
+        self.system_prompt: SystemPrompt = system_prompt
+        self.processor_kwargs = dict(processor_kwargs or {})
+        self._merge_system = system_prompt == "merge_into_user"
         self.device = resolve_device(model.device)
         load: dict[str, Any] = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
         if vision:
@@ -127,23 +152,43 @@ class TransformersEngine(Engine):
             )
         return self._grammars[key]
 
-    def _inputs(self, conversations: list[list[dict]], images: list[Image.Image] | None) -> Any:
+    def _render_one(self, conversation: list[dict]) -> str:
         if self.vision:
-            if images is None or len(images) != len(conversations):
-                raise ValueError("a vision engine needs one image per conversation")
-            prompts = [
-                self.processor.apply_chat_template(_with_parts(c), add_generation_prompt=True, tokenize=False)
-                for c in conversations
-            ]
+            return self.processor.apply_chat_template(
+                _with_parts(conversation), add_generation_prompt=True, tokenize=False
+            )
+        return self.tokenizer.apply_chat_template(
+            _text_only(conversation), add_generation_prompt=True, tokenize=False
+        )
+
+    def render(self, conversation: list[dict]) -> str:
+        """The prompt text of one conversation, through the model's chat template (system policy applied)."""
+        from jinja2 import TemplateError
+
+        has_system = any(m["role"] == "system" for m in conversation)
+        if self._merge_system and has_system:
+            return self._render_one(merge_system_into_user(conversation))
+        try:
+            return self._render_one(conversation)
+        except TemplateError:
+            if not has_system or self.system_prompt != "auto":
+                raise
+        # Only the fact is logged: template messages can quote the conversation.
+        logger.info("chat template rejects a system role: merging system prompts into the user turn")
+        self._merge_system = True
+        return self._render_one(merge_system_into_user(conversation))
+
+    def _inputs(self, conversations: list[list[dict]], images: list[Image.Image] | None) -> Any:
+        if self.vision and (images is None or len(images) != len(conversations)):
+            raise ValueError("a vision engine needs one image per conversation")
+        prompts = [self.render(c) for c in conversations]
+        if self.vision:
             fitted = [fit_image(img, self.image_size) for img in images]
             inputs = self.processor(
-                text=prompts, images=fitted, return_tensors="pt", padding=True, add_special_tokens=False
-            )
+                text=prompts, images=fitted, return_tensors="pt", padding=True, add_special_tokens=False,
+                **self.processor_kwargs,
+            )  # fmt: skip
         else:
-            prompts = [
-                self.tokenizer.apply_chat_template(_text_only(c), add_generation_prompt=True, tokenize=False)
-                for c in conversations
-            ]
             inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:

@@ -13,6 +13,13 @@ if TYPE_CHECKING:
 #: Editor name → "module:Class". The names are the values of `Stage2Config.editor`.
 EDITORS: dict[str, str] = {
     "instruct_pix2pix": "u2s.stage2.editors.instruct_pix2pix:InstructPix2PixEditor",
+    "safe_attention": "u2s.stage2.editors.safe_attention:SafeAttentionEditor",
+    "flowedit_sd3": "u2s.stage2.editors.flowedit_sd3:FlowEditSD3Editor",
+    "flux_kontext": "u2s.stage2.editors.flux_kontext:FluxKontextEditor",
+    "blur": "u2s.stage2.editors.baselines:BlurEditor",
+    "pixelate": "u2s.stage2.editors.baselines:PixelateEditor",
+    "mask": "u2s.stage2.editors.baselines:MaskEditor",
+    "blur_image": "u2s.stage2.editors.baselines:BlurImageEditor",
 }
 
 

@@ -40,6 +40,11 @@ class Editor(ABC):
     """
 
     name: ClassVar[str]
+    #: False: the runner resizes each image to a working size (sides multiples of 64, long side
+    #: ``stage2.resolution``) before :meth:`edit` and back to its original size after. True: the editor
+    #: gets each image at its own size (batches still share one size) and its output is kept as is,
+    #: so pixels it leaves alone stay exact (the region baselines need this).
+    native_size: ClassVar[bool] = False
 
     @abstractmethod
     def edit(
@@ -51,7 +56,8 @@ class Editor(ABC):
         """Edit a batch of images; returns one RGB image per input, in order.
 
         Args:
-            images: upright RGB images that all share one working size (the runner guarantees it).
+            images: upright RGB images that all share one size (the runner guarantees it): the working
+                size, or the images' own size for ``native_size`` editors.
             prompts: per image, the texts stage 1 wrote (see :class:`EditPrompt`).
             seeds: per image, the seed of its random stream (63-bit, non-negative). An image's output
                 must depend only on its own inputs and seed, so reruns reproduce it.

@@ -7,7 +7,7 @@ The paper's trained editor starts from MagicBrush-finetuned IP2P weights; any
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -19,24 +19,34 @@ if TYPE_CHECKING:
     from u2s.config import Stage2Config
 
 
+def load_ip2p_pipeline(config: Stage2Config) -> tuple[str, Any]:
+    """Load ``config.model`` as a `StableDiffusionInstructPix2PixPipeline` on its device.
+
+    Shared by every IP2P-based editor (plain and SafeAttention). No safety checker, no progress bar;
+    the model libraries' input-echoing warnings are silenced first. Returns (device, pipeline).
+    """
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    silence_input_echo()
+    device = resolve_device(config.model.device)
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        config.model.model,
+        revision=config.model.revision,
+        dtype=resolve_dtype(config.model.dtype, device),
+        safety_checker=None,
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return device, pipe
+
+
 class InstructPix2PixEditor(Editor):
     """One batched `StableDiffusionInstructPix2PixPipeline` call per :meth:`edit`, seeded per image."""
 
     name = "instruct_pix2pix"
 
     def __init__(self, config: Stage2Config) -> None:
-        from diffusers import StableDiffusionInstructPix2PixPipeline
-
-        silence_input_echo()
         self.config = config
-        self.device = resolve_device(config.model.device)
-        self.pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            config.model.model,
-            revision=config.model.revision,
-            dtype=resolve_dtype(config.model.dtype, self.device),
-            safety_checker=None,
-        ).to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.device, self.pipe = load_ip2p_pipeline(config)
 
     def edit(
         self,

@@ -1,0 +1,107 @@
+"""InstructPix2Pix + SafeAttention: the paper's dual-condition editor (PAPER.md §3.2).
+
+The IP2P pipeline loads exactly as for the plain editor; every cross-attention then gets a
+:class:`~u2s.stage2.safe_attention_processor.SafeAttentionProcessor` (variant from
+``stage2.safe_attention.variant``), whose weights come from ``stage2.safe_attention.weights`` when set.
+Untrained processors reproduce plain IP2P on the edit instruction (their public scale λ is 0).
+
+Each row's public caption ``c_p`` and edit instruction ``c_e`` are CLIP-encoded separately with the
+pipeline's own tokenizer and text encoder and passed as ``prompt_embeds = [c_p ; c_e]`` (B, 2·77, D).
+IP2P's classifier-free guidance runs three branches (text+image, image only, unconditional) and builds
+its batch as ``[prompt_embeds, negative_prompt_embeds, negative_prompt_embeds]``; the negative here is
+the empty-string embedding in both halves, ``[∅ ; ∅]``, the training recipe's "both texts empty", so
+every branch hands the processors a 154-token context.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from u2s.stage2.editors.base import Editor, EditPrompt
+from u2s.stage2.editors.instruct_pix2pix import load_ip2p_pipeline
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from u2s.config import Stage2Config
+
+
+class SafeAttentionEditor(Editor):
+    """IP2P with SafeAttention on every ``attn2``; one batched pipeline call per :meth:`edit`."""
+
+    name = "safe_attention"
+
+    def __init__(self, config: Stage2Config) -> None:
+        from u2s.stage2.safe_attention_processor import install_safe_attention, load_safe_attention
+
+        self.config = config
+        self.device, self.pipe = load_ip2p_pipeline(config)
+        settings = config.safe_attention
+        self.processors = install_safe_attention(self.pipe.unet, settings.variant)
+        if settings.weights:
+            # Raises if the saved variant is not the configured one, or if any weight is missing.
+            load_safe_attention(self.pipe.unet, settings.weights)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """CLIP-encode ``texts`` as the IP2P pipeline does (77 tokens, padded/truncated): (B, 77, D)."""
+        tokenizer, text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        tokens = tokenizer(
+            texts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = None
+        if getattr(text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(self.device)
+        embeds = text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+        return embeds.to(dtype=text_encoder.dtype, device=self.device)
+
+    def prompt_embeds(self, prompts: list[EditPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``[c_p ; c_e]``, ``[∅ ; ∅]``), each (B, 2·77, D), for the pipeline's CFG branches."""
+        import torch
+
+        public = self.encode_texts([p.public_caption for p in prompts])
+        edit = self.encode_texts([p.edit_instruction for p in prompts])
+        empty = self.encode_texts([""]).expand(len(prompts), -1, -1)
+        return torch.cat([public, edit], dim=1), torch.cat([empty, empty], dim=1)
+
+    def generate(
+        self,
+        images: list[Image.Image],
+        prompts: list[EditPrompt],
+        seeds: list[int],
+        output_type: str = "pil",
+    ) -> Any:
+        """Run the pipeline on one batch; returns its ``images`` (PIL list, or an array for "np")."""
+        import torch
+
+        self.check_batch(images, prompts, seeds)
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+        with torch.inference_mode():
+            prompt_embeds, negative_prompt_embeds = self.prompt_embeds(prompts)
+            return self.pipe(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                image=list(images),
+                num_inference_steps=self.config.num_inference_steps,
+                guidance_scale=self.config.guidance_scale,
+                image_guidance_scale=self.config.image_guidance_scale,
+                generator=generators,
+                output_type=output_type,
+            ).images
+
+    def edit(
+        self,
+        images: list[Image.Image],
+        prompts: list[EditPrompt],
+        seeds: list[int],
+    ) -> list[Image.Image]:
+        self.check_batch(images, prompts, seeds)
+        if not images:
+            return []
+        out = self.generate(images, prompts, seeds)
+        size = images[0].size
+        return [img if img.size == size else img.resize(size) for img in out]
