@@ -52,6 +52,8 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -78,7 +80,7 @@ TINY_MODEL_OF = {
     "flowedit_sd3": "sd3",
     "flux_kontext": "flux_kontext",
 }
-#: Editors the GPU mode builds at real size (FLUX Kontext, 12B, is left out).
+#: Editors the GPU mode builds at real size (FLUX Kontext is left out: 12B random weights to save).
 GPU_EDITORS = ("instruct_pix2pix", "safe_attention", "flowedit_sd3")
 #: Peak dense bf16 (= fp16) tensor-core FLOP/s, by device-name substrings (first match wins).
 PEAK_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
@@ -87,8 +89,6 @@ PEAK_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("H100",), 989e12),  # SXM (reported as "H100 80GB HBM3")
     (("A100",), 312e12),
 )
-#: Text tokens the SD3 transformer attends to: CLIP's 77 + the T5 sequence of the FlowEdit editor.
-SD3_TEXT_TOKENS = 77 + 256
 MIB = 2**20
 
 
@@ -111,7 +111,7 @@ class Row:
     load_s: float | None = None  # load_editor, CPU mode
     tflop_per_image: float | None = None  # denoiser FLOPs, GPU mode
     mfu: float | None = None  # denoiser FLOP/s over the card's peak, GPU mode
-    status: str = "ok"  # "ok", or "OOM" (GPU mode; the figures are then empty)
+    status: str = "ok"  # GPU mode: "OOM" or "error: <type>" (the figures are then empty)
 
     @property
     def images_per_s(self) -> float:
@@ -122,7 +122,9 @@ class Row:
         return self.seconds / self.images if self.images else math.nan
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "images_per_s": self.images_per_s, "s_per_image": self.s_per_image}
+        """The fields and the derived rates; NaN (no figure) becomes null."""
+        data = {**asdict(self), "images_per_s": self.images_per_s, "s_per_image": self.s_per_image}
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in data.items()}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -165,7 +167,7 @@ def gpu_table(rows: list[Row], cuda: bool = True) -> str:
         cells.append(
             [
                 r.editor + (" (naive loop)" if r.naive else ""),
-                str(r.batch_size),
+                str(r.batch_size) if r.batch_size else "-",
                 str(r.images) if ok else "-",
                 _fmt(r.images_per_s if ok else None, ".3f"),
                 _fmt(r.s_per_image if ok else None, ".3f"),
@@ -179,10 +181,11 @@ def gpu_table(rows: list[Row], cuda: bool = True) -> str:
     return markdown_table(headers, cells)
 
 
-def write_json(path: str, mode: str, info: dict[str, Any], rows: list[Row]) -> None:
+def write_json(path: str, mode: str, info: dict[str, Any], rows: list[Row], quiet: bool = False) -> None:
     payload = {"mode": mode, "info": info, "rows": [r.to_json() for r in rows]}
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    if not quiet:
+        print(f"\nwrote {path}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,14 +226,19 @@ def time_edit(
     seeds: list[int],
     batch_size: int,
     sync: Callable[[], None] = lambda: None,
+    repeat: int = 1,
 ) -> float:
-    """Seconds to edit every image, ``batch_size`` images per ``edit`` call."""
-    sync()
-    start = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        editor.edit(images[i : i + batch_size], prompts[i : i + batch_size], seeds[i : i + batch_size])
-    sync()
-    return time.perf_counter() - start
+    """Seconds to edit every image, ``batch_size`` images per ``edit`` call; the fastest of ``repeat``."""
+    best = math.inf
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        for i in range(0, len(images), batch_size):
+            batch = slice(i, i + batch_size)
+            editor.edit(images[batch], prompts[batch], seeds[batch])
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def reset_peak_rss() -> None:
@@ -287,13 +295,13 @@ def cpu_config(editor: str, models: Path, args: argparse.Namespace) -> Stage2Con
         resolution=args.size,
         resources=Resources(
             batch_size=args.batch_size or defaults.batch_size,
-            num_cpus=args.threads,
+            num_cpus=args.threads or defaults.num_cpus,
             torch_threads=args.threads,
         ),
     )
 
 
-def bench_cpu_editor(name: str, cfg: Stage2Config, n_images: int, size: int) -> list[Row]:
+def bench_cpu_editor(name: str, cfg: Stage2Config, n_images: int, size: int, repeat: int = 1) -> list[Row]:
     """Load one editor, warm it up, time it batched (and one image a call for diffusion editors)."""
     from u2s.config import DIFFUSION_EDITORS
     from u2s.stage2.editors import load_editor
@@ -308,11 +316,13 @@ def bench_cpu_editor(name: str, cfg: Stage2Config, n_images: int, size: int) -> 
     editor = load_editor(cfg)
     load_s = time.perf_counter() - start
     editor.edit(images[:batch], prompts[:batch], seeds[:batch])  # warm-up
-    row = Row(name, batch, n_images, time_edit(editor, images, prompts, seeds, batch), 0.0, load_s=load_s)
+    seconds = time_edit(editor, images, prompts, seeds, batch, repeat=repeat)
+    row = Row(name, batch, n_images, seconds, 0.0, load_s=load_s)
     rows = [row]
     if name in DIFFUSION_EDITORS and batch > 1:
         editor.edit(images[:1], prompts[:1], seeds[:1])  # warm-up of the batch-1 shapes
-        naive = Row(name, 1, n_images, time_edit(editor, images, prompts, seeds, 1), 0.0, naive=True)
+        seconds = time_edit(editor, images, prompts, seeds, 1, repeat=repeat)
+        naive = Row(name, 1, n_images, seconds, 0.0, naive=True)
         row.speedup = naive.seconds / row.seconds
         rows.append(naive)
     for r in rows:
@@ -325,17 +335,23 @@ def bench_cpu_editor(name: str, cfg: Stage2Config, n_images: int, size: int) -> 
 def run_cpu(args: argparse.Namespace, editors: list[str]) -> tuple[list[Row], dict[str, Any]]:
     import torch
 
+    from u2s.config import Resources
+
     info = machine_info() | {
         "images": args.images,
         "size": args.size,
         "steps": args.steps,
-        "threads": args.threads,
+        "repeat": args.repeat,
+        "threads": args.threads or Resources().threads(),
     }
     print(
-        f"CPU mode: {info['cpu']} ({info['cores']} cores, {args.threads} torch threads), torch "
+        f"CPU mode: {info['cpu']} ({info['cores']} cores, {info['threads']} torch threads), torch "
         f"{torch.__version__}, diffusers {info['diffusers']}, load average {info['load_average']}"
     )
-    print(f"{args.images} images of {args.size}x{args.size}, {args.steps} steps, tiny random models\n")
+    print(
+        f"{args.images} images of {args.size}x{args.size}, {args.steps} steps, tiny random models, "
+        f"fastest of {args.repeat} timing(s)\n"
+    )
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="u2s-bench-") as tmp:
         models = Path(args.models) if args.models else Path(tmp)
@@ -346,7 +362,7 @@ def run_cpu(args: argparse.Namespace, editors: list[str]) -> tuple[list[Row], di
             print(f"built tiny models {sorted(needed)} in {time.perf_counter() - start:.1f}s")
         for name in editors:
             cfg = cpu_config(name, models, args)
-            new = bench_cpu_editor(name, cfg, args.images, args.size)
+            new = bench_cpu_editor(name, cfg, args.images, args.size, args.repeat)
             print(f"  {name}: {new[0].images_per_s:.2f} images/s at batch {new[0].batch_size}", flush=True)
             rows += new
     return rows, info
@@ -519,6 +535,13 @@ def build_sd3(out: Path, spec: ArchSpec, device: str, dtype: torch.dtype) -> Non
     pipe.to(dtype=dtype).save_pretrained(out)
 
 
+def sd3_text_tokens() -> int:
+    """Text tokens the SD3 transformer attends to in FlowEdit: CLIP's 77 + the editor's T5 sequence."""
+    from u2s.stage2.editors.flowedit_sd3 import MAX_SEQUENCE_LENGTH
+
+    return 77 + MAX_SEQUENCE_LENGTH
+
+
 def denoiser_inputs(model: Any, rows: int, latent: int, context: int) -> dict[str, Any]:
     """Random inputs of one denoiser call (UNet or SD3 transformer) with ``rows`` batch rows."""
     import torch
@@ -568,10 +591,10 @@ def denoiser_flops_per_image(name: str, denoiser: Any, cfg: Stage2Config, latent
     fe = cfg.flowedit
     n_max = min(fe.n_max, cfg.num_inference_steps)
     n_min = min(fe.n_min, n_max)
-    flops = count_flops(denoiser, denoiser_inputs(denoiser, 4, latent, SD3_TEXT_TOKENS)) * fe.n_avg
+    flops = count_flops(denoiser, denoiser_inputs(denoiser, 4, latent, sd3_text_tokens())) * fe.n_avg
     total = flops * (n_max - n_min)
     if n_min:
-        total += count_flops(denoiser, denoiser_inputs(denoiser, 2, latent, SD3_TEXT_TOKENS)) * n_min
+        total += count_flops(denoiser, denoiser_inputs(denoiser, 2, latent, sd3_text_tokens())) * n_min
     return total
 
 
@@ -598,7 +621,7 @@ def meta_flop_check(size: int) -> list[str]:
         unet, transformer = _unet(REAL), _sd3_transformer(REAL)
     for label, model, rows, context in (
         ("IP2P UNet (SD1.5, 8 in-channels)", unet, 3, 77),
-        ("SD3-medium transformer", transformer, 4, SD3_TEXT_TOKENS),
+        ("SD3-medium transformer", transformer, 4, sd3_text_tokens()),
     ):
         with torch.device("meta"):
             flops = count_flops(model, denoiser_inputs(model, rows, latent, context))
@@ -662,7 +685,7 @@ def bench_gpu_editor(
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         try:
-            seconds = time_edit(editor, imgs[:n], prm[:n], sds[:n], batch, sync)
+            seconds = time_edit(editor, imgs[:n], prm[:n], sds[:n], batch, sync, args.repeat)
         except torch.cuda.OutOfMemoryError:
             rows.append(Row(name, batch, n, math.nan, math.nan, status="OOM"))
             print(f"  batch {batch}: out of memory; larger batch sizes skipped", flush=True)
@@ -687,13 +710,15 @@ def run_gpu(args: argparse.Namespace, editors: list[str]) -> tuple[list[Row], di
 
     cuda = not args.dry_run
     device = "cuda" if cuda else "cpu"
+    if not cuda:
+        torch.set_num_threads(args.threads or 1)  # as in CPU mode: one thread, the Stage2Config default
     dtype_name = args.dtype if cuda else "float32"
     dtype = getattr(torch, dtype_name)
     spec = REAL if cuda else DRY
     spec = replace(spec, t5=replace(spec.t5, layers=args.t5_layers)) if cuda else spec
     if 1 not in args.batch_sizes:
         args.batch_sizes = [1, *args.batch_sizes]  # the naive loop is always measured
-    name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name() if cuda else cpu_name()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(name) if cuda else None)
     info = machine_info() | {
         "device": name,
@@ -703,6 +728,7 @@ def run_gpu(args: argparse.Namespace, editors: list[str]) -> tuple[list[Row], di
         "architectures": spec.label,
         "t5_layers": spec.t5.layers,
         "batch_sizes": args.batch_sizes,
+        "repeat": args.repeat,
         "dry_run": args.dry_run,
     }
     mode = "GPU mode (dry run on CPU)" if args.dry_run else "GPU mode"
@@ -733,7 +759,14 @@ def run_gpu(args: argparse.Namespace, editors: list[str]) -> tuple[list[Row], di
                 print(f"built {family} ({spec.label}) in {time.perf_counter() - start:.1f}s", flush=True)
             cfg = gpu_config(editor, built[family], dtype_name, device, args.size, args.steps)
             print(f"{editor}: {cfg.num_inference_steps} steps", flush=True)
-            rows += bench_gpu_editor(editor, cfg, args, peak, cuda)
+            try:
+                rows += bench_gpu_editor(editor, cfg, args, peak, cuda)
+            except Exception as e:  # a device run is scarce: report the failure, go on with the rest
+                traceback.print_exc()
+                rows.append(Row(editor, 0, 0, math.nan, math.nan, status=f"error: {type(e).__name__}"))
+                free_memory()
+            if args.json:  # after each editor, so a run cut short still leaves its figures
+                write_json(args.json, "gpu", info, rows, quiet=True)
     return rows, info
 
 
@@ -742,12 +775,21 @@ def run_gpu(args: argparse.Namespace, editors: list[str]) -> tuple[list[Row], di
 # --------------------------------------------------------------------------------------------------
 
 
+def cpu_name() -> str:
+    """The CPU model (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
     import diffusers
     import torch
 
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -765,9 +807,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, help="images per timing (CPU 8; GPU: the largest batch)")
     parser.add_argument("--steps", type=int, help="denoising steps (CPU 4, dry run 2; GPU: the paper's)")
     parser.add_argument("--size", type=int, help="image side (CPU and dry run 64, GPU 512)")
+    parser.add_argument("--repeat", type=int, default=1, help="timings per figure; the fastest is kept")
     parser.add_argument("--models", metavar="DIR", help="CPU: tiny models already built here")
     parser.add_argument("--batch-size", type=int, help="CPU: batch size (default: Stage2Config's)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU: torch threads")
+    parser.add_argument("--threads", type=int, help="torch threads (default: Stage2Config's, 1)")
     parser.add_argument("--batch-sizes", default="1,4,8", help="GPU: batch sizes to time (default 1,4,8)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="GPU dtype")
     parser.add_argument("--t5-layers", type=int, default=4, help="GPU: T5 layers (T5-XXL has 24)")
@@ -828,6 +871,8 @@ def quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     silence_input_echo()
+    # Random fp16 weights can overflow to NaN; converting such outputs to pixels warns on every image.
+    warnings.filterwarnings("ignore", "invalid value encountered in cast", RuntimeWarning)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -435,7 +435,7 @@ class FlowEditConfig(_Model):
     target_prompt: Literal["public_caption", "combined_caption", "edit_instruction"] = Field(
         "combined_caption",
         description="Column describing the wanted image: combined_caption (public caption with the edit "
-        "applied, stage 1's combine call) by default.",
+        "applied, stage 1's combine call, switched on automatically for it) by default.",
     )
     source_guidance_scale: float = Field(3.5, ge=0, description="CFG of the source branch.")
     target_guidance_scale: float = Field(13.5, ge=0, description="CFG of the target branch.")
@@ -550,6 +550,24 @@ class JobConfig(_Model):
     stage1: Stage1Config
     stage2: Stage2Config
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _combine_for_flowedit(cls, data: Any) -> Any:
+        """FlowEdit's default target prompt is the combined caption: switch stage 1's call D on for it."""
+        if not isinstance(data, dict):
+            return data
+        stage1, stage2 = data.get("stage1"), data.get("stage2")
+        if not (isinstance(stage1, dict) and isinstance(stage2, dict)):
+            return data
+        target = (stage2.get("flowedit") or {}).get("target_prompt", "combined_caption")
+        if (
+            stage2.get("editor") == "flowedit_sd3"
+            and target == "combined_caption"
+            and not stage1.get("combine")
+        ):
+            data = {**data, "stage1": {**stage1, "combine": True}}
+        return data
 
 
 class ConfigError(ValueError):

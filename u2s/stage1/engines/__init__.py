@@ -17,7 +17,13 @@ def build_engine(stage1: Stage1Config, model: ModelConfig, vision: bool) -> Engi
     if stage1.engine == "transformers":
         from u2s.stage1.engines.transformers import TransformersEngine
 
-        return TransformersEngine(model, vision=vision, image_size=stage1.image_size)
+        return TransformersEngine(
+            model,
+            vision=vision,
+            image_size=stage1.image_size,
+            system_prompt=stage1.system_prompt,
+            processor_kwargs=stage1.vlm_processor_kwargs if vision else None,
+        )
     if stage1.engine == "http" and stage1.http is not None:
         from u2s.stage1.engines.http import HttpEngine
 
