@@ -23,9 +23,12 @@ def test_presets_validate_and_round_trip(tmp_path):
 
 def test_paper_preset_carries_the_papers_models():
     cfg = load_config(preset="paper")
-    # The paper's InternVL2.5-8B is remote code (vLLM engine); transformers runs the native InternVL3 port.
-    assert cfg.stage1.vlm.model == "OpenGVLab/InternVL3-8B-hf"
-    assert "OpenGVLab/InternVL2_5-8B" in preset_text("paper")
+    # The paper's InternVL2.5-8B is remote code: it runs on the vLLM engine, one 448 px tile.
+    assert cfg.stage1.vlm.model == "OpenGVLab/InternVL2_5-8B" and cfg.stage1.vlm.trust_remote_code
+    assert cfg.stage1.engine == "vllm"
+    assert cfg.stage1.vllm.engine_kwargs["mm_processor_kwargs"] == {"max_dynamic_patch": 1}
+    assert cfg.stage1.vllm.enable_prefix_caching and cfg.stage1.vllm.max_image_side == 448
+    assert "OpenGVLab/InternVL3-8B-hf" in preset_text("paper")  # the transformers-engine alternative
     assert cfg.stage1.vlm_processor_kwargs == {"crop_to_patches": False}  # one 448 px tile
     assert cfg.stage1.llm.model == "Qwen/Qwen3-4B-Instruct-2507"
     assert cfg.stage1.image_size == 448
@@ -110,7 +113,7 @@ def test_config_show_prints_resolved_yaml():
     shown = yaml.safe_load(done.stdout)
     s1 = shown["stage1"]
     assert (s1["vlm"]["model"], s1["llm"]["model"]) == (
-        "OpenGVLab/InternVL3-8B-hf",
+        "OpenGVLab/InternVL2_5-8B",
         "Qwen/Qwen3-4B-Instruct-2507",
     )
     assert s1["image_size"] == 448 and s1["mode"] == "paper"

@@ -1,6 +1,7 @@
 """The plan's wiring: stage order, actor pools and per-stage resources come from the config.
 
-Built lazily for the GPU `paper` preset (nothing executes, no model loads), so it runs on CPU.
+Built lazily for the GPU `paper` preset on the transformers engine (single streaming pass: nothing
+executes, no model loads), so it runs on CPU. The vLLM engine's wiring: tests/stage1/test_vllm_engine.py.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def test_paper_plan_has_one_gpu_pool_per_model_stage(tmp_path, ray_cluster):
         preset="paper",
         overrides=[
             f"input.uri={tmp_path}",
+            "stage1.engine=transformers",
             "stage1.inspect.accelerator_type=H100",
             "stage1.describe.pool_size=3",
             "stage2.resources.batch_size=6",
@@ -55,7 +57,7 @@ def test_paper_plan_has_one_gpu_pool_per_model_stage(tmp_path, ray_cluster):
     for name, resources in expected.items():
         op = ops[name]
         assert isinstance(op.compute, ray.data.ActorPoolStrategy)
-        assert op.compute.min_size == op.compute.max_size == resources.pool_size
+        assert (op.compute.min_size, op.compute.max_size) == resources.pool_bounds()
         assert op.ray_remote_args["num_gpus"] == 1
         assert op.ray_remote_args["num_cpus"] == resources.num_cpus
         assert op.batch_size == resources.batch_size
@@ -67,7 +69,7 @@ def test_paper_plan_has_one_gpu_pool_per_model_stage(tmp_path, ray_cluster):
 
 def test_fused_mode_has_no_describe_pool_and_combine_adds_its_own(tmp_path, ray_cluster):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    base = [f"input.uri={tmp_path}"]
+    base = [f"input.uri={tmp_path}", "stage1.engine=transformers"]
     fused = load_config(preset="paper", overrides=[*base, "stage1.mode=fused"])
     names = [_fn_name(op) for op in _map_operators(build_dataset(fused))]
     assert names[-3:] == ["FusedInspectStage", "InstructStage", "EditStage"]

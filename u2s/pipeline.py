@@ -94,11 +94,16 @@ def _stage1_call(
     )
 
 
+def stage1_calls(cfg: JobConfig) -> list[str]:
+    """The stage-1 calls this config runs, in order."""
+    s1 = cfg.stage1
+    calls = ["inspect"] if s1.mode == "fused" else ["inspect", "describe"]
+    return calls + ["instruct"] + (["combine"] if s1.combine else [])
+
+
 def uses_checkpoints(cfg: JobConfig) -> bool:
     """Whether the plan runs as checkpointed passes (some stage-1 call on vLLM)."""
-    from u2s.config import STAGE1_CALLS
-
-    return any(cfg.stage1.engine_for(call) == "vllm" for call in STAGE1_CALLS)
+    return any(cfg.stage1.engine_for(call) == "vllm" for call in stage1_calls(cfg))
 
 
 def build_dataset(cfg: JobConfig, work: WorkDir | None = None) -> ray.data.Dataset:

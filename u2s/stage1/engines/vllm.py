@@ -22,7 +22,7 @@ import json
 import logging
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -336,11 +336,46 @@ def finish(batch: pa.Table, call: VLLMCall) -> pa.Table:
 # -- the processor ----------------------------------------------------------------------------------
 
 
+def system_role_supported(model: ModelConfig) -> bool:
+    """Whether the model's chat template renders a system message (probed once, on the driver).
+
+    A model whose files cannot be read here keeps the system role (the engine will then say why).
+    """
+    from jinja2 import TemplateError
+
+    try:
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            model.model, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except TemplateError:
+        return False
+    except Exception:  # no tokenizer or template reachable from the driver
+        logger.info("could not probe the chat template of a stage-1 model; keeping the system role")
+    return True
+
+
+def _merging_system(messages: Callable[[dict], list[dict]]) -> Callable[[dict], list[dict]]:
+    from u2s.stage1.prompts import merge_system_into_user
+
+    return lambda row: merge_system_into_user(messages(row))
+
+
 def build_processor(stage1: Stage1Config, call: VLLMCall, resources: Resources) -> Any:
-    """The ray.data.llm `Processor` of ``call``: packed rows in, packed rows + outputs out."""
+    """The ray.data.llm `Processor` of ``call``: packed rows in, packed rows + outputs out.
+
+    With ``stage1.system_prompt: auto``, system prompts are merged into the user turn when the model's
+    chat template rejects a system role (as the transformers engine does).
+    """
     from ray.data.llm import build_processor as build
 
     model = stage1.vlm if call.vision else stage1.llm
+    if stage1.system_prompt == "auto" and not system_role_supported(model):
+        logger.info("chat template rejects a system role: merging system prompts into the user turn")
+        call = replace(call, messages=_merging_system(call.messages))
     vllm = stage1.vllm_for(call.vision)
     config = processor_config(model, vllm, resources, call.vision)
     map_kwargs = {"num_cpus": vllm.cpu_stage_num_cpus} if vllm.cpu_stage_num_cpus is not None else None
