@@ -500,6 +500,12 @@ class Stage2Config(_Model):
     image_guidance_scale: float = Field(1.5, ge=0, description="Image guidance (IP2P cfg-image).")
     resolution: int = Field(512, ge=64, description="Working size: long side, rounded to a multiple of 64.")
     seed: int = Field(42, description="Base seed; each row's seed derives from it and the row id.")
+    compile: bool = Field(
+        False, description="torch.compile the denoiser (UNet/transformer) at load; pays off on long GPU runs."
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode when `compile` is on."
+    )
     output_format: Literal["PNG", "JPEG", "WEBP"] = Field("PNG", description="Encoding of edited images.")
     resources: Resources = Field(default_factory=Resources, description="Editor pool.")
 

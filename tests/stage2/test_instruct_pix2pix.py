@@ -92,3 +92,15 @@ def test_importing_stage2_does_not_import_torch():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compile_option_compiles_the_denoiser_and_keeps_outputs(tiny_models):
+    import torch
+
+    plain = load_editor(_config(tiny_models))
+    compiled = load_editor(_config(tiny_models).model_copy(update={"compile": True}))
+    assert not isinstance(plain.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    images, prompts = [_noise(64, 64, 5)], [EditPrompt("make it blue", "a room")]
+    expected = _pixels(plain.edit(images, prompts, [3])[0])
+    assert np.abs(_pixels(compiled.edit(images, prompts, [3])[0]) - expected).max() <= 2

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from u2s.config import Stage2Config
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,39 @@ class Editor(ABC):
             raise ValueError("images, prompts and seeds must have the same length")
         if len({img.size for img in images}) > 1:
             raise ValueError("all images of one edit call must share one size")
+
+
+def load_pipeline(pipeline_cls: Any, config: Stage2Config, **kwargs: Any) -> tuple[str, Any]:
+    """``pipeline_cls.from_pretrained(config.model)`` on its device, in its dtype; returns (device, pipe).
+
+    The one loader of every diffusion editor: model libraries' input-echoing warnings silenced first
+    (prompts are private), progress bars off. Call :func:`compile_denoiser` once the pipeline is final.
+    """
+    from u2s.log_privacy import silence_input_echo
+    from u2s.torch_utils import resolve_device, resolve_dtype
+
+    silence_input_echo()
+    model = config.model
+    device = resolve_device(model.device)
+    dtype = resolve_dtype(model.dtype, device)
+    pipe = pipeline_cls.from_pretrained(model.model, revision=model.revision, dtype=dtype, **kwargs).to(
+        device
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return device, pipe
+
+
+def compile_denoiser(pipe: Any, config: Stage2Config) -> None:
+    """`torch.compile` the pipeline's denoiser (UNet or transformer) when ``config.compile`` is set.
+
+    The denoiser runs once per step and CFG branch, so it is where compilation pays; the first batch
+    of each new working size pays the compile time (buckets keep those few).
+    """
+    if not config.compile:
+        return
+    import torch
+
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            setattr(pipe, name, torch.compile(module, mode=config.compile_mode))

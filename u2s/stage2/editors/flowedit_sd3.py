@@ -34,9 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from u2s.log_privacy import silence_input_echo
-from u2s.stage2.editors.base import Editor, EditPrompt
-from u2s.torch_utils import resolve_device, resolve_dtype
+from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, load_pipeline
 
 if TYPE_CHECKING:
     import torch
@@ -68,18 +66,12 @@ class FlowEditSD3Editor(Editor):
     def __init__(self, config: Stage2Config) -> None:
         from diffusers import StableDiffusion3Pipeline
 
-        silence_input_echo()
         fe = config.flowedit
         if fe.n_min > fe.n_max:
             raise ValueError(f"flowedit.n_min ({fe.n_min}) must not exceed flowedit.n_max ({fe.n_max})")
         self.config = config
-        self.device = resolve_device(config.model.device)
-        self.pipe = StableDiffusion3Pipeline.from_pretrained(
-            config.model.model,
-            revision=config.model.revision,
-            dtype=resolve_dtype(config.model.dtype, self.device),
-        ).to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.device, self.pipe = load_pipeline(StableDiffusion3Pipeline, config)
+        compile_denoiser(self.pipe, config)
         # A private scheduler: set_timesteps mutates it, and the pipeline's own stays untouched.
         self.scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
         model_multiple = self.pipe.vae_scale_factor * self.pipe.patch_size

@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from u2s.log_privacy import silence_input_echo
-from u2s.stage2.editors.base import Editor, EditPrompt
-from u2s.torch_utils import resolve_device, resolve_dtype
+from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, load_pipeline
 
 if TYPE_CHECKING:
     from u2s.config import Stage2Config
@@ -29,15 +27,9 @@ class FluxKontextEditor(Editor):
     def __init__(self, config: Stage2Config) -> None:
         from diffusers import FluxKontextPipeline
 
-        silence_input_echo()
         self.config = config
-        self.device = resolve_device(config.model.device)
-        self.pipe = FluxKontextPipeline.from_pretrained(
-            config.model.model,
-            revision=config.model.revision,
-            dtype=resolve_dtype(config.model.dtype, self.device),
-        ).to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.device, self.pipe = load_pipeline(FluxKontextPipeline, config)
+        compile_denoiser(self.pipe, config)
 
     def edit(
         self,

@@ -11,9 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from u2s.log_privacy import silence_input_echo
-from u2s.stage2.editors.base import Editor, EditPrompt
-from u2s.torch_utils import resolve_device, resolve_dtype
+from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, load_pipeline
 
 if TYPE_CHECKING:
     from u2s.config import Stage2Config
@@ -27,16 +25,7 @@ def load_ip2p_pipeline(config: Stage2Config) -> tuple[str, Any]:
     """
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    silence_input_echo()
-    device = resolve_device(config.model.device)
-    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-        config.model.model,
-        revision=config.model.revision,
-        dtype=resolve_dtype(config.model.dtype, device),
-        safety_checker=None,
-    ).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return device, pipe
+    return load_pipeline(StableDiffusionInstructPix2PixPipeline, config, safety_checker=None)
 
 
 class InstructPix2PixEditor(Editor):
@@ -47,6 +36,7 @@ class InstructPix2PixEditor(Editor):
     def __init__(self, config: Stage2Config) -> None:
         self.config = config
         self.device, self.pipe = load_ip2p_pipeline(config)
+        compile_denoiser(self.pipe, config)
 
     def edit(
         self,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from u2s.stage2.editors.base import Editor, EditPrompt
+from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser
 from u2s.stage2.editors.instruct_pix2pix import load_ip2p_pipeline
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ class SafeAttentionEditor(Editor):
         if settings.weights:
             # Raises if the saved variant is not the configured one, or if any weight is missing.
             load_safe_attention(self.pipe.unet, settings.weights)
+        compile_denoiser(self.pipe, config)  # after the processors: they are part of the compiled graph
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """CLIP-encode ``texts`` as the IP2P pipeline does (77 tokens, padded/truncated): (B, 77, D)."""
