@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from u2s.routing import WorkDir
     from u2s.stage import Stage
+    from u2s.stage1.call import ModelCallStage
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +72,15 @@ def _actor_stage(
 
 
 def _stage1_call(
-    ds: ray.data.Dataset, cfg: JobConfig, work: WorkDir | None, call: str, stage_cls: type,
-    resources: Resources,
-) -> ray.data.Dataset:  # fmt: skip
-    """One stage-1 call on its engine (`stage1.<call>_engine`, else `stage1.engine`).
+    ds: ray.data.Dataset, cfg: JobConfig, work: WorkDir | None, stage_cls: type[ModelCallStage]
+) -> ray.data.Dataset:
+    """One stage-1 call on its engine (`stage1.<call>_engine`, else `stage1.engine`), in its pool.
 
     transformers/http: an actor pool in the stream. vllm: a ray.data.llm processor fed only the rows
     the call wants, which needs a checkpoint first (see :mod:`u2s.routing`): the stream so far runs now.
     """
     s1 = cfg.stage1
+    call, resources = stage_cls.name, stage_cls.resources(s1)
     engine = s1.engine_for(call)
     if engine != "vllm":
         stage1 = s1 if engine == s1.engine else s1.model_copy(update={"engine": engine})
@@ -136,13 +137,13 @@ def build_dataset(cfg: JobConfig, work: WorkDir | None = None) -> ray.data.Datas
 
         work = WorkDir(cfg.output, cfg.storage, cfg.ray.write_num_cpus)
     if s1.mode == "fused":  # calls A + B in one VLM call per row, in the inspect pool; no describe pool
-        ds = _stage1_call(ds, cfg, work, "inspect", FusedInspectStage, s1.inspect)
+        ds = _stage1_call(ds, cfg, work, FusedInspectStage)
     else:
-        ds = _stage1_call(ds, cfg, work, "inspect", InspectStage, s1.inspect)
-        ds = _stage1_call(ds, cfg, work, "describe", DescribeStage, s1.describe)
-    ds = _stage1_call(ds, cfg, work, "instruct", InstructStage, s1.instruct)
+        ds = _stage1_call(ds, cfg, work, InspectStage)
+        ds = _stage1_call(ds, cfg, work, DescribeStage)
+    ds = _stage1_call(ds, cfg, work, InstructStage)
     if s1.combine:
-        ds = _stage1_call(ds, cfg, work, "combine", CombineStage, s1.combine_resources)
+        ds = _stage1_call(ds, cfg, work, CombineStage)
     return _actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2)
 
 

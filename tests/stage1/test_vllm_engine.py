@@ -159,7 +159,7 @@ def test_fused_mode_uses_the_fused_call():
 
     call = v.stage1_call(_stage1(mode="fused"), FusedInspectStage)
     row = new_row("a", "mem://a.png", None, _png(8, 8))
-    v._apply_fused(row, parse_output('{"privacy_flag":false}', call.result_cls))
+    FusedInspectStage.apply(row, parse_output('{"privacy_flag":false}', call.result_cls))
     assert call.name == "inspect" and call.vision
     assert row["status"] == Status.KEPT.value and row["privacy_flag"] is False
 

@@ -8,23 +8,19 @@ skip the second image encoding and prompt of a separate describe call.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
-from u2s.schema import Status, mark_error
-from u2s.stage import Stage
-from u2s.stage1.engines import Engine, build_engine, generate_validated
-from u2s.stage1.prompts import apply_system_prompt, fused_messages
-from u2s.stage1.rows import batch_seed, load_images
-from u2s.stage1.schemas import FusedFlagged, FusedResult, OutputError
+from u2s.schema import Status
+from u2s.stage1.call import ModelCallStage
+from u2s.stage1.describe import DescribeStage
+from u2s.stage1.prompts import fused_messages
+from u2s.stage1.schemas import FusedFlagged, FusedResult
 
 if TYPE_CHECKING:
-    from u2s.config import Stage1Config
-
-logger = logging.getLogger(__name__)
+    from u2s.config import GenerationConfig, Resources, Stage1Config
 
 
-class FusedInspectStage(Stage):
+class FusedInspectStage(ModelCallStage):
     """Sets ``privacy_flag`` and ``categories`` on every row; on flagged rows also ``review``,
     ``private_caption`` and ``public_caption``. Unflagged rows end here with status ``kept`` and null
     captions. Runs in the inspect pool (``stage1.inspect``) with ``describe_generation``'s budget;
@@ -32,38 +28,27 @@ class FusedInspectStage(Stage):
     """
 
     name = "inspect"
+    vision = True
+    result_model = FusedResult
 
-    def __init__(self, stage1: Stage1Config, engine: Engine | None = None) -> None:
-        from u2s.torch_utils import set_threads
+    @staticmethod
+    def resources(stage1: Stage1Config) -> Resources:
+        return stage1.inspect
 
-        set_threads(stage1.inspect.threads())
-        self.config = stage1
-        self.engine = engine or build_engine(stage1, stage1.vlm, vision=True)
+    @staticmethod
+    def generation(stage1: Stage1Config) -> GenerationConfig:
+        return stage1.describe_generation
 
-    def process(self, rows: list[dict]) -> None:
-        ready, images = load_images(rows, self.name)
-        if not ready:
+    @staticmethod
+    def messages(stage1: Stage1Config, row: dict) -> list[dict]:
+        return fused_messages(row["label"] or stage1.default_class_hint)
+
+    @staticmethod
+    def apply(row: dict, result: FusedResult) -> None:
+        record = result.root
+        if not isinstance(record, FusedFlagged):
+            row.update(privacy_flag=False, categories=[], status=Status.KEPT.value)
             return
-        conversations = apply_system_prompt(
-            [fused_messages(row["label"] or self.config.default_class_hint) for row in ready],
-            self.config.system_prompt,
-        )
-        results = generate_validated(
-            self.engine, conversations, images, FusedResult, self.config.describe_generation,
-            seed=batch_seed(ready),
-        )  # fmt: skip
-        for row, result in zip(ready, results, strict=True):
-            if isinstance(result, OutputError):
-                mark_error(row, self.name, str(result))
-                continue
-            record = result.root
-            if not isinstance(record, FusedFlagged):
-                row.update(privacy_flag=False, categories=[], status=Status.KEPT.value)
-                continue
-            row["privacy_flag"] = True
-            row["categories"] = [c.value for c in record.categories]
-            row["review"] = [item.model_dump(mode="json") for item in record.review]
-            row["private_caption"] = record.private_caption
-            row["public_caption"] = record.public_caption
-        flagged = sum(1 for row in ready if row["privacy_flag"])
-        logger.debug("fused inspect: %d rows, %d flagged", len(rows), flagged)
+        row["privacy_flag"] = True
+        row["categories"] = [c.value for c in record.categories]
+        DescribeStage.apply(row, record)

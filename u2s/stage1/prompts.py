@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from u2s.schema import Category
+from u2s.stage1.engines.messages import merge_system_into_user
 from u2s.stage1.schemas import (
     CAPTION_WORDS,
     INSTRUCTION_WORDS,
@@ -225,39 +226,6 @@ def combine_messages(public_caption: str, edit_instruction: str, image_class: st
     text = _fill(COMBINE_PROMPT, public_caption=public_caption, edit_instruction=edit_instruction,
                  image_class=image_class)  # fmt: skip
     return [{"role": "system", "content": COMBINE_SYSTEM}, {"role": "user", "content": text}]
-
-
-def merge_system_into_user(messages: list[dict]) -> list[dict]:
-    """The system text moved to the start of the first user turn (templates without a system role).
-
-    A text part list keeps its image parts first; the system text joins the first text part.
-    """
-    system = "\n\n".join(_text(m["content"]) for m in messages if m["role"] == "system")
-    rest = [m for m in messages if m["role"] != "system"]
-    if not system:
-        return rest
-    for index, message in enumerate(rest):
-        if message["role"] != "user":
-            continue
-        content = message["content"]
-        if isinstance(content, str):
-            merged: str | list[dict] = f"{system}\n\n{content}"
-        else:
-            parts = [dict(p) for p in content]
-            texts = [i for i, p in enumerate(parts) if p.get("type") == "text"]
-            if texts:
-                parts[texts[0]]["text"] = f"{system}\n\n{parts[texts[0]]['text']}"
-            else:
-                parts.append({"type": "text", "text": system})
-            merged = parts
-        return [*rest[:index], {**message, "content": merged}, *rest[index + 1 :]]
-    return [{"role": "user", "content": system}, *rest]
-
-
-def _text(content: str | list[dict]) -> str:
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
 def apply_system_prompt(conversations: list[list[dict]], policy: str) -> list[list[dict]]:

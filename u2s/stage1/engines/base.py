@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from u2s.stage1.schemas import OutputError, Result, json_schema, parse_output
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from u2s.config import GenerationConfig
+    from u2s.stage1.engines.messages import SystemPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +26,30 @@ class EngineError(Exception):
     """
 
 
-class Engine(ABC):
-    """A chat model that answers a batch of conversations with JSON constrained to a schema."""
+@dataclass(frozen=True)
+class Decoding:
+    """How one :meth:`Engine.generate` call decodes: JSON schema, token budget, temperature, seed."""
 
-    @abstractmethod
+    schema: dict
+    max_new_tokens: int
+    temperature: float = 0.0
+    seed: int | None = None
+
+
+class Engine(ABC):
+    """A chat model that answers a batch of conversations with JSON constrained to a schema.
+
+    ``system_prompt``: "system_role" keeps system messages as they are (a template or server that
+    rejects them fails the call), "merge_into_user" always merges them into the first user turn,
+    "auto" merges only once the model has rejected a system role (and keeps doing so).
+    """
+
+    def __init__(self, vision: bool, image_size: int = 448, system_prompt: SystemPrompt = "auto") -> None:
+        self.vision = vision
+        self.image_size = image_size
+        self.system_prompt: SystemPrompt = system_prompt
+        self._merge_system = system_prompt == "merge_into_user"
+
     def generate(
         self,
         conversations: list[list[dict]],
@@ -43,6 +65,17 @@ class Engine(ABC):
         holds one image per conversation for vision models (None for text models). Temperature 0
         decodes greedily; otherwise sampling is seeded with ``seed`` when given.
         """
+        if not conversations:
+            return []
+        if self.vision and (images is None or len(images) != len(conversations)):
+            raise ValueError("a vision engine needs one image per conversation")
+        return self._generate(conversations, images, Decoding(schema, max_new_tokens, temperature, seed))
+
+    @abstractmethod
+    def _generate(
+        self, conversations: list[list[dict]], images: list[Image.Image] | None, decoding: Decoding
+    ) -> list[str | EngineError]:
+        """:meth:`generate` on a non-empty batch (with one image per conversation on a vision engine)."""
 
 
 def generate_validated(

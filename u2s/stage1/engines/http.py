@@ -20,18 +20,23 @@ connection pool between calls.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import logging
 import os
 import random
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from u2s.stage1.engines.base import Engine, EngineError
-from u2s.stage1.prompts import merge_system_into_user
+from u2s.stage1.engines.base import Decoding, Engine, EngineError
+from u2s.stage1.engines.messages import (
+    SystemPrompt,
+    has_system,
+    image_data_url,
+    merge_system_into_user,
+    text_only,
+    with_image_url,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -50,8 +55,6 @@ MAX_RETRY_AFTER_S = 60.0
 #: Name of the response format sent with each request (OpenAI requires ``^[a-zA-Z0-9_-]{1,64}$``).
 SCHEMA_NAME = "u2s_result"
 JPEG_QUALITY = 90
-
-SystemPrompt = Literal["auto", "system_role", "merge_into_user"]
 
 
 def _retryable(status: int) -> bool:
@@ -87,42 +90,6 @@ class _TokenBucket:
                 await asyncio.sleep((1.0 - self.tokens) / self.rate)
 
 
-def image_data_url(img: Image.Image, size: int) -> str:
-    """``img`` fitted into ``size``×``size`` (aspect kept, never upscaled) as a JPEG data URL."""
-    from u2s.stage1.engines.transformers import fit_image
-
-    fitted = fit_image(img, size)
-    buf = io.BytesIO()
-    (fitted if fitted.mode == "RGB" else fitted.convert("RGB")).save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _with_image(conversation: list[dict], url: str) -> list[dict]:
-    """``{"type": "image"}`` parts become OpenAI ``image_url`` parts carrying ``url``."""
-    part = {"type": "image_url", "image_url": {"url": url}}
-    return [
-        {**m, "content": [part if p.get("type") == "image" else p for p in m["content"]]}
-        if isinstance(m["content"], list)
-        else m
-        for m in conversation
-    ]
-
-
-def _text_only(conversation: list[dict]) -> list[dict]:
-    """Text models: content parts joined into one string, exactly as the local engine renders them."""
-    out = []
-    for m in conversation:
-        content = m["content"]
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-        out.append({**m, "content": content})
-    return out
-
-
-def _has_system(messages: list[dict]) -> bool:
-    return any(m.get("role") == "system" for m in messages)
-
-
 def _content(response: httpx.Response) -> str | EngineError:
     """The first choice's message text of a 2xx chat-completions response."""
     try:
@@ -154,8 +121,7 @@ def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, client:
 class HttpEngine(Engine):
     """Chat completions with ``response_format: json_schema`` (strict) on an OpenAI-compatible server.
 
-    ``system_prompt`` as in the local engine: "system_role" sends system messages as they are,
-    "merge_into_user" always merges them into the first user turn, "auto" merges once the server has
+    ``system_prompt`` as in :class:`~u2s.stage1.engines.base.Engine`; "auto" merges once the server has
     answered 400 to a request with a system message and accepted the merged one (a served chat template
     without a system role), and keeps merging.
     """
@@ -170,12 +136,9 @@ class HttpEngine(Engine):
     ) -> None:
         import httpx
 
+        super().__init__(vision, image_size, system_prompt)
         self.config = http
         self.model_name = model_name
-        self.vision = vision
-        self.image_size = image_size
-        self.system_prompt: SystemPrompt = system_prompt
-        self._merge_system = system_prompt == "merge_into_user"
         self.url = http.base_url.rstrip("/") + "/chat/completions"
         headers = {}
         key = os.environ.get(http.api_key_env) if http.api_key_env else None
@@ -212,30 +175,21 @@ class HttpEngine(Engine):
             raise RuntimeError("HttpEngine is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def generate(
-        self,
-        conversations: list[list[dict]],
-        images: list[Image.Image] | None,
-        schema: dict,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        seed: int | None = None,
+    def _generate(
+        self, conversations: list[list[dict]], images: list[Image.Image] | None, decoding: Decoding
     ) -> list[str | EngineError]:
-        if not conversations:
-            return []
-        if self.vision and (images is None or len(images) != len(conversations)):
-            raise ValueError("a vision engine needs one image per conversation")
         response_format = {
             "type": "json_schema",
-            "json_schema": {"name": SCHEMA_NAME, "schema": schema, "strict": True},
+            "json_schema": {"name": SCHEMA_NAME, "schema": decoding.schema, "strict": True},
         }
         requests = []
         for i, conversation in enumerate(conversations):
             if self.vision:
-                messages = _with_image(conversation, image_data_url(images[i], self.image_size))
+                url = image_data_url(images[i], self.image_size, "JPEG", JPEG_QUALITY)
+                messages = with_image_url(conversation, url)
             else:
-                messages = _text_only(conversation)
-            merged = merge_system_into_user(messages) if _has_system(messages) else None
+                messages = text_only(conversation)
+            merged = merge_system_into_user(messages) if has_system(messages) else None
             if merged is not None and self._merge_system:
                 messages, merged = merged, None
             body: dict[str, Any] = {
@@ -243,13 +197,13 @@ class HttpEngine(Engine):
                 "messages": messages,
                 # max_tokens, not max_completion_tokens: every compatible server (vLLM, SGLang, TGI,
                 # llama.cpp) knows it; OpenAI still accepts it for non-reasoning models.
-                "max_tokens": max_new_tokens,
-                "temperature": temperature,  # 0: greedy
+                "max_tokens": decoding.max_new_tokens,
+                "temperature": decoding.temperature,  # 0: greedy
                 "top_p": 1.0,  # plain temperature sampling, as the local engine does
                 "response_format": response_format,
             }
-            if seed is not None:
-                body["seed"] = seed
+            if decoding.seed is not None:
+                body["seed"] = decoding.seed
             fallback = (
                 {**body, "messages": merged} if merged is not None and self.system_prompt == "auto" else None
             )

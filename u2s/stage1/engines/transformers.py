@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from u2s.log_privacy import silence_input_echo
-from u2s.stage1.engines.base import Engine
-from u2s.stage1.prompts import merge_system_into_user
+from u2s.stage1.engines.base import Decoding, Engine
+from u2s.stage1.engines.messages import (
+    SystemPrompt,
+    fit_image,
+    has_system,
+    merge_system_into_user,
+    text_only,
+    with_parts,
+)
 from u2s.torch_utils import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -31,37 +38,6 @@ logger = logging.getLogger(__name__)
 
 #: Compact JSON separators: fewer tokens, and no whitespace choices for the model to loop on.
 SEPARATORS = (",", ":")
-
-
-def fit_image(img: Image.Image, size: int) -> Image.Image:
-    """Downscale ``img`` (aspect kept) to fit ``size``×``size``; smaller images are returned as they are."""
-    from PIL import Image
-
-    width, height = img.size
-    scale = size / max(width, height)
-    if scale >= 1:
-        return img
-    new = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return img.resize(new, Image.Resampling.BICUBIC)
-
-
-def _text_only(conversation: list[dict]) -> list[dict]:
-    """Text models: content-part lists become plain strings (not every text chat template takes parts)."""
-    out = []
-    for message in conversation:
-        content = message["content"]
-        if isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-        out.append({**message, "content": content})
-    return out
-
-
-def _with_parts(conversation: list[dict]) -> list[dict]:
-    """Vision models: string content becomes one text part (many processor templates iterate parts)."""
-    return [
-        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
-        for m in conversation
-    ]
 
 
 def _as_list(ids: Any) -> list[int]:
@@ -77,15 +53,11 @@ def _cuda_index(device: str) -> int:
     return torch.cuda.current_device() if index is None else index
 
 
-SystemPrompt = Literal["auto", "system_role", "merge_into_user"]
-
-
 class TransformersEngine(Engine):
     """A transformers chat model (vision: processor + image-text-to-text; text: tokenizer + causal LM).
 
-    ``system_prompt``: "system_role" renders system messages as they are (a template that rejects them
-    fails the call), "merge_into_user" always merges them into the first user turn, "auto" merges only
-    after the template rejected a system role. ``processor_kwargs`` go to every VLM processor call
+    ``system_prompt`` as in :class:`~u2s.stage1.engines.base.Engine` ("auto": merged after the chat
+    template rejected a system role). ``processor_kwargs`` go to every VLM processor call
     (e.g. ``{"crop_to_patches": False}``: InternVL's single 448 px tile, the paper's setting).
     """
 
@@ -101,11 +73,8 @@ class TransformersEngine(Engine):
         import xgrammar as xgr
 
         silence_input_echo()
-        self.vision = vision
-        self.image_size = image_size
-        self.system_prompt: SystemPrompt = system_prompt
+        super().__init__(vision, image_size, system_prompt)
         self.processor_kwargs = dict(processor_kwargs or {})
-        self._merge_system = system_prompt == "merge_into_user"
         self.device = resolve_device(model.device)
         load: dict[str, Any] = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
         if vision:
@@ -155,23 +124,23 @@ class TransformersEngine(Engine):
     def _render_one(self, conversation: list[dict]) -> str:
         if self.vision:
             return self.processor.apply_chat_template(
-                _with_parts(conversation), add_generation_prompt=True, tokenize=False
+                with_parts(conversation), add_generation_prompt=True, tokenize=False
             )
         return self.tokenizer.apply_chat_template(
-            _text_only(conversation), add_generation_prompt=True, tokenize=False
+            text_only(conversation), add_generation_prompt=True, tokenize=False
         )
 
     def render(self, conversation: list[dict]) -> str:
         """The prompt text of one conversation, through the model's chat template (system policy applied)."""
         from jinja2 import TemplateError
 
-        has_system = any(m["role"] == "system" for m in conversation)
-        if self._merge_system and has_system:
+        system = has_system(conversation)
+        if self._merge_system and system:
             return self._render_one(merge_system_into_user(conversation))
         try:
             return self._render_one(conversation)
         except TemplateError:
-            if not has_system or self.system_prompt != "auto":
+            if not system or self.system_prompt != "auto":
                 raise
         # Only the fact is logged: template messages can quote the conversation.
         logger.info("chat template rejects a system role: merging system prompts into the user turn")
@@ -179,8 +148,6 @@ class TransformersEngine(Engine):
         return self._render_one(merge_system_into_user(conversation))
 
     def _inputs(self, conversations: list[list[dict]], images: list[Image.Image] | None) -> Any:
-        if self.vision and (images is None or len(images) != len(conversations)):
-            raise ValueError("a vision engine needs one image per conversation")
         prompts = [self.render(c) for c in conversations]
         if self.vision:
             fitted = [fit_image(img, self.image_size) for img in images]
@@ -195,36 +162,28 @@ class TransformersEngine(Engine):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
-    def generate(
-        self,
-        conversations: list[list[dict]],
-        images: list[Image.Image] | None,
-        schema: dict,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        seed: int | None = None,
+    def _generate(
+        self, conversations: list[list[dict]], images: list[Image.Image] | None, decoding: Decoding
     ) -> list[str]:
         import torch
         from xgrammar.contrib.hf import LogitsProcessor
 
-        if not conversations:
-            return []
         inputs = self._inputs(conversations, images)
         kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": decoding.max_new_tokens,
             "eos_token_id": self.stop_ids,
             "pad_token_id": self.pad_id,
             # A processor holds per-row matchers and is single-use: a fresh one per call.
-            "logits_processor": [LogitsProcessor(self._grammar(schema))],
+            "logits_processor": [LogitsProcessor(self._grammar(decoding.schema))],
         }
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        if decoding.temperature > 0:
+            kwargs.update(do_sample=True, temperature=decoding.temperature, top_k=0, top_p=1.0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         devices = [_cuda_index(self.device)] if self.device.startswith("cuda") else []
         with torch.inference_mode(), torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                torch.manual_seed(seed)
+            if decoding.seed is not None:
+                torch.manual_seed(decoding.seed)
             out = self.model.generate(**inputs, **kwargs)
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

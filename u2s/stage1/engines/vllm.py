@@ -8,37 +8,31 @@ binary column (:data:`ROW`), so the processor's intermediate columns never mix w
     →  chat template → tokenize → vLLM engine → detokenize  →  postprocess  →  finish (task): parse,
     validate, fill the call's columns or mark the row ``error``; back to the working schema
 
-Prompts, schemas and parsing are the ones every engine shares (:mod:`u2s.stage1.prompts`,
-:mod:`u2s.stage1.schemas`). Images go in as ``image_url`` parts with a base64 data URL (downscaled to
-``max_image_side``), which ``prepare_multimodal_stage`` parses. A failed request becomes a per-row error
-(``should_continue_on_error``), never a failed job. Invalid outputs are marked ``error`` without a retry.
+Each call's rows, prompt, result model, budget and result handling are those its stage class declares
+(:class:`~u2s.stage1.call.ModelCallStage`, read without loading a model), the very ones the other
+engines run; message shaping is :mod:`u2s.stage1.engines.messages`. Images go in as ``image_url``
+parts with a base64 data URL (downscaled to ``max_image_side``), which ``prepare_multimodal_stage``
+parses. A failed request becomes a per-row error (``should_continue_on_error``), never a failed job.
+Invalid outputs are marked ``error`` without a retry.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from u2s.schema import Status, mark_error, rows_to_table
-from u2s.stage1.schemas import (
-    CombineResult,
-    DescribeResult,
-    FusedFlagged,
-    FusedResult,
-    InspectResult,
-    InstructResult,
-    OutputError,
-    json_schema,
-    parse_output,
-)
+from u2s.schema import mark_error, rows_to_table
+from u2s.stage1.call import ModelCallStage
+from u2s.stage1.engines.messages import image_data_url as _encode_image
+from u2s.stage1.engines.messages import merge_system_into_user, with_image_url
+from u2s.stage1.schemas import OutputError, json_schema, parse_output
 
 if TYPE_CHECKING:
     import ray.data
@@ -57,7 +51,8 @@ TASK_CPUS = 0.25
 
 @dataclass(frozen=True)
 class VLLMCall:
-    """One stage-1 call as the vLLM path runs it: which rows, what prompt and schema, where results go."""
+    """One stage-1 call as the vLLM path runs it: which rows, what prompt and schema, where results go
+    (built by :func:`stage1_call` from the stage class)."""
 
     name: str
     vision: bool
@@ -71,82 +66,26 @@ class VLLMCall:
 # -- the calls ---------------------------------------------------------------------------------------
 
 
-def _stage_wants(stage_cls: type, stage1: Stage1Config) -> Callable[[dict], bool]:
-    """The stage class's own ``wants`` (one routing rule for every engine), without loading a model."""
-    stage = stage_cls.__new__(stage_cls)
-    stage.config = stage1
-    return stage.wants
+def stage1_call(stage1: Stage1Config, stage_cls: type[ModelCallStage]) -> VLLMCall:
+    """The :class:`VLLMCall` doing what stage class ``stage_cls`` does: its own ``wants``, prompt,
+    result model, budget and ``apply`` (read from the class; no model is loaded).
 
-
-# The appliers mirror the stage classes' `process` (which also run the transformers/http engines).
-
-
-def _apply_inspect(row: dict, result: InspectResult) -> None:
-    # Flagged when the model says TRUE or names any category; unflagged rows are kept.
-    row["categories"] = [c.value for c in result.categories]
-    row["privacy_flag"] = result.privacy_flag or bool(row["categories"])
-    if not row["privacy_flag"]:
-        row["status"] = Status.KEPT.value
-
-
-def _apply_fused(row: dict, result: FusedResult) -> None:
-    record = result.root
-    if not isinstance(record, FusedFlagged):
-        row.update(privacy_flag=False, categories=[], status=Status.KEPT.value)
-        return
-    row["privacy_flag"] = True
-    row["categories"] = [c.value for c in record.categories]
-    _apply_describe(row, record)
-
-
-def _apply_describe(row: dict, result: DescribeResult | FusedFlagged) -> None:
-    row["review"] = [item.model_dump(mode="json") for item in result.review]
-    row["private_caption"] = result.private_caption
-    row["public_caption"] = result.public_caption
-
-
-def _apply_instruct(row: dict, result: InstructResult) -> None:
-    row["edit_instruction"] = result.edit_instruction
-
-
-def _apply_combine(row: dict, result: CombineResult) -> None:
-    row["combined_caption"] = result.combined_caption
-
-
-def stage1_call(stage1: Stage1Config, stage_cls: type) -> VLLMCall:
-    """The :class:`VLLMCall` doing what stage class ``stage_cls`` does, with the same prompts and schema.
-
-    Supported: InspectStage (single mode), FusedInspectStage, DescribeStage, InstructStage, CombineStage.
+    Supported: every :class:`~u2s.stage1.call.ModelCallStage` whose rows are one call each under
+    ``stage1`` (not InspectStage with ``inspect_mode: per_criterion``).
     """
-    from u2s.stage1 import prompts
-
-    hint = stage1.default_class_hint
-    policy = stage1.system_prompt
-
-    def messages(build: Callable[[dict], list[dict]]) -> Callable[[dict], list[dict]]:
-        return lambda row: prompts.apply_system_prompt([build(row)], policy)[0]
-
-    kind = stage_cls.__name__
-    if kind == "InspectStage" and stage1.inspect_mode == "per_criterion":
-        raise ValueError("inspect_mode 'per_criterion' has no vLLM path")
-    specs: dict[str, tuple] = {
-        "InspectStage": (True, InspectResult, stage1.inspect_generation,
-                         lambda row: prompts.inspect_messages(), _apply_inspect),
-        "FusedInspectStage": (True, FusedResult, stage1.describe_generation,
-                              lambda row: prompts.fused_messages(row["label"] or hint), _apply_fused),
-        "DescribeStage": (True, DescribeResult, stage1.describe_generation,
-                          lambda row: prompts.describe_messages(row["label"] or hint), _apply_describe),
-        "InstructStage": (False, InstructResult, stage1.instruct_generation,
-                          lambda row: prompts.instruct_messages(row["public_caption"]), _apply_instruct),
-        "CombineStage": (False, CombineResult, stage1.combine_generation,
-                         lambda row: prompts.combine_messages(row["public_caption"], row["edit_instruction"],
-                                                              row["label"] or hint), _apply_combine),
-    }  # fmt: skip
-    if kind not in specs:
-        raise ValueError(f"no vLLM path for stage {kind}")
-    vision, result_cls, generation, build, apply = specs[kind]
-    return VLLMCall(stage_cls.name, vision, result_cls, generation, _stage_wants(stage_cls, stage1),
-                    messages(build), apply)  # fmt: skip
+    if not (isinstance(stage_cls, type) and issubclass(stage_cls, ModelCallStage)):
+        raise ValueError(f"no vLLM path for stage {getattr(stage_cls, '__name__', stage_cls)}")
+    if not stage_cls.single_call(stage1):
+        raise ValueError(f"{stage_cls.__name__} asks several questions per row here: no vLLM path")
+    return VLLMCall(
+        name=stage_cls.name,
+        vision=stage_cls.vision,
+        result_cls=stage_cls.result_model,
+        generation=stage_cls.generation(stage1),
+        wants=stage_cls.unloaded(stage1).wants,
+        messages=partial(stage_cls.conversation, stage1),
+        apply=stage_cls.apply,
+    )
 
 
 # -- engine and processor settings ------------------------------------------------------------------
@@ -225,30 +164,8 @@ def image_data_url(data: bytes | None, max_side: int, image_format: str) -> str:
     Raises :class:`u2s.io.decode.DecodeError` for bytes that are not a loadable image.
     """
     from u2s.io.decode import load_rgb
-    from u2s.stage1.engines.transformers import fit_image
 
-    img = fit_image(load_rgb(data), max_side)
-    buf = io.BytesIO()
-    img.save(buf, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
-    mime = "jpeg" if image_format == "JPEG" else "png"
-    return f"data:image/{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
-
-
-def with_image_url(messages: list[dict], url: str | None) -> list[dict]:
-    """``{"type": "image"}`` parts become ``image_url`` parts holding ``url`` (dropped when None)."""
-    out = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part.get("type") != "image":
-                    parts.append(part)
-                elif url is not None:
-                    parts.append({"type": "image_url", "image_url": {"url": url}})
-            content = parts
-        out.append({**message, "content": content})
-    return out
+    return _encode_image(load_rgb(data), max_side, image_format, quality=95)
 
 
 def sampling_params(schema_json: str, max_tokens: int) -> dict[str, Any]:
@@ -359,8 +276,6 @@ def system_role_supported(model: ModelConfig) -> bool:
 
 
 def _merging_system(messages: Callable[[dict], list[dict]]) -> Callable[[dict], list[dict]]:
-    from u2s.stage1.prompts import merge_system_into_user
-
     return lambda row: merge_system_into_user(messages(row))
 
 
