@@ -111,3 +111,10 @@ def compile_denoiser(pipe: Any, config: Stage2Config) -> None:
         module = getattr(pipe, name, None)
         if module is not None:
             setattr(pipe, name, torch.compile(module, mode=config.compile_mode))
+
+
+def seeded_generators(device: str, seeds: list[int]) -> list[Any]:
+    """One `torch.Generator` per row on ``device``: a row's noise depends only on its own seed."""
+    import torch
+
+    return [torch.Generator(device).manual_seed(seed) for seed in seeds]

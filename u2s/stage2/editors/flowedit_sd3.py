@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, load_pipeline
+from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, load_pipeline, seeded_generators
 
 if TYPE_CHECKING:
     import torch
@@ -99,7 +99,7 @@ class FlowEditSD3Editor(Editor):
         ]
         sources = [p.column(fe.source_prompt) for p in prompts]
         targets = [self._target(p) for p in prompts]
-        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+        generators = seeded_generators(self.device, seeds)
         with torch.inference_mode():
             x_src = self._encode_images(batch)
             embeds, pooled = self._encode_prompts(sources, targets)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, load_pipeline
+from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, load_pipeline, seeded_generators
 
 if TYPE_CHECKING:
     from u2s.config import Stage2Config
@@ -47,7 +47,7 @@ class FluxKontextEditor(Editor):
         width, height = (max(multiple, side // multiple * multiple) for side in size)
         if (width, height) != size:
             images = [img.resize((width, height), Image.Resampling.LANCZOS) for img in images]
-        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+        generators = seeded_generators(self.device, seeds)
         with torch.inference_mode():
             out = self.pipe(
                 image=list(images),

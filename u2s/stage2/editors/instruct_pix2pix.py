@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, load_pipeline
+from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, load_pipeline, seeded_generators
 
 if TYPE_CHECKING:
     from u2s.config import Stage2Config
@@ -49,7 +49,7 @@ class InstructPix2PixEditor(Editor):
         self.check_batch(images, prompts, seeds)
         if not images:
             return []
-        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+        generators = seeded_generators(self.device, seeds)
         with torch.inference_mode():
             out = self.pipe(
                 prompt=[p.edit_instruction for p in prompts],

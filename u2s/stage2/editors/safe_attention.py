@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser
+from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, seeded_generators
 from u2s.stage2.editors.instruct_pix2pix import load_ip2p_pipeline
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class SafeAttentionEditor(Editor):
         import torch
 
         self.check_batch(images, prompts, seeds)
-        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+        generators = seeded_generators(self.device, seeds)
         with torch.inference_mode():
             prompt_embeds, negative_prompt_embeds = self.prompt_embeds(prompts)
             return self.pipe(
