@@ -41,9 +41,7 @@ class Stage:
                 self.process(todo)
             except Exception as e:  # a bug or a device failure: fail these rows, keep the job
                 # Only the exception type reaches the row and the log: messages may quote private text.
-                logger.exception(
-                    "stage %s failed on a batch of %d rows", self.name, len(todo), exc_info=False
-                )
+                logger.error("stage %s failed on %d rows: %s", self.name, len(todo), type(e).__name__)
                 for row in todo:
                     if row["status"] is None:
                         mark_error(row, self.name, f"unexpected {type(e).__name__}")
