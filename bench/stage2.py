@@ -42,11 +42,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import json
 import math
 import os
-import platform
 import re
 import resource
 import sys
@@ -62,6 +59,17 @@ from typing import TYPE_CHECKING, Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/stage2.py` from a checkout, u2s installed or not
     sys.path.insert(0, str(REPO))
+
+from _common import (  # noqa: E402  (bench/ is on sys.path when run as a script)
+    check_gpu_environment,
+    cpu_name,
+    fmt,
+    free_memory,
+    machine_info,
+    markdown_table,
+    write_json,
+)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local: never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -127,18 +135,6 @@ class Row:
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in data.items()}
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def markdown_table(headers: list[str], cells: list[list[str]]) -> str:
-    """A Markdown table, columns padded to their widest cell (pastes into docs as is)."""
-    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    lines = [" | ".join(s.ljust(w) for s, w in zip(row, widths, strict=True)) for row in [headers, *cells]]
-    return "\n".join([f"| {lines[0]} |", rule, *(f"| {line} |" for line in lines[1:])])
-
-
 def cpu_table(rows: list[Row]) -> str:
     headers = ["editor", "batch", "images", "images/s", "s/image", "speed-up", "peak RSS MiB", "load s"]
     cells = [
@@ -146,11 +142,11 @@ def cpu_table(rows: list[Row]) -> str:
             r.editor + (" (naive loop)" if r.naive else ""),
             str(r.batch_size),
             str(r.images),
-            _fmt(r.images_per_s, ".2f"),
-            _fmt(r.s_per_image, ".4f"),
-            _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
-            _fmt(r.peak_mem_mib, ".0f"),
-            _fmt(r.load_s, ".1f"),
+            fmt(r.images_per_s, ".2f"),
+            fmt(r.s_per_image, ".4f"),
+            fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
+            fmt(r.peak_mem_mib, ".0f"),
+            fmt(r.load_s, ".1f"),
         ]
         for r in rows
     ]
@@ -169,23 +165,16 @@ def gpu_table(rows: list[Row], cuda: bool = True) -> str:
                 r.editor + (" (naive loop)" if r.naive else ""),
                 str(r.batch_size) if r.batch_size else "-",
                 str(r.images) if ok else "-",
-                _fmt(r.images_per_s if ok else None, ".3f"),
-                _fmt(r.s_per_image if ok else None, ".3f"),
-                _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
-                _fmt(r.peak_mem_mib if ok else None, ".0f"),
-                _fmt(r.tflop_per_image, ".4g"),
-                _fmt(None if r.mfu is None else 100 * r.mfu, ".1f") + ("%" if r.mfu is not None else ""),
+                fmt(r.images_per_s if ok else None, ".3f"),
+                fmt(r.s_per_image if ok else None, ".3f"),
+                fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
+                fmt(r.peak_mem_mib if ok else None, ".0f"),
+                fmt(r.tflop_per_image, ".4g"),
+                fmt(None if r.mfu is None else 100 * r.mfu, ".1f") + ("%" if r.mfu is not None else ""),
                 r.status,
             ]
         )
     return markdown_table(headers, cells)
-
-
-def write_json(path: str, mode: str, info: dict[str, Any], rows: list[Row], quiet: bool = False) -> None:
-    payload = {"mode": mode, "info": info, "rows": [r.to_json() for r in rows]}
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
-    if not quiet:
-        print(f"\nwrote {path}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,14 +245,6 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-def free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,7 +318,7 @@ def run_cpu(args: argparse.Namespace, editors: list[str]) -> tuple[list[Row], di
 
     from u2s.config import Resources
 
-    info = machine_info() | {
+    info = machine_info(("torch", "diffusers")) | {
         "images": args.images,
         "size": args.size,
         "steps": args.steps,
@@ -720,7 +701,7 @@ def run_gpu(args: argparse.Namespace, editors: list[str]) -> tuple[list[Row], di
         args.batch_sizes = [1, *args.batch_sizes]  # the naive loop is always measured
     name = torch.cuda.get_device_name() if cuda else cpu_name()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(name) if cuda else None)
-    info = machine_info() | {
+    info = machine_info(("torch", "diffusers")) | {
         "device": name,
         "peak_flops": peak,
         "dtype": dtype_name,
@@ -766,36 +747,13 @@ def run_gpu(args: argparse.Namespace, editors: list[str]) -> tuple[list[Row], di
                 rows.append(Row(editor, 0, 0, math.nan, math.nan, status=f"error: {type(e).__name__}"))
                 free_memory()
             if args.json:  # after each editor, so a run cut short still leaves its figures
-                write_json(args.json, "gpu", info, rows, quiet=True)
+                write_json(args.json, "gpu", info, "rows", rows, quiet=True)
     return rows, info
 
 
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
-
-
-def cpu_name() -> str:
-    """The CPU model (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
-    with contextlib.suppress(OSError):
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    import diffusers
-    import torch
-
-    return {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -844,23 +802,6 @@ def select_editors(args: argparse.Namespace) -> list[str]:
     return chosen
 
 
-def check_gpu_environment(dry_run: bool) -> None:
-    """Exit with a clear message when the GPU mode cannot run here (before building anything)."""
-    try:
-        import diffusers  # noqa: F401
-        import pydantic  # noqa: F401
-        import torch
-    except ImportError as e:
-        sys.exit(
-            f"error: {e.name} is not installed; on a GPU machine carry it as a wheel (docs/benchmarks.md)"
-        )
-    if not dry_run and not torch.cuda.is_available():
-        sys.exit(
-            f"error: --gpu needs CUDA, and torch.cuda.is_available() is False here (torch "
-            f"{torch.__version__}); use --gpu --dry-run to exercise the GPU path on the CPU"
-        )
-
-
 def quiet_libraries() -> None:
     """No progress bars, and the model libraries' input-echoing warnings off (as in the editors)."""
     from diffusers.utils import logging as diffusers_logging
@@ -878,7 +819,7 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.gpu:
-        check_gpu_environment(args.dry_run)
+        check_gpu_environment(args.dry_run, ("diffusers", "pydantic"))
     editors = select_editors(args)
     quiet_libraries()
     if args.gpu:
@@ -890,7 +831,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table)
     if args.json:
-        write_json(args.json, "gpu" if args.gpu else "cpu", info, rows)
+        write_json(args.json, "gpu" if args.gpu else "cpu", info, "rows", rows)
 
 
 if __name__ == "__main__":

@@ -12,23 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import copy
 import io
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -43,15 +36,10 @@ from u2s.stage1.engines.http import HttpEngine
 from u2s.stage1.instruct import InstructStage
 from u2s.stage1.prompts import inspect_messages, instruct_messages
 from u2s.stage1.schemas import InstructResult, OutputError, json_schema
+from u2s.testing.openai_server import free_port
 
 SCHEMA = json_schema(InstructResult)
 VALID = '{"edit_instruction":"replace the face with a generic adult face"}'
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(base_url: str, **overrides) -> HttpEngineConfig:
@@ -326,7 +314,7 @@ def test_timeout_becomes_a_row_error(scripted):
 
 
 def test_connection_errors_are_retried_then_reported():
-    engine = _engine(f"http://127.0.0.1:{_free_port()}/v1", max_retries=2)
+    engine = _engine(f"http://127.0.0.1:{free_port()}/v1", max_retries=2)
     (out,) = engine.generate([_conversation("anyone?")], None, SCHEMA, 64)
     engine.close()
     assert isinstance(out, EngineError) and str(out) == "ConnectError after 3 attempts"
@@ -421,61 +409,19 @@ def test_build_engine_names_the_served_model(scripted):
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory) -> Iterator[str]:
     """`python -m vllm.entrypoints.openai.api_server` on the tiny Qwen2, once per session; its /v1 URL."""
-    import httpx
-
+    from u2s.testing.openai_server import running_server, server_command
     from u2s.testing.tiny_models import build_tiny_llm
 
     root = tmp_path_factory.mktemp("vllm-server")
     model = build_tiny_llm(root / "llm")
-    port = _free_port()
-    log_path = root / "server.log"
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-        "--max-model-len", "2048", "--enforce-eager", "--kv-cache-memory-bytes", str(256 * 2**20),
+    port = free_port()
+    command = server_command(
+        str(model), "tiny", port, "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+        "--kv-cache-memory-bytes", str(256 * 2**20),
         "--structured-outputs-config", '{"backend":"xgrammar","disable_any_whitespace":true}',
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited ({proc.returncode}):\n{_tail(log_path)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM server not ready in 300 s:\n{_tail(log_path)}")
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+    )  # fmt: skip
+    with running_server(command, port, root / "server.log") as url:
         yield url
-    finally:
-        _stop(proc)
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (API server + engine core), SIGKILL what is left after 20 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=15)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
 
 
 CAPTIONS = [
