@@ -48,7 +48,6 @@ class Editor(ABC):
     #: so pixels it leaves alone stay exact (the region baselines need this).
     native_size: ClassVar[bool] = False
 
-    @abstractmethod
     def edit(
         self,
         images: list[Image.Image],
@@ -65,8 +64,16 @@ class Editor(ABC):
                 must depend only on its own inputs and seed, so reruns reproduce it.
 
         The three lists have the same length. Outputs have the same size as the inputs. Texts are
-        private: implementations must never log them.
+        private: implementations must never log them. Validates the batch, then calls :meth:`_edit`.
         """
+        self.check_batch(images, prompts, seeds)
+        return self._edit(images, prompts, seeds) if images else []
+
+    @abstractmethod
+    def _edit(
+        self, images: list[Image.Image], prompts: list[EditPrompt], seeds: list[int]
+    ) -> list[Image.Image]:
+        """The editor's work on a validated, non-empty batch (see :meth:`edit`)."""
 
     @staticmethod
     def check_batch(images: list[Image.Image], prompts: list[EditPrompt], seeds: list[int]) -> None:

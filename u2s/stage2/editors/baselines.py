@@ -35,10 +35,9 @@ class _RegionEditor(Editor):
     def apply(self, image: Image.Image, boxes: list[Box]) -> Image.Image:
         raise NotImplementedError
 
-    def edit(
+    def _edit(
         self, images: list[Image.Image], prompts: list[EditPrompt], seeds: list[int]
     ) -> list[Image.Image]:
-        self.check_batch(images, prompts, seeds)
         outputs = []
         for image in images:
             boxes = self.detector(image)
@@ -82,8 +81,7 @@ class BlurImageEditor(Editor):
     def __init__(self, config: Stage2Config) -> None:
         self.config = config.baseline
 
-    def edit(
+    def _edit(
         self, images: list[Image.Image], prompts: list[EditPrompt], seeds: list[int]
     ) -> list[Image.Image]:
-        self.check_batch(images, prompts, seeds)
         return [baselines.blur_image(image, self.config.blur_radius) for image in images]

@@ -77,7 +77,7 @@ class FlowEditSD3Editor(Editor):
         model_multiple = self.pipe.vae_scale_factor * self.pipe.patch_size
         self.multiple = math.lcm(fe.side_multiple, model_multiple)
 
-    def edit(
+    def _edit(
         self,
         images: list[Image.Image],
         prompts: list[EditPrompt],
@@ -85,9 +85,6 @@ class FlowEditSD3Editor(Editor):
     ) -> list[Image.Image]:
         import torch
 
-        self.check_batch(images, prompts, seeds)
-        if not images:
-            return []
         fe = self.config.flowedit
         size = images[0].size
         resized, cropped = editing_size(*size, fe.max_side, self.multiple)

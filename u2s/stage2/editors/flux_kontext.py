@@ -31,7 +31,7 @@ class FluxKontextEditor(Editor):
         self.device, self.pipe = load_pipeline(FluxKontextPipeline, config)
         compile_denoiser(self.pipe, config)
 
-    def edit(
+    def _edit(
         self,
         images: list[Image.Image],
         prompts: list[EditPrompt],
@@ -39,9 +39,6 @@ class FluxKontextEditor(Editor):
     ) -> list[Image.Image]:
         import torch
 
-        self.check_batch(images, prompts, seeds)
-        if not images:
-            return []
         size = images[0].size
         multiple = self.pipe.vae_scale_factor * 2  # VAE downsampling times FLUX's 2x2 latent packing
         width, height = (max(multiple, side // multiple * multiple) for side in size)

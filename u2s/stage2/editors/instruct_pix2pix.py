@@ -38,7 +38,7 @@ class InstructPix2PixEditor(Editor):
         self.device, self.pipe = load_ip2p_pipeline(config)
         compile_denoiser(self.pipe, config)
 
-    def edit(
+    def _edit(
         self,
         images: list[Image.Image],
         prompts: list[EditPrompt],
@@ -46,9 +46,6 @@ class InstructPix2PixEditor(Editor):
     ) -> list[Image.Image]:
         import torch
 
-        self.check_batch(images, prompts, seeds)
-        if not images:
-            return []
         generators = seeded_generators(self.device, seeds)
         with torch.inference_mode():
             out = self.pipe(

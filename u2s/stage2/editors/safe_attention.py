@@ -94,15 +94,12 @@ class SafeAttentionEditor(Editor):
                 output_type=output_type,
             ).images
 
-    def edit(
+    def _edit(
         self,
         images: list[Image.Image],
         prompts: list[EditPrompt],
         seeds: list[int],
     ) -> list[Image.Image]:
-        self.check_batch(images, prompts, seeds)
-        if not images:
-            return []
         out = self.generate(images, prompts, seeds)
         size = images[0].size
         return [img if img.size == size else img.resize(size) for img in out]
