@@ -26,6 +26,7 @@ from u2s.stage2.detectors import (
 from u2s.stage2.editors import EDITORS, load_editor
 from u2s.stage2.editors.base import EditPrompt
 from u2s.stage2.runner import EditStage
+from u2s.testing.images import noise_image
 
 # --- fixtures ------------------------------------------------------------------------------------------
 
@@ -111,11 +112,6 @@ def test_clip_and_pad_boxes():
 # --- pure region operations ----------------------------------------------------------------------------
 
 
-def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 BOXES = [(10, 5, 50, 30), (40, 20, 70, 45), (90, 50, 130, 90)]  # overlapping; the last leaves the image
 
 
@@ -129,7 +125,7 @@ BOXES = [(10, 5, 50, 30), (40, 20, 70, 45), (90, 50, 130, 90)]  # overlapping; t
     ids=["blur", "pixelate", "mask"],
 )
 def test_region_ops_touch_only_their_boxes(op):
-    img = _noise(100, 60)
+    img = noise_image(100, 60)
     before = np.asarray(img).copy()
     out = op(img, BOXES)
     assert np.array_equal(np.asarray(img), before)  # input untouched
@@ -143,12 +139,12 @@ def test_region_ops_touch_only_their_boxes(op):
 
 
 def test_mask_is_solid_color():
-    out = np.asarray(baselines.mask_regions(_noise(100, 60), BOXES, (255, 0, 128)))
+    out = np.asarray(baselines.mask_regions(noise_image(100, 60), BOXES, (255, 0, 128)))
     assert (out[_inside((100, 60), BOXES)] == (255, 0, 128)).all()
 
 
 def test_pixelate_cells_across_short_side():
-    img = _noise(120, 80)
+    img = noise_image(120, 80)
     box = (20, 10, 110, 40)  # 90 × 30: 6 cells across 30 px → 18 × 6 cells of 5 × 5 px
     region = np.asarray(baselines.pixelate_regions(img, [box], 6))[10:40, 20:110]
     assert len(np.unique(region.reshape(-1, 3), axis=0)) == 18 * 6
@@ -158,7 +154,7 @@ def test_pixelate_cells_across_short_side():
 
 
 def test_blur_radius_scales_with_region():
-    img = _noise(200, 200)
+    img = noise_image(200, 200)
     small = np.asarray(baselines.blur_regions(img, [(0, 0, 200, 200)], 0.01)).astype(float)
     large = np.asarray(baselines.blur_regions(img, [(0, 0, 200, 200)], 0.1)).astype(float)
     assert small.std() > 2 * large.std()  # a larger radius leaves less of the noise

@@ -14,6 +14,7 @@ from PIL import Image
 from u2s.config import ModelConfig, Resources, Stage2Config
 from u2s.schema import new_row, rows_to_table
 from u2s.stage2.runner import EditStage, encode_image, row_seed, working_size
+from u2s.testing.images import noise_image
 
 # --- row_seed -----------------------------------------------------------------------------------------
 
@@ -59,13 +60,8 @@ def test_working_size_rejects_empty_images():
 # --- encoding ------------------------------------------------------------------------------------------
 
 
-def _noise(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 def test_encode_image_formats():
-    img = _noise(40, 30, 0)
+    img = noise_image(40, 30, 0)
     png, ext = encode_image(img, "PNG")
     assert ext == "png" and np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(img))
     for fmt, suffix in (("JPEG", "jpg"), ("WEBP", "webp")):
@@ -109,19 +105,19 @@ def _rows() -> list[dict]:
     rotated = Image.Exif()
     rotated[0x0112] = 6  # stored 77x50, upright 50x77
     rows = [
-        _flagged("wide-1", _encode(_noise(77, 50, 1)), (77, 50)),
-        _flagged("wide-2", _encode(_noise(80, 52, 2), "JPEG", quality=90), (80, 52)),
-        _flagged("wide-3", _encode(_noise(77, 50, 3)), None),  # no size columns: decoded size
-        _flagged("tall", _encode(_noise(50, 77, 4)), (50, 77)),
-        _flagged("exif", _encode(_noise(77, 50, 5), "JPEG", exif=rotated), (50, 77)),
-        _flagged("square", _encode(_noise(64, 64, 6)), (64, 64)),
+        _flagged("wide-1", _encode(noise_image(77, 50, 1)), (77, 50)),
+        _flagged("wide-2", _encode(noise_image(80, 52, 2), "JPEG", quality=90), (80, 52)),
+        _flagged("wide-3", _encode(noise_image(77, 50, 3)), None),  # no size columns: decoded size
+        _flagged("tall", _encode(noise_image(50, 77, 4)), (50, 77)),
+        _flagged("exif", _encode(noise_image(77, 50, 5), "JPEG", exif=rotated), (50, 77)),
+        _flagged("square", _encode(noise_image(64, 64, 6)), (64, 64)),
         _flagged("corrupt", b"\x89PNG\r\n\x1a\n not really", None),
     ]
-    kept = new_row("kept", "src/kept", "cat", _encode(_noise(70, 40, 7)))
+    kept = new_row("kept", "src/kept", "cat", _encode(noise_image(70, 40, 7)))
     kept.update(width=70, height=40, status="kept", privacy_flag=False, categories=[])
-    errored = _flagged("errored", _encode(_noise(64, 64, 8)), (64, 64))
+    errored = _flagged("errored", _encode(noise_image(64, 64, 8)), (64, 64))
     errored.update(status="error", error="instruct: invalid output")
-    waiting = _flagged("no-instruction", _encode(_noise(64, 64, 9)), (64, 64))
+    waiting = _flagged("no-instruction", _encode(noise_image(64, 64, 9)), (64, 64))
     waiting["edit_instruction"] = None
     return [*rows, kept, errored, waiting]
 
@@ -203,7 +199,7 @@ def test_edit_stage_buckets_chunks_and_isolates_failures(stage, monkeypatch):
 
 def test_edit_stage_jpeg_output(tiny_models):
     jpeg_stage = EditStage(_config(tiny_models, output_format="JPEG"))
-    row = _flagged("one", _encode(_noise(90, 60, 0)), (90, 60))
+    row = _flagged("one", _encode(noise_image(90, 60, 0)), (90, 60))
     (out,) = jpeg_stage(rows_to_table([copy.deepcopy(row)])).to_pylist()
     assert out["status"] == "edited" and out["image"]["path"] == "one.jpg"
     decoded = Image.open(io.BytesIO(out["image"]["bytes"]))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +15,7 @@ from u2s.stage2.editors import EDITORS, Editor, load_editor
 from u2s.stage2.editors.base import EditPrompt
 from u2s.stage2.editors.flowedit_sd3 import FlowEditSD3Editor, editing_size
 from u2s.stage2.runner import EditStage, row_seed
+from u2s.testing.images import max_diff, mean_diff, noise_image
 from u2s.testing.tiny_models import build_tiny_sd3
 
 STEPS = 8
@@ -59,24 +59,7 @@ def configure(editor):
     editor.config = original
 
 
-def _noise(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def _px(img: Image.Image) -> np.ndarray:
-    return np.asarray(img, dtype=np.int16)
-
-
-def _max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
-    return max(int(np.abs(_px(x) - _px(y)).max()) for x, y in zip(a, b, strict=True))
-
-
-def _mean_diff(a: list[Image.Image], b: list[Image.Image]) -> float:
-    return min(float(np.abs(_px(x) - _px(y)).mean()) for x, y in zip(a, b, strict=True))
-
-
-IMAGES = [_noise(128, 64, 0), _noise(128, 64, 1)]
+IMAGES = [noise_image(128, 64, 0), noise_image(128, 64, 1)]
 
 
 def _vae_round_trip(pipe, images: list[Image.Image]) -> list[Image.Image]:
@@ -165,18 +148,18 @@ def test_matches_the_authors_algorithm(editor, configure, n_min):
                             n_max=6, n_min=n_min)
         for img, seed in zip(IMAGES, seeds, strict=True)
     ]  # fmt: skip
-    assert _max_diff(out, ref) <= 1
+    assert max_diff(out, ref) <= 1
     # The check has teeth: the edit moved far from the input, and swapped guidances land elsewhere.
-    assert _mean_diff(out, _vae_round_trip(editor.pipe, IMAGES)) > 5
+    assert mean_diff(out, _vae_round_trip(editor.pipe, IMAGES)) > 5
     swapped = _reference_flowedit(editor.pipe, IMAGES[0], PROMPT.private_caption, PROMPT.combined_caption,
                                   seeds[0], n_max=6, n_min=n_min, g_src=13.5, g_tgt=3.5)  # fmt: skip
-    assert _mean_diff([out[0]], [swapped]) > 5
+    assert mean_diff([out[0]], [swapped]) > 5
 
 
 def test_n_max_zero_is_the_vae_round_trip(configure):
     editor = configure(n_max=0)
     out = editor.edit(IMAGES, [PROMPT, PROMPT], [1, 2])
-    assert _max_diff(out, _vae_round_trip(editor.pipe, IMAGES)) <= 1  # shift/scale float rounding only
+    assert max_diff(out, _vae_round_trip(editor.pipe, IMAGES)) <= 1  # shift/scale float rounding only
 
 
 def test_equal_prompts_and_guidances_do_not_edit(configure):
@@ -185,18 +168,18 @@ def test_equal_prompts_and_guidances_do_not_edit(configure):
     editor = configure(n_max=6, source_prompt="public_caption", target_prompt="public_caption",
                        source_guidance_scale=5.0, target_guidance_scale=5.0)  # fmt: skip
     out = editor.edit(IMAGES, [PROMPT, PROMPT], [1, 2])
-    assert _max_diff(out, unedited) == 0  # V_delta is exactly zero at every step
-    assert _max_diff(out, _vae_round_trip(editor.pipe, IMAGES)) <= 1
+    assert max_diff(out, unedited) == 0  # V_delta is exactly zero at every step
+    assert max_diff(out, _vae_round_trip(editor.pipe, IMAGES)) <= 1
     editor = configure(n_max=6, source_prompt="public_caption", target_prompt="public_caption")
-    assert _mean_diff(editor.edit(IMAGES, [PROMPT, PROMPT], [1, 2]), unedited) > 1  # 3.5 vs 13.5: edits
+    assert mean_diff(editor.edit(IMAGES, [PROMPT, PROMPT], [1, 2]), unedited) > 1  # 3.5 vs 13.5: edits
 
 
 def test_deterministic_per_seed_and_batch_independent(editor):
     first = editor.edit(IMAGES, [PROMPT, PROMPT], [5, 6])
-    assert _max_diff(editor.edit(IMAGES, [PROMPT, PROMPT], [5, 6]), first) == 0
+    assert max_diff(editor.edit(IMAGES, [PROMPT, PROMPT], [5, 6]), first) == 0
     # alone in a batch: the same output up to float rounding of other batch shapes
-    assert _max_diff(editor.edit(IMAGES[1:], [PROMPT], [6]), first[1:]) <= 1
-    assert _mean_diff(editor.edit(IMAGES, [PROMPT, PROMPT], [7, 8]), first) > 0.5
+    assert max_diff(editor.edit(IMAGES[1:], [PROMPT], [6]), first[1:]) <= 1
+    assert mean_diff(editor.edit(IMAGES, [PROMPT, PROMPT], [7, 8]), first) > 0.5
 
 
 def test_prompt_columns_are_honoured(editor, configure):
@@ -204,19 +187,19 @@ def test_prompt_columns_are_honoured(editor, configure):
     changed = lambda **kw: EditPrompt(**{**PROMPT.__dict__, **kw})  # noqa: E731
     # unused columns: the instruction, and the public caption while a combined caption exists
     unused = changed(edit_instruction="something else", public_caption="a dog on a beach")
-    assert _max_diff(editor.edit(IMAGES[:1], [unused], [3]), base) == 0
-    assert _mean_diff(editor.edit(IMAGES[:1], [changed(combined_caption="a red car")], [3]), base) > 1
-    assert _mean_diff(editor.edit(IMAGES[:1], [changed(private_caption="Jane Doe outdoors")], [3]), base) > 1
+    assert max_diff(editor.edit(IMAGES[:1], [unused], [3]), base) == 0
+    assert mean_diff(editor.edit(IMAGES[:1], [changed(combined_caption="a red car")], [3]), base) > 1
+    assert mean_diff(editor.edit(IMAGES[:1], [changed(private_caption="Jane Doe outdoors")], [3]), base) > 1
     with pytest.raises(ValueError, match="no private_caption"):
         editor.edit(IMAGES[:1], [changed(private_caption="")], [3])
     # a row without a combined caption falls back to its public caption
     fallback = editor.edit(IMAGES[:1], [changed(combined_caption=None)], [3])
-    assert _mean_diff(fallback, base) > 1
+    assert mean_diff(fallback, base) > 1
     as_public = configure(target_prompt="public_caption").edit(IMAGES[:1], [PROMPT], [3])
-    assert _max_diff(fallback, as_public) == 0
+    assert max_diff(fallback, as_public) == 0
     # configured columns: source = public caption
     swapped = configure(source_prompt="public_caption").edit(IMAGES[:1], [PROMPT], [3])
-    assert _mean_diff(swapped, base) > 1
+    assert mean_diff(swapped, base) > 1
 
 
 def test_prompts_stay_out_of_logs(editor, caplog):
@@ -255,7 +238,7 @@ def test_output_at_input_size_model_at_paper_size(configure):
         lambda _, args, kwargs: seen.append(tuple(kwargs["hidden_states"].shape)), with_kwargs=True
     )
     try:
-        images = [_noise(100, 70, 0), _noise(100, 70, 1), _noise(100, 70, 2)]
+        images = [noise_image(100, 70, 0), noise_image(100, 70, 1), noise_image(100, 70, 2)]
         out = editor.edit(images, [PROMPT] * 3, [1, 2, 3])
     finally:
         hook.remove()
@@ -264,7 +247,7 @@ def test_output_at_input_size_model_at_paper_size(configure):
     assert seen == [(12, 4, 4, 8)] * 6
     assert editor.edit([], [], []) == []
     with pytest.raises(ValueError, match="one size"):
-        editor.edit([_noise(64, 64, 0), _noise(128, 64, 0)], [PROMPT] * 2, [1, 2])
+        editor.edit([noise_image(64, 64, 0), noise_image(128, 64, 0)], [PROMPT] * 2, [1, 2])
 
 
 # --- through the runner --------------------------------------------------------------------------------
@@ -280,7 +263,7 @@ def test_edit_stage_with_flowedit(sd3_model):
     stage = EditStage(_config(sd3_model, n_max=3).model_copy(update={"num_inference_steps": 4}))
     rows = []
     for i, (w, h) in enumerate([(77, 50), (80, 52), (50, 77)]):
-        row = new_row(f"r{i}", f"src/r{i}", "people", _png(_noise(w, h, i)))
+        row = new_row(f"r{i}", f"src/r{i}", "people", _png(noise_image(w, h, i)))
         row.update(width=w, height=h, privacy_flag=True, categories=["people"], public_caption="a person",
                    private_caption="PRIVATE name", edit_instruction="change the face")  # fmt: skip
         rows.append(row)

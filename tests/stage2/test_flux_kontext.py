@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from u2s.config import ModelConfig, Resources, Stage2Config
 from u2s.stage2.editors import EDITORS, Editor, load_editor
 from u2s.stage2.editors.base import EditPrompt
 from u2s.stage2.editors.flux_kontext import FluxKontextEditor
+from u2s.testing.images import max_diff, mean_diff, noise_image
 from u2s.testing.tiny_models import build_tiny_flux_kontext
 
 PROMPT = EditPrompt("replace the face with another face", "a person", "John Smith at home")
@@ -25,24 +24,7 @@ def editor(tmp_path_factory) -> FluxKontextEditor:
     return load_editor(cfg)
 
 
-def _noise(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def _px(img: Image.Image) -> np.ndarray:
-    return np.asarray(img, dtype=np.int16)
-
-
-def _max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
-    return max(int(np.abs(_px(x) - _px(y)).max()) for x, y in zip(a, b, strict=True))
-
-
-def _mean_diff(a: list[Image.Image], b: list[Image.Image]) -> float:
-    return min(float(np.abs(_px(x) - _px(y)).mean()) for x, y in zip(a, b, strict=True))
-
-
-IMAGES = [_noise(128, 64, 0), _noise(128, 64, 1)]
+IMAGES = [noise_image(128, 64, 0), noise_image(128, 64, 1)]
 
 
 def test_loads_saved_pipeline_through_registry(editor):
@@ -66,7 +48,7 @@ def _tokens_seen(editor, run) -> list[int]:
 
 @pytest.mark.parametrize(("size", "model_size"), [((128, 64), (128, 64)), ((100, 70), (96, 64))])
 def test_output_at_input_size_model_at_working_size(editor, size, model_size):
-    images = [_noise(*size, 0), _noise(*size, 1)]
+    images = [noise_image(*size, 0), noise_image(*size, 1)]
     out = []
     tokens = _tokens_seen(editor, lambda: out.extend(editor.edit(images, [PROMPT] * 2, [1, 2])))
     assert [img.size for img in out] == [size] * 2 and all(img.mode == "RGB" for img in out)
@@ -76,17 +58,17 @@ def test_output_at_input_size_model_at_working_size(editor, size, model_size):
 
 def test_deterministic_per_seed(editor):
     first = editor.edit(IMAGES, [PROMPT] * 2, [5, 6])
-    assert _max_diff(editor.edit(IMAGES, [PROMPT] * 2, [5, 6]), first) == 0
-    assert _max_diff(editor.edit(IMAGES[1:], [PROMPT], [6]), first[1:]) <= 1  # batch-independent
-    assert _mean_diff(editor.edit(IMAGES, [PROMPT] * 2, [7, 8]), first) > 0.5
+    assert max_diff(editor.edit(IMAGES, [PROMPT] * 2, [5, 6]), first) == 0
+    assert max_diff(editor.edit(IMAGES[1:], [PROMPT], [6]), first[1:]) <= 1  # batch-independent
+    assert mean_diff(editor.edit(IMAGES, [PROMPT] * 2, [7, 8]), first) > 0.5
 
 
 def test_follows_the_edit_instruction(editor):
     base = editor.edit(IMAGES[:1], [PROMPT], [3])
     other = EditPrompt("paint the wall blue", PROMPT.public_caption, PROMPT.private_caption)
-    assert _mean_diff(editor.edit(IMAGES[:1], [other], [3]), base) > 0.5
+    assert mean_diff(editor.edit(IMAGES[:1], [other], [3]), base) > 0.5
     unused = EditPrompt(PROMPT.edit_instruction, "a dog", "someone else", "a dog on a beach")
-    assert _max_diff(editor.edit(IMAGES[:1], [unused], [3]), base) == 0
+    assert max_diff(editor.edit(IMAGES[:1], [unused], [3]), base) == 0
 
 
 def test_edit_validates_its_inputs(editor):
@@ -94,4 +76,4 @@ def test_edit_validates_its_inputs(editor):
     with pytest.raises(ValueError, match="same length"):
         editor.edit(IMAGES[:1], [PROMPT], [1, 2])
     with pytest.raises(ValueError, match="one size"):
-        editor.edit([_noise(64, 64, 0), _noise(128, 64, 0)], [PROMPT] * 2, [1, 2])
+        editor.edit([noise_image(64, 64, 0), noise_image(128, 64, 0)], [PROMPT] * 2, [1, 2])

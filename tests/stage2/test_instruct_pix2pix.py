@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from u2s.config import ModelConfig, Resources, Stage2Config
 from u2s.stage2.editors import EDITORS, Editor, load_editor
 from u2s.stage2.editors.base import EditPrompt
+from u2s.testing.images import noise_image, pixels
 
 
 def _config(tiny_models, **overrides) -> Stage2Config:
@@ -25,15 +25,6 @@ def _config(tiny_models, **overrides) -> Stage2Config:
 @pytest.fixture(scope="module")
 def editor(tiny_models) -> Editor:
     return load_editor(_config(tiny_models))
-
-
-def _noise(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def _pixels(img: Image.Image) -> np.ndarray:
-    return np.asarray(img, dtype=np.int16)
 
 
 def test_loads_saved_pipeline_through_registry(editor):
@@ -55,34 +46,34 @@ def test_unknown_editor_is_rejected(tiny_models):
 
 
 def test_edit_keeps_working_size_and_changes_pixels(editor):
-    images = [_noise(128, 64, 0), _noise(128, 64, 1)]
+    images = [noise_image(128, 64, 0), noise_image(128, 64, 1)]
     out = editor.edit(
         images, [EditPrompt("make it blue", "a room"), EditPrompt("paint the wall", "a street")], [1, 2]
     )
     assert len(out) == 2
     for src, dst in zip(images, out, strict=True):
         assert dst.size == (128, 64) and dst.mode == "RGB"
-        assert np.abs(_pixels(dst) - _pixels(src)).mean() > 1
+        assert np.abs(pixels(dst) - pixels(src)).mean() > 1
 
 
 def test_same_seed_same_output_different_seed_different_output(editor):
-    images = [_noise(64, 64, 3)] * 2
+    images = [noise_image(64, 64, 3)] * 2
     prompts = [EditPrompt("replace the face", "a person")] * 2
     first = editor.edit(images, prompts, [7, 8])
     again = editor.edit(images, prompts, [7, 8])
     for a, b in zip(first, again, strict=True):
-        assert np.array_equal(_pixels(a), _pixels(b))
+        assert np.array_equal(pixels(a), pixels(b))
     other = editor.edit(images, prompts, [9, 10])
     for a, b in zip(first, other, strict=True):
-        assert np.abs(_pixels(a) - _pixels(b)).mean() > 1
+        assert np.abs(pixels(a) - pixels(b)).mean() > 1
 
 
 def test_edit_validates_its_inputs(editor):
     assert editor.edit([], [], []) == []
     with pytest.raises(ValueError, match="same length"):
-        editor.edit([_noise(64, 64, 0)], [EditPrompt("b", "a")], [1, 2])
+        editor.edit([noise_image(64, 64, 0)], [EditPrompt("b", "a")], [1, 2])
     with pytest.raises(ValueError, match="one size"):
-        editor.edit([_noise(64, 64, 0), _noise(128, 64, 0)], [EditPrompt("b", "a")] * 2, [1, 2])
+        editor.edit([noise_image(64, 64, 0), noise_image(128, 64, 0)], [EditPrompt("b", "a")] * 2, [1, 2])
 
 
 def test_importing_stage2_does_not_import_torch():
@@ -101,6 +92,6 @@ def test_compile_option_compiles_the_denoiser_and_keeps_outputs(tiny_models):
     compiled = load_editor(_config(tiny_models).model_copy(update={"compile": True}))
     assert not isinstance(plain.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
     assert isinstance(compiled.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
-    images, prompts = [_noise(64, 64, 5)], [EditPrompt("make it blue", "a room")]
-    expected = _pixels(plain.edit(images, prompts, [3])[0])
-    assert np.abs(_pixels(compiled.edit(images, prompts, [3])[0]) - expected).max() <= 2
+    images, prompts = [noise_image(64, 64, 5)], [EditPrompt("make it blue", "a room")]
+    expected = pixels(plain.edit(images, prompts, [3])[0])
+    assert np.abs(pixels(compiled.edit(images, prompts, [3])[0]) - expected).max() <= 2

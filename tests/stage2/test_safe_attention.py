@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from PIL import Image
 
 from u2s.config import ModelConfig, Resources, SafeAttentionConfig, Stage2Config
 from u2s.stage2.editors import EDITORS, load_editor
@@ -26,6 +25,7 @@ from u2s.stage2.safe_attention_processor import (
     safe_attention_processors,
     save_safe_attention,
 )
+from u2s.testing.images import noise_image
 
 VARIANTS = ["gated", "fusion"]
 
@@ -202,12 +202,7 @@ def safe_editors(tiny_models):
     return {variant: load_editor(_safe_config(tiny_models, variant)) for variant in VARIANTS}
 
 
-def _noise(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-IMAGES = [_noise(32, 32, 0), _noise(32, 32, 1)]  # small: F's fuser runs per query row
+IMAGES = [noise_image(32, 32, 0), noise_image(32, 32, 1)]  # small: F's fuser runs per query row
 PROMPTS = [EditPrompt("make the shirt blue", "a person in a room"), EditPrompt("blur the sign", "a street")]
 SEEDS = [11, 12]
 
