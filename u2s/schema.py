@@ -1,7 +1,14 @@
 """The data contract: row status, privacy categories and the Arrow schema of every table.
 
-Rows move between stages as Arrow tables with :data:`WORKING_SCHEMA`. Sinks project them onto
-:data:`SAFE_SCHEMA` (no private text) and :data:`TRIPLETS_SCHEMA` (the sensitive columns).
+Rows move between stages as Arrow tables with :data:`WORKING_SCHEMA`. The sink projects each row onto
+two tables that share the row ``id``:
+
+- the **safe table** (:func:`safe_schema`), which users publish: the image (metadata stripped), its
+  public caption and status, and nothing that names where it came from (no path, no categories, no
+  private text, no run bookkeeping);
+- the **sensitive table** (:data:`SENSITIVE_SCHEMA`), one row per input row at a separate URI: the
+  source path, the privacy categories, the review, both captions, the edit instruction (the paper's
+  triplets on flagged rows) and per-row timings.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ class Status(str, Enum):
     """Final state of a row. While a row is still in flight its status is null."""
 
     EDITED = "edited"  # flagged and rewritten by the editor
-    KEPT = "kept"  # not private: original bytes pass through untouched
+    KEPT = "kept"  # not private: original pixels pass through untouched (metadata stripped)
     ERROR = "error"  # could not be processed; `error` says which stage and why; no image is published
 
 
@@ -45,6 +52,7 @@ _FIELDS: dict[str, pa.DataType] = {
     "source": pa.string(),
     "label": pa.string(),
     "image": IMAGE_TYPE,
+    "thumbnail": pa.binary(),  # the VLM-sized JPEG decode makes once (working rows only)
     "width": pa.int32(),
     "height": pa.int32(),
     "status": pa.string(),
@@ -58,20 +66,22 @@ _FIELDS: dict[str, pa.DataType] = {
     "combined_caption": pa.string(),
     "editor": pa.string(),
     "seed": pa.int64(),
+    "metadata_removed": pa.bool_(),
     "timings": TIMINGS_TYPE,
 }
 
 #: Columns that carry private content and never enter the safe table.
 PRIVATE_COLUMNS = ("review", "private_caption", "edit_instruction", "combined_caption")
 
-SOURCE_COLUMNS = ("id", "source", "label", "image")
 SAFE_COLUMNS = (
-    "id", "source", "label", "image", "width", "height", "status", "error", "privacy_flag", "categories",
-    "public_caption", "editor", "seed", "timings",
+    "id", "label", "image", "width", "height", "status", "error", "privacy_flag", "public_caption", "editor",
+    "seed",
 )  # fmt: skip
-TRIPLET_COLUMNS = (
+#: Columns the safe table can be asked to publish too (``output.publish``); each has a privacy cost.
+PUBLISHABLE_COLUMNS = ("source", "categories")
+SENSITIVE_COLUMNS = (
     "id", "source", "label", "status", "error", "privacy_flag", "categories", "review", "private_caption",
-    "public_caption", "edit_instruction", "combined_caption",
+    "public_caption", "edit_instruction", "combined_caption", "editor", "seed", "metadata_removed", "timings",
 )  # fmt: skip
 
 
@@ -80,8 +90,7 @@ def _schema(columns: tuple[str, ...]) -> pa.Schema:
 
 
 WORKING_SCHEMA = _schema(tuple(_FIELDS))
-SOURCE_SCHEMA = _schema(SOURCE_COLUMNS)
-TRIPLETS_SCHEMA = _schema(TRIPLET_COLUMNS)
+SENSITIVE_SCHEMA = _schema(SENSITIVE_COLUMNS)
 
 
 def _hf_feature(dtype: pa.DataType) -> dict:
@@ -103,7 +112,21 @@ def _with_hf_features(schema: pa.Schema) -> pa.Schema:
     return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
 
 
-SAFE_SCHEMA = _with_hf_features(_schema(SAFE_COLUMNS))
+def safe_columns(publish: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """The safe table's columns: :data:`SAFE_COLUMNS` plus the opted-in ``publish`` columns."""
+    unknown = set(publish) - set(PUBLISHABLE_COLUMNS)
+    if unknown:
+        raise ValueError(f"cannot publish {sorted(unknown)}; publishable: {list(PUBLISHABLE_COLUMNS)}")
+    extra = tuple(name for name in PUBLISHABLE_COLUMNS if name in publish)
+    return SAFE_COLUMNS[:1] + extra + SAFE_COLUMNS[1:]
+
+
+def safe_schema(publish: tuple[str, ...] | list[str] = ()) -> pa.Schema:
+    """Arrow schema of the safe table, with the Hugging Face features metadata."""
+    return _with_hf_features(_schema(safe_columns(publish)))
+
+
+SAFE_SCHEMA = safe_schema()
 
 
 def empty_timings() -> dict[str, float | None]:
@@ -111,9 +134,12 @@ def empty_timings() -> dict[str, float | None]:
 
 
 def new_row(id: str, source: str, label: str | None, image_bytes: bytes | None) -> dict:
-    """A working row as a reader emits it: every contract column present, stage outputs null."""
+    """A working row as a reader emits it: every contract column present, stage outputs null.
+
+    The image's ``path`` is never the source (paths carry names): decode names it ``{id}.{ext}``.
+    """
     row = dict.fromkeys(_FIELDS)
-    row.update(id=id, source=source, label=label, image={"bytes": image_bytes, "path": source},
+    row.update(id=id, source=source, label=label, image={"bytes": image_bytes, "path": None},
                timings=empty_timings())  # fmt: skip
     return row
 

@@ -19,7 +19,7 @@ from u2s.eval.flags import (
     flag_metrics,
     parse_manifest,
 )
-from u2s.schema import SAFE_SCHEMA, new_row
+from u2s.schema import SAFE_SCHEMA, SENSITIVE_SCHEMA, new_row
 
 
 def test_confusion_counts_each_cell():
@@ -129,15 +129,16 @@ def test_error_rows_are_reported_apart_not_as_negatives():
     assert report.unlabelled_rows == 1
 
 
-def _write_table(path, rows: list[dict]) -> None:
+def _write_table(path, rows: list[dict], schema=SENSITIVE_SCHEMA) -> None:
+    """A run's table (the sensitive one by default) and its full run record."""
     full = []
     for row in rows:
         base = new_row(row["id"], row["source"], None, b"not an image, never read")
         base.update(row)
-        full.append({name: base[name] for name in SAFE_SCHEMA.names})
+        full.append({name: base[name] for name in schema.names})
     path.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(full, schema=SAFE_SCHEMA), path / "part-00000.parquet")
-    (path / "_run.json").write_text(json.dumps({"summary": {"safe_uri": str(path)}}))
+    pq.write_table(pa.Table.from_pylist(full, schema=schema), path / "part-00000.parquet")
+    (path / "_run.json").write_text(json.dumps({"summary": {"sensitive_uri": str(path)}}))
 
 
 def test_cli_end_to_end_on_a_parquet_table_and_a_vispr_manifest(tmp_path):
@@ -148,7 +149,7 @@ def test_cli_end_to_end_on_a_parquet_table_and_a_vispr_manifest(tmp_path):
         _row("r5", f"{root}/5.jpg", False),
         _row("r6", f"{root}/6.jpg", None, "error", "inspect: invalid output after retry: x"),
     ]  # fmt: skip
-    _write_table(tmp_path / "safe", rows)
+    _write_table(tmp_path / "sensitive", rows)
     truth = {
         1: ["a9_face"],
         2: ["a0_safe"],
@@ -162,7 +163,7 @@ def test_cli_end_to_end_on_a_parquet_table_and_a_vispr_manifest(tmp_path):
     manifest.write_text("\n".join(lines) + "\n")
     out = tmp_path / "reports" / "flags.json"
     runner = CliRunner()
-    for target in (tmp_path / "safe", tmp_path / "safe" / "_run.json"):
+    for target in (tmp_path / "sensitive", tmp_path / "sensitive" / "_run.json"):
         result = runner.invoke(app, ["eval-flags", str(target), "--labels", str(manifest), "--out", str(out)])
         assert result.exit_code == 0, result.output
         # tp: 1, 4; fp: 2; fn: 3; tn: 5 → accuracy 3/5, precision 2/3, recall 2/3, f1 2/3
@@ -179,7 +180,10 @@ def test_cli_end_to_end_on_a_parquet_table_and_a_vispr_manifest(tmp_path):
 def test_cli_reads_from_s3_and_fails_cleanly(tmp_path, s3_bucket, s3_endpoint):
     import fsspec
 
-    _write_table(tmp_path / "safe", [_row("r1", "/x/1.jpg", True), _row("r2", "/x/2.jpg", False)])
+    # The safe table publishes no paths: labels match its rows by id.
+    _write_table(
+        tmp_path / "safe", [_row("r1", "/x/1.jpg", True), _row("r2", "/x/2.jpg", False)], SAFE_SCHEMA
+    )
     fs = fsspec.filesystem("s3", endpoint_url=s3_endpoint)
     fs.put(str(tmp_path / "safe" / "part-00000.parquet"), f"{s3_bucket}/run/safe/part-00000.parquet")
     fs.pipe(f"{s3_bucket}/labels.csv", b"id,private\nr1,true\nr2,true\n")

@@ -1,4 +1,5 @@
-"""read_source on every format, local (tmp_path) and on a real S3 server (moto), through real Ray."""
+"""Listing (Ray tasks) and reading on every format, local (tmp_path) and on a real S3 server (moto),
+through real Ray: one working row per input record, errors as rows, ids unique."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 from PIL import Image
 
 from u2s.config import InputConfig, Resources, StorageConfig
-from u2s.io.readers import InputError, build_manifest, read_source
+from u2s.io.listing import list_input
+from u2s.io.readers import InputError, drop_done, read_listing, read_source
 from u2s.io.storage import filesystem, uri_join
 from u2s.schema import IMAGE_TYPE, WORKING_SCHEMA
 
@@ -69,7 +71,7 @@ def test_image_folder_local(tmp_path, ray_cluster) -> None:
     for row in rows:
         assert row["id"] == sha20(row["source"])
         assert row["label"] is None
-        assert row["image"] == {"bytes": expected[row["source"]], "path": row["source"]}
+        assert row["image"] == {"bytes": expected[row["source"]], "path": None}  # never the source path
         assert_fresh(row)
     again = read(cfg)
     assert [r["id"] for r in again] == [r["id"] for r in rows]  # stable across reads
@@ -87,16 +89,33 @@ def test_class_folders_and_limit(tmp_path, ray_cluster) -> None:
     assert [r["source"] for r in limited] == [r["source"] for r in rows[:2]]  # first sources in order
 
 
-def test_custom_extensions(tmp_path) -> None:
-    write_files(tmp_path, ["a.jpg", "b.JXL", "c.png"])
+def test_custom_extensions_and_skipped_files_are_counted(tmp_path, ray_cluster) -> None:
+    write_files(tmp_path, ["a.jpg", "b.JXL", "c.png", "sub/d.txt", "sub/e.jpg"])
     cfg = InputConfig(uri=str(tmp_path), extensions=["jxl", ".PNG"])
-    assert [Path(i["source"]).name for i in build_manifest(cfg, LOCAL)] == ["b.JXL", "c.png"]
+    assert [Path(r["source"]).name for r in read(cfg)] == ["b.JXL", "c.png"]
+    listing = list_input(cfg, LOCAL, RESOURCES)
+    assert listing.rows == 2 and listing.skipped_extensions == {".jpg": 2, ".txt": 1}
 
 
-def test_single_file_uri(tmp_path) -> None:
+def test_single_file_uri(tmp_path, ray_cluster) -> None:
     write_files(tmp_path, ["one.jpg", "two.jpg"])
-    items = build_manifest(InputConfig(uri=str(tmp_path / "one.jpg")), LOCAL)
-    assert [i["source"] for i in items] == [str(tmp_path / "one.jpg")]
+    rows = read(InputConfig(uri=str(tmp_path / "one.jpg")))
+    assert [r["source"] for r in rows] == [str(tmp_path / "one.jpg")]
+
+
+def test_finished_ids_are_dropped_before_any_byte_is_fetched(tmp_path, ray_cluster) -> None:
+    write_files(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    cfg = InputConfig(uri=str(tmp_path))
+    listing = list_input(cfg, LOCAL, RESOURCES)
+    done = pa.array([sha20(str(tmp_path / "a.jpg")), sha20(str(tmp_path / "c.jpg"))])
+    (tmp_path / "a.jpg").unlink()  # a fetch of a finished row would now fail: it must not happen
+    rows = read_listing(listing, cfg, LOCAL, RESOURCES, done).take_all()
+    assert [Path(r["source"]).name for r in rows] == ["b.jpg"] and rows[0]["status"] is None
+    manifest = listing.dataset.to_arrow_refs()
+    import ray
+
+    kept = pa.concat_tables([drop_done(ray.get(ref), done) for ref in manifest])
+    assert kept.column("id").to_pylist() == [sha20(str(tmp_path / "b.jpg"))]
 
 
 def test_file_deleted_after_listing_becomes_an_error_row(tmp_path, ray_cluster) -> None:
@@ -230,8 +249,40 @@ def test_parquet_corrupt_file_gives_an_error_row(tmp_path, ray_cluster) -> None:
     pq.write_table(hf_table(0, 2).select(["pic"]).rename_columns(["image"]), tmp_path / "a.parquet")
     (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not parquet")
     rows = read(InputConfig(uri=str(tmp_path), format="parquet"))
+    # No readable footer: the number of records is unknown, so the file is one error row.
     assert len(rows) == 3 and [r["status"] for r in rows] == [None, None, "error"]
-    assert rows[2]["source"] == f"{tmp_path / 'b.parquet'}#0" and rows[2]["error"].startswith("read: ")
+    assert rows[2]["source"] == str(tmp_path / "b.parquet") and rows[2]["error"].startswith("read: ")
+    listing = list_input(InputConfig(uri=str(tmp_path), format="parquet"), LOCAL, RESOURCES)
+    assert listing.unreadable_files == 1
+
+
+def test_parquet_file_failing_mid_way_gives_one_error_row_per_unread_record(tmp_path, ray_cluster) -> None:
+    path = tmp_path / "mid.parquet"
+    pq.write_table(hf_table(0, 6).select(["pic"]), path, row_group_size=2, compression="none")
+    data = bytearray(path.read_bytes())
+    metadata = pq.ParquetFile(path).metadata
+    # Corrupt the pages of the last row group only: the first two groups (4 records) stay readable.
+    column = metadata.row_group(2).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data[start : start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
+    path.write_bytes(bytes(data))
+    rows = read(InputConfig(uri=str(path), format="parquet", image_column="pic"))
+    assert [r["source"] for r in rows] == [f"{path}#{i}" for i in range(6)]  # every record exactly once
+    assert [r["status"] for r in rows] == [None] * 4 + ["error"] * 2
+    assert all(r["error"].startswith("read: ") for r in rows[4:])
+    assert [r["image"]["bytes"] for r in rows[:4]] == [png(i) for i in range(4)]
+
+
+def test_parquet_duplicate_ids_fail_fast_naming_them(tmp_path, ray_cluster) -> None:
+    table = hf_table(0, 4)
+    table = table.set_column(0, "image_id", pa.array([1, 2, 2, 3], pa.int64()))
+    pq.write_table(table, tmp_path / "a.parquet")
+    pq.write_table(
+        hf_table(10, 2).set_column(0, "image_id", pa.array([3, 4], pa.int64())), tmp_path / "b.parquet"
+    )
+    cfg = InputConfig(uri=str(tmp_path), format="parquet", image_column="pic", id_column="image_id")
+    with pytest.raises(InputError, match=r"duplicate row ids .* \(e\.g\. 2, 3\)"):
+        list_input(cfg, LOCAL, RESOURCES)
 
 
 def test_parquet_input_errors(tmp_path) -> None:
@@ -322,11 +373,13 @@ def test_read_then_decode_through_ray(tmp_path, ray_cluster) -> None:
     (tmp_path / "broken.jpg").write_bytes(b"not really a jpeg")
     ds = read_source(InputConfig(uri=str(tmp_path)), LOCAL, RESOURCES)
     (tmp_path / "gone.png").unlink()
-    stage = DecodeStage(DecodeConfig())
+    stage = DecodeStage(DecodeConfig(), thumbnail_side=4, metadata="keep")
     ds = ds.map_batches(lambda batch: stage(batch), batch_size=2, batch_format="pyarrow", num_cpus=0.5)
     rows = {Path(r["source"]).name: r for r in ds.take_all()}
-    assert (rows["good.png"]["width"], rows["good.png"]["height"], rows["good.png"]["status"]) == (6, 4, None)
-    assert rows["good.png"]["image"]["bytes"] == png(0)
+    good = rows["good.png"]
+    assert (good["width"], good["height"], good["status"]) == (6, 4, None)
+    assert good["image"] == {"bytes": png(0), "path": f"{good['id']}.png"}
+    assert Image.open(io.BytesIO(good["thumbnail"])).size == (4, 3)  # the VLM's copy, made once
     assert rows["broken.jpg"]["error"].startswith("decode: not an image")
     assert rows["broken.jpg"]["image"]["bytes"] == b"not really a jpeg"
     assert rows["gone.png"]["error"] == "read: FileNotFoundError"  # the first failure is the one kept

@@ -1,4 +1,7 @@
-"""Flag evaluation (PAPER.md §4, last row): ``privacy_flag`` of a safe table against ground-truth labels.
+"""Flag evaluation (PAPER.md §4, last row): ``privacy_flag`` of a run against ground-truth labels.
+
+Read from the run's sensitive table (one row per input, with its ``source``); the safe table also
+works when labels name images by ``id`` (it publishes no paths).
 
 Positive = private. Labels come from a manifest (CSV, JSON lines or a JSON array) whose rows name an
 image by ``id`` or by ``source`` / ``file`` / ``image_path``, and label it with a boolean ``private``
@@ -27,7 +30,9 @@ if TYPE_CHECKING:
 SAFE_LABEL = "a0_safe"
 #: Manifest fields that name an image by path, in order of preference.
 PATH_KEYS = ("source", "file", "image_path")
-TABLE_COLUMNS = ("id", "source", "status", "error", "privacy_flag")
+TABLE_COLUMNS = ("id", "status", "error", "privacy_flag")
+#: Optional: only the sensitive table has it (the safe table publishes no paths by default).
+SOURCE_COLUMN = "source"
 
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
@@ -162,19 +167,22 @@ def read_manifest(uri: str, storage: StorageConfig | None = None) -> list[Label]
 
 
 def resolve_table_uri(uri: str, storage: StorageConfig | None = None) -> str:
-    """The table behind ``uri``: a run's `_run.json` points at its safe table; anything else is the table
-    (a Parquet file or folder; a run's output folder is its safe table)."""
+    """The table behind ``uri``: a run's full `_run.json` (beside its sensitive table) points at that
+    table; anything else is the table itself (a Parquet file or folder)."""
     from u2s.io.storage import filesystem
 
     if uri.rstrip("/").endswith("_run.json"):
         fs, path = filesystem(uri, storage)
         with fs.open(path, "r") as f:
-            return json.load(f)["summary"]["safe_uri"]
+            summary = json.load(f).get("summary") or {}
+        if "sensitive_uri" not in summary:
+            raise ValueError(f"{uri}: not a finished run's full record (the one beside its sensitive table)")
+        return summary["sensitive_uri"]
     return uri
 
 
 def read_predictions(uri: str, storage: StorageConfig | None = None) -> list[dict]:
-    """The flag columns (id, source, status, error, privacy_flag) of a safe or triplets table."""
+    """The flag columns (id, status, error, privacy_flag, and source when present) of a u2s table."""
     import pyarrow.dataset as pads
 
     from u2s.io.storage import arrow_filesystem
@@ -184,7 +192,8 @@ def read_predictions(uri: str, storage: StorageConfig | None = None) -> list[dic
     missing = [c for c in TABLE_COLUMNS if c not in dataset.schema.names]
     if missing:
         raise ValueError(f"{uri}: not a u2s table (missing columns: {', '.join(missing)})")
-    return dataset.to_table(columns=list(TABLE_COLUMNS)).to_pylist()
+    columns = [*TABLE_COLUMNS, *([SOURCE_COLUMN] if SOURCE_COLUMN in dataset.schema.names else [])]
+    return dataset.to_table(columns=columns).to_pylist()
 
 
 def _components(path: str) -> list[str]:
@@ -207,7 +216,9 @@ class RowIndex:
         self.by_name: dict[str, list[dict]] = defaultdict(list)
         for row in rows:
             self.by_id[row["id"]] = row
-            source = row["source"] or ""
+            source = row.get(SOURCE_COLUMN) or ""
+            if not source:
+                continue
             self.by_source[source] = row
             self.by_name[posixpath.basename(source.replace("\\", "/"))].append(row)
 

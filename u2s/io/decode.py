@@ -118,33 +118,73 @@ def load_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
         raise DecodeError(f"unsupported colour mode {img.mode}") from e
 
 
-class DecodeStage(Stage):
-    """Validate each row's image bytes and record its upright size; bad rows get ``decode`` errors.
+#: Encoding of the VLM thumbnail decode writes once per row (visually lossless at a few tens of KB).
+THUMBNAIL_QUALITY = 95
 
-    The encoded bytes are never replaced: rows that stay `kept` publish the original file unchanged.
+
+def thumbnail(img: Image.Image, side: int) -> bytes:
+    """``img`` downscaled to fit ``side``×``side`` (aspect kept, never upscaled), as a JPEG."""
+    width, height = img.size
+    scale = side / max(width, height)
+    if scale < 1:
+        img = img.resize(
+            (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC
+        )
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=THUMBNAIL_QUALITY)
+    return buf.getvalue()
+
+
+class DecodeStage(Stage):
+    """Validate each row's image once, at full resolution; bad rows get ``decode`` errors.
+
+    For every image that decodes it records the upright size, writes the VLM thumbnail (stage 1 never
+    touches the full-size bytes again) and, with ``metadata="strip"``, replaces the bytes with the
+    publishable file: same pixels, no metadata (:func:`u2s.io.metadata.strip_metadata`), named
+    ``{id}.{ext}`` (never the source path).
     """
 
     name = "decode"
+    reads = ("image",)
+    writes = ("image", "width", "height", "thumbnail", "metadata_removed")
 
-    def __init__(self, decode: DecodeConfig) -> None:
+    def __init__(self, decode: DecodeConfig, thumbnail_side: int, metadata: str = "strip") -> None:
         self.config = decode
+        self.thumbnail_side = thumbnail_side
+        self.metadata = metadata
 
-    def check(self, data: bytes | None) -> tuple[int, int]:
-        """Upright ``(width, height)`` of ``data``; raises :class:`DecodeError` when it breaks a limit."""
+    def check(self, data: bytes | None) -> Image.Image:
+        """The upright RGB image of ``data``; raises :class:`DecodeError` when it breaks a limit."""
         if data is None:
             raise DecodeError("no image bytes")
         if len(data) > self.config.max_bytes:
             raise DecodeError(
                 f"file too large: {len(data)} bytes exceeds the {self.config.max_bytes}-byte limit"
             )
-        img = load_rgb(data, max_pixels=self.config.max_pixels)
-        size = img.size
-        img.close()
-        return size
+        return load_rgb(data, max_pixels=self.config.max_pixels)
 
     def process(self, rows: list[dict]) -> None:
         for row in rows:
+            data = (row["image"] or {}).get("bytes")
             try:
-                row["width"], row["height"] = self.check((row["image"] or {}).get("bytes"))
+                img = self.check(data)
             except DecodeError as e:
                 mark_error(row, self.name, str(e))
+                continue
+            row["width"], row["height"] = img.size
+            row["thumbnail"] = thumbnail(img, self.thumbnail_side)
+            img.close()
+            if self.metadata == "strip":
+                from u2s.io.metadata import strip_metadata
+
+                stripped = strip_metadata(data, max_pixels=self.config.max_pixels)
+                data, extension, row["metadata_removed"] = stripped.data, stripped.extension, stripped.removed
+            else:
+                with Image.open(io.BytesIO(data)) as original:  # the header only: its format's extension
+                    extension = _EXTENSIONS.get(original.format or "", "img")
+            row["image"] = {"bytes": data, "path": f"{row['id']}.{extension}"}
+
+
+#: File extensions of the formats decode accepts, for the published file's name.
+_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif",
+               "PPM": "ppm", "ICO": "ico", "JPEG2000": "jp2", "AVIF": "avif", "QOI": "qoi"}  # fmt: skip

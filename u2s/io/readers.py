@@ -1,140 +1,67 @@
-"""Readers: a source dataset (local or ``s3://``) → a Ray Dataset of working rows, one per image.
+"""Readers: a listed source (:mod:`u2s.io.listing`) → a Ray Dataset of working rows, one per image.
 
-Folder and COCO sources are listed on the driver into a sorted manifest of ``(id, source, label)``;
-Ray tasks then fetch the bytes concurrently (``cat_ranges`` on s3fs runs many GETs at once). Parquet
-sources are streamed per file with ``ParquetFile.iter_batches`` inside a generator UDF. Rows carry the
-full working schema (:func:`u2s.schema.new_row`); an object that cannot be read still yields its row,
-with ``status="error"`` and ``error="read: <reason>"``, so one bad object never stops a job.
+Ray tasks fetch the bytes of each manifest row concurrently (``cat_ranges`` on s3fs runs many GETs at
+once); Parquet sources are read per row group, only the image column and only the rows still wanted.
+Every manifest row yields exactly one working row (:func:`u2s.schema.new_row` layout): an object that
+is missing or unreadable yields its row with ``status="error"`` and ``error="read: <reason>"``, so one
+bad object never stops a job, and a Parquet file that fails mid-way yields one error row per unread
+record. Storage that stays unreachable after botocore's retries is different: the task raises
+:class:`~u2s.io.storage.TransientStorageError`, which Ray Data retries in the task
+(:func:`u2s.io.storage.retry_transient_errors`); a job that still fails says so and ``--resume``
+finishes it later.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import posixpath
-from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from u2s.config import InputConfig, Resources, StorageConfig
-from u2s.io.storage import arrow_filesystem, filesystem, to_uri
-from u2s.schema import mark_error, new_row, rows_to_table
+from u2s.io.listing import MANIFEST_SCHEMA, InputError, Listing, list_input, stable_id
+from u2s.io.storage import TransientStorageError, arrow_filesystem, filesystem, is_transient
+from u2s.schema import WORKING_SCHEMA, empty_timings
 
 if TYPE_CHECKING:
     import fsspec
+    import ray
     import ray.data
+
+__all__ = ["InputError", "fetch", "fetch_bytes", "image_bytes_getter", "read_source", "stable_id"]
 
 logger = logging.getLogger(__name__)
 
 READ_STAGE = "read"
 
 
-class InputError(ValueError):
-    """The input cannot be read as configured (missing root, no images, duplicate ids...)."""
+def working_table(manifest: pa.Table, contents: list[bytes | None], errors: list[str | None]) -> pa.Table:
+    """Working rows for manifest rows: their ids, sources, labels, image bytes (or ``read`` errors)."""
+    n = manifest.num_rows
+    status = pa.array(["error" if e else None for e in errors], pa.string())
+    columns: dict[str, Any] = {
+        "id": manifest.column("id"),
+        "source": manifest.column("source"),
+        "label": manifest.column("label"),
+        "image": pa.array([{"bytes": c, "path": None} for c in contents], WORKING_SCHEMA.field("image").type),
+        "status": status,
+        "error": pa.array([f"{READ_STAGE}: {e}" if e else None for e in errors], pa.string()),
+        "timings": pa.array([empty_timings()] * n, WORKING_SCHEMA.field("timings").type),
+    }
+    return pa.table(
+        [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in WORKING_SCHEMA],
+        schema=WORKING_SCHEMA,
+    )
 
 
-def stable_id(text: str) -> str:
-    """A row id derived from a string (a source URI): the first 20 hex chars of its SHA-1."""
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:20]
+def _reason(error: BaseException) -> str:
+    """Short, content-free reason of a failed read (the exception type only)."""
+    return type(error).__name__
 
 
-# ---------------------------------------------------------------- manifests (driver side)
-
-
-def _is_hidden(path: str, root: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether a component of ``path`` below ``root`` starts with one of ``prefixes`` (``._x.jpg``)."""
-    relative = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
-    return any(part.startswith(prefixes) for part in relative.split("/"))
-
-
-def _list_files(
-    uri: str, storage: StorageConfig, suffixes: set[str], skip: tuple[str, ...] = (".",)
-) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """Sorted paths of the files under ``uri`` (recursively, or ``uri`` itself if a file) by suffix.
-
-    Hidden files and folders (names starting with one of ``skip``) are left out: macOS ``._x.jpg``
-    resource forks, ``.ipynb_checkpoints``; for Parquet also ``_SUCCESS``/``_common_metadata``.
-    """
-    fs, root = filesystem(uri, storage)
-    fs.invalidate_cache(root)  # a long-lived process must see the current listing, not a cached one
-    if not fs.exists(root):
-        raise InputError(f"input not found: {uri}")
-    paths = [
-        path
-        for path in fs.find(root)
-        if posixpath.splitext(path)[1].lower() in suffixes and not _is_hidden(path, root, skip)
-    ]
-    return fs, sorted(paths)
-
-
-def _suffixes(extensions: list[str]) -> set[str]:
-    return {(e if e.startswith(".") else f".{e}").lower() for e in extensions}
-
-
-def _folder_manifest(cfg: InputConfig, storage: StorageConfig) -> list[dict[str, Any]]:
-    fs, paths = _list_files(cfg.uri, storage, _suffixes(cfg.extensions))
-    items = []
-    for path in paths:
-        source = to_uri(fs, path)
-        label = posixpath.basename(posixpath.dirname(path)) if cfg.format == "class_folders" else None
-        items.append({"id": stable_id(source), "source": source, "label": label})
-    return items
-
-
-def _load_json(uri: str, storage: StorageConfig) -> Any:
-    fs, path = filesystem(uri, storage)
-    try:
-        with fs.open(path, "rb") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"COCO annotations not found: {uri}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"COCO annotations are not valid JSON: {uri} ({type(e).__name__})") from None
-
-
-def _coco_manifest(cfg: InputConfig, storage: StorageConfig) -> list[dict[str, Any]]:
-    assert cfg.coco_annotations  # enforced by InputConfig
-    fs, root = filesystem(cfg.uri, storage)
-    if not fs.exists(root):
-        raise InputError(f"input not found: {cfg.uri}")
-    data = _load_json(cfg.coco_annotations, storage)
-    images = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(images, list):
-        raise InputError(f"COCO annotations have no 'images' list: {cfg.coco_annotations}")
-    label = posixpath.basename(root.rstrip("/"))
-    items = []
-    for image in images:
-        if not isinstance(image, dict) or "id" not in image or not image.get("file_name"):
-            raise InputError(f"COCO image entry without 'id' and 'file_name' in {cfg.coco_annotations}")
-        source = to_uri(fs, posixpath.join(root, str(image["file_name"]).lstrip("/")))
-        items.append({"id": str(image["id"]), "source": source, "label": label})
-    return items
-
-
-def _check_ids(items: list[dict[str, Any]], uri: str) -> None:
-    dupes = [i for i, n in Counter(item["id"] for item in items).items() if n > 1]
-    if dupes:
-        shown = ", ".join(sorted(dupes)[:5])
-        raise InputError(f"{len(dupes)} duplicate row id(s) in {uri} (e.g. {shown}); ids must be unique")
-
-
-def build_manifest(cfg: InputConfig, storage: StorageConfig) -> list[dict[str, Any]]:
-    """The sorted ``(id, source, label)`` list of a folder or COCO source, ``limit`` applied."""
-    items = _coco_manifest(cfg, storage) if cfg.format == "coco" else _folder_manifest(cfg, storage)
-    if not items:
-        where = (
-            f"annotations {cfg.coco_annotations}" if cfg.format == "coco" else f"extensions {cfg.extensions}"
-        )
-        raise InputError(f"no images found in {cfg.uri} (format {cfg.format}, {where})")
-    _check_ids(items, cfg.uri)
-    items.sort(key=lambda item: item["source"])
-    return items[: cfg.limit] if cfg.limit else items
-
-
-# ---------------------------------------------------------------- fetching (Ray tasks)
+# ---------------------------------------------------------------- objects by URI
 
 
 def fetch_bytes(uris: list[str], storage: StorageConfig) -> list[bytes | BaseException]:
@@ -152,36 +79,33 @@ def fetch_bytes(uris: list[str], storage: StorageConfig) -> list[bytes | BaseExc
     for fs, indices, paths in groups.values():
         try:
             contents = fs.cat_ranges(paths, None, None, on_error="return")
-        except Exception as e:  # the whole call failed (e.g. no connection): fail these rows
+        except Exception as e:  # the whole call failed (e.g. no connection): every row gets the error
             contents = [e] * len(paths)
         for index, data in zip(indices, contents, strict=True):
             out[index] = data
     return out
 
 
-def _read_reason(error: BaseException) -> str:
-    """Short, content-free reason of a failed read (the exception type only)."""
-    return type(error).__name__
+def _fetch_uris(batch: pa.Table, storage: StorageConfig) -> pa.Table:
+    """Manifest rows → working rows with the bytes of each ``source`` URI (or a ``read`` error)."""
+    errors: list[str | None] = batch.column("error").to_pylist()
+    todo = [i for i, error in enumerate(errors) if error is None]
+    contents: list[bytes | None] = [None] * batch.num_rows
+    sources = batch.column("source").to_pylist()
+    for i, data in zip(todo, fetch_bytes([sources[i] for i in todo], storage), strict=True):
+        if isinstance(data, bytes | bytearray | memoryview):
+            contents[i] = bytes(data)
+        elif isinstance(data, BaseException) and is_transient(data):
+            raise TransientStorageError(_reason(data)) from None
+        else:
+            errors[i] = _reason(data) if isinstance(data, BaseException) else "no data"
+    return working_table(batch, contents, errors)
 
 
-def _fetch_batch(batch: pa.Table, storage: StorageConfig) -> pa.Table:
-    """Manifest rows → working rows with image bytes (or a ``read`` error)."""
-    items = batch.to_pylist()
-    contents = fetch_bytes([item["source"] for item in items], storage)
-    rows = []
-    for item, data in zip(items, contents, strict=True):
-        ok = isinstance(data, bytes | bytearray | memoryview)
-        row = new_row(item["id"], item["source"], item["label"], bytes(data) if ok else None)
-        if not ok:
-            mark_error(row, READ_STAGE, _read_reason(data) if isinstance(data, BaseException) else "no data")
-        rows.append(row)
-    return rows_to_table(rows)
+# ---------------------------------------------------------------- Parquet records
 
 
-# ---------------------------------------------------------------- parquet
-
-
-def _image_bytes_getter(dtype: pa.DataType, column: str, uri: str):
+def image_bytes_getter(dtype: pa.DataType, column: str, uri: str):
     """A function from a cell of the image column to its bytes (HF ``Image`` struct or plain binary)."""
     if pa.types.is_struct(dtype) and dtype.get_field_index("bytes") >= 0:
         return lambda cell: cell.get("bytes") if cell else None
@@ -190,134 +114,128 @@ def _image_bytes_getter(dtype: pa.DataType, column: str, uri: str):
     raise InputError(f"column {column!r} in {uri} is {dtype}, not an image struct {{bytes, path}} or binary")
 
 
-def _parquet_files(cfg: InputConfig, storage: StorageConfig) -> list[str]:
-    fs, paths = _list_files(cfg.uri, storage, {".parquet"}, skip=(".", "_"))
-    if not paths:
-        raise InputError(f"no .parquet files found in {cfg.uri}")
-    return [to_uri(fs, path) for path in paths]
+def _by_row_group(metadata: Any, rows: list[int]) -> dict[int, dict[int, int]]:
+    """For each row group holding some of ``rows`` (file row indices): {index within group: position}."""
+    import bisect
+
+    starts, start = [], 0
+    for group in range(metadata.num_row_groups):
+        starts.append(start)
+        start += metadata.row_group(group).num_rows
+    groups: dict[int, dict[int, int]] = {}
+    for position, row in enumerate(rows):
+        group = bisect.bisect_right(starts, row) - 1
+        groups.setdefault(group, {})[row - starts[group]] = position
+    return groups
 
 
-def _check_parquet_schema(cfg: InputConfig, storage: StorageConfig, file_uri: str) -> None:
-    import pyarrow.parquet as pq
-
-    afs, path = arrow_filesystem(file_uri, storage)
-    with afs.open_input_file(path) as f:
-        schema = pq.read_schema(f)
-    for column in (cfg.image_column, cfg.id_column, cfg.label_column):
-        if column and column not in schema.names:
-            raise InputError(f"column {column!r} not in {file_uri} (columns: {', '.join(schema.names)})")
-    _image_bytes_getter(schema.field(cfg.image_column).type, cfg.image_column, file_uri)
-
-
-def _parquet_tasks(cfg: InputConfig, storage: StorageConfig) -> list[dict[str, Any]]:
-    """One task per file: ``{"file": uri, "rows": cap or None}``; caps come from footers under ``limit``."""
-    import pyarrow.parquet as pq
-
-    files = _parquet_files(cfg, storage)
-    _check_parquet_schema(cfg, storage, files[0])
-    if not cfg.limit:
-        return [{"file": uri, "rows": None} for uri in files]
-    tasks, left = [], cfg.limit
-    for uri in files:
-        afs, path = arrow_filesystem(uri, storage)
-        with afs.open_input_file(path) as f:
-            num_rows = pq.ParquetFile(f).metadata.num_rows
-        if num_rows:
-            tasks.append({"file": uri, "rows": min(num_rows, left)})
-            left -= tasks[-1]["rows"]
-        if left <= 0:
-            break
-    return tasks
-
-
-def _error_row(source: str, reason: str) -> dict:
-    row = new_row(stable_id(source), source, None, None)
-    mark_error(row, READ_STAGE, reason)
-    return row
-
-
-def _parquet_rows(
-    batch: pa.RecordBatch, start: int, file_uri: str, cfg: InputConfig, get_bytes
-) -> list[dict]:
-    rows = []
-    for offset, record in enumerate(batch.to_pylist()):
-        source = f"{file_uri}#{start + offset}"
-        row_id = str(record[cfg.id_column]) if cfg.id_column else stable_id(source)
-        label = record[cfg.label_column] if cfg.label_column else None
-        data = get_bytes(record[cfg.image_column])
-        row = new_row(row_id, source, None if label is None else str(label), data)
-        if data is None:
-            mark_error(row, READ_STAGE, "no image bytes")
-        rows.append(row)
-    return rows
-
-
-def _read_parquet_file(
-    task: dict, cfg: InputConfig, storage: StorageConfig, batch_size: int
+def _read_file_records(
+    file_uri: str, records: pa.Table, input: InputConfig, storage: StorageConfig, batch_size: int
 ) -> Iterator[pa.Table]:
-    """Stream one Parquet file as working-row tables; a file that fails mid-way ends with an error row."""
+    """The working rows of ``records`` (manifest rows of one Parquet file), row group by row group.
+
+    Only the image column is read, in batches of ``batch_size`` within each row group. If the file fails
+    part-way, every record not yet yielded becomes an error row.
+    """
     import pyarrow.parquet as pq
 
-    file_uri, cap = task["file"], task["rows"]
-    columns = list(dict.fromkeys(c for c in (cfg.image_column, cfg.id_column, cfg.label_column) if c))
-    done = 0
+    yielded: set[int] = set()
     try:
         afs, path = arrow_filesystem(file_uri, storage)
         with afs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)
-            image_type = parquet.schema_arrow.field(cfg.image_column).type
-            get_bytes = _image_bytes_getter(image_type, cfg.image_column, file_uri)
-            for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
-                if cap is not None:
-                    batch = batch.slice(0, cap - done)
-                yield rows_to_table(_parquet_rows(batch, done, file_uri, cfg, get_bytes))
-                done += batch.num_rows
-                if cap is not None and done >= cap:
-                    return
-    except Exception as e:  # unreadable or corrupt file: one error row where reading stopped
-        logger.warning("cannot read %s at row %d: %s", file_uri, done, type(e).__name__)
-        yield rows_to_table([_error_row(f"{file_uri}#{done}", _read_reason(e))])
+            get_bytes = image_bytes_getter(
+                parquet.schema_arrow.field(input.image_column).type, input.image_column, file_uri
+            )
+            groups = _by_row_group(parquet.metadata, records.column("row").to_pylist())
+            for group, wanted in sorted(groups.items()):
+                offset = 0
+                for batch in parquet.iter_batches(batch_size=batch_size, row_groups=[group],
+                                                  columns=[input.image_column]):  # fmt: skip
+                    cells = batch.column(0).to_pylist()
+                    picked = [
+                        (wanted[offset + i], cell) for i, cell in enumerate(cells) if offset + i in wanted
+                    ]
+                    offset += len(cells)
+                    if not picked:
+                        continue
+                    contents = [get_bytes(cell) for _, cell in picked]
+                    errors = [None if data is not None else "no image bytes" for data in contents]
+                    positions = [position for position, _ in picked]
+                    yield working_table(records.take(positions), contents, errors)
+                    yielded.update(positions)
+    except InputError:
+        raise
+    except Exception as e:  # unreadable or corrupt file: one error row per record not yet read
+        if is_transient(e):
+            raise TransientStorageError(_reason(e)) from None
+        rest = [i for i in range(records.num_rows) if i not in yielded]
+        logger.warning("a parquet file failed with %d of %d records unread: %s", len(rest), records.num_rows,
+                       _reason(e))  # fmt: skip
+        if rest:
+            yield working_table(records.take(rest), [None] * len(rest), [_reason(e)] * len(rest))
 
 
-def _read_parquet_batch(
-    batch: pa.Table, cfg: InputConfig, storage: StorageConfig, batch_size: int
-) -> Iterator[pa.Table]:
-    for task in batch.to_pylist():
-        yield from _read_parquet_file(task, cfg, storage, batch_size)
+def _fetch_records(batch: pa.Table, input: InputConfig, storage: StorageConfig, batch_size: int):
+    """Manifest rows of Parquet inputs → working rows, file by file (a generator UDF)."""
+    failed = pc.is_valid(batch.column("error"))
+    if pc.any(failed).as_py():
+        broken = batch.filter(failed)
+        reasons = [error.removeprefix(f"{READ_STAGE}: ") for error in broken.column("error").to_pylist()]
+        yield working_table(broken, [None] * broken.num_rows, reasons)
+        batch = batch.filter(pc.invert(failed))
+    parts = batch.column("part").to_pylist()
+    for file_uri in dict.fromkeys(parts):
+        records = batch.filter(pc.equal(batch.column("part"), file_uri))
+        yield from _read_file_records(file_uri, records, input, storage, batch_size)
 
 
-# ---------------------------------------------------------------- entry point
+# ---------------------------------------------------------------- the plan's source
+
+
+def drop_done(batch: pa.Table, done: Any) -> pa.Table:
+    """Manifest rows whose id is not in ``done`` (an Arrow array of finished ids, or its object ref)."""
+    import ray
+
+    ids = ray.get(done) if isinstance(done, ray.ObjectRef) else done
+    return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=ids)))
+
+
+def fetch(
+    manifest: ray.data.Dataset, input: InputConfig, storage: StorageConfig, resources: Resources,
+    done: Any = None,
+) -> ray.data.Dataset:  # fmt: skip
+    """Working rows for a manifest dataset (lazy). ``done``: ids to skip before any byte is fetched."""
+    remote_args = resources.ray_remote_args()
+    if done is not None:
+        manifest = manifest.map_batches(
+            drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", batch_size=None, num_cpus=0.1
+        )
+    if input.format == "parquet":
+        # Whole blocks (a listing task emits one file's records per block): one pass per file.
+        kwargs = {"input": input, "storage": storage, "batch_size": resources.batch_size}
+        return manifest.map_batches(
+            _fetch_records, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", **remote_args
+        )
+    return manifest.map_batches(
+        _fetch_uris, fn_kwargs={"storage": storage}, batch_size=resources.batch_size, batch_format="pyarrow",
+        udf_modifying_row_count=False, **remote_args,
+    )  # fmt: skip
 
 
 def read_source(input: InputConfig, storage: StorageConfig, resources: Resources) -> ray.data.Dataset:
-    """A lazy Ray Dataset of working rows for ``input`` (see the module docstring).
+    """A Ray Dataset of working rows (``id``, ``source``, ``label``, ``image``...) for ``input``.
 
-    Raises :class:`InputError` before any Ray work (or import) when the input is missing, empty or
-    inconsistent.
+    Lists the input in Ray tasks now (:func:`u2s.io.listing.list_input`, which raises
+    :class:`InputError` for a missing, empty or inconsistent input); fetching is lazy.
     """
-    if input.format == "parquet":
-        tasks = _parquet_tasks(input, storage)
-        logger.info("reading %d parquet file(s) from %s", len(tasks), input.uri)
-        return _from_items(tasks, len(tasks)).map_batches(
-            _read_parquet_batch,
-            batch_size=1,
-            batch_format="pyarrow",
-            fn_kwargs={"cfg": input, "storage": storage, "batch_size": resources.batch_size},
-            **resources.ray_remote_args(),
-        )
-    manifest = build_manifest(input, storage)
-    logger.info("reading %d image(s) from %s (%s)", len(manifest), input.uri, input.format)
-    return _from_items(manifest).map_batches(
-        _fetch_batch,
-        batch_size=resources.batch_size,
-        batch_format="pyarrow",
-        fn_kwargs={"storage": storage},
-        udf_modifying_row_count=False,
-        **resources.ray_remote_args(),
-    )
+    return fetch(list_input(input, storage, resources).dataset, input, storage, resources)
 
 
-def _from_items(items: list[dict[str, Any]], num_blocks: int | None = None) -> ray.data.Dataset:
-    import ray.data
+def read_listing(listing: Listing, input: InputConfig, storage: StorageConfig, resources: Resources,
+                 done: Any = None) -> ray.data.Dataset:  # fmt: skip
+    """:func:`fetch` over an existing listing (what a run does after checking its fingerprint)."""
+    return fetch(listing.dataset, input, storage, resources, done)
 
-    return ray.data.from_items(items, override_num_blocks=num_blocks)
+
+__all__ += ["MANIFEST_SCHEMA", "drop_done", "read_listing"]

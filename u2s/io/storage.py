@@ -40,9 +40,57 @@ def _local_path(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+class TransientStorageError(OSError):
+    """Storage stayed unreachable after botocore's retries; Ray Data retries the task's work.
+
+    The message is the original exception's type only (messages can quote object keys, i.e. paths).
+    """
+
+
+def retry_transient_errors(storage: StorageConfig) -> None:
+    """Have Ray Data retry map and write work that raised :class:`TransientStorageError`, up to
+    ``storage.task_retries`` times with exponential backoff, inside the task (Ray Data's own
+    ``retried_map_errors``: a retried generator skips the batches it already produced)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.retried_map_errors = [TransientStorageError.__name__]
+    context.max_map_retries = storage.task_retries
+
+
+#: Exception class names (anywhere in the MRO) that mean "the storage could not be reached" rather than
+#: "this object is missing or unreadable": botocore, aiohttp and builtin connection/timeout errors.
+_TRANSIENT_NAMES = frozenset({
+    "ConnectionError", "TimeoutError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ConnectionClosedError", "ClientConnectorError", "ServerDisconnectedError", "ClientOSError",
+    "ClientPayloadError", "ServerTimeoutError", "ProxyConnectionError", "IncompleteReadError",
+})  # fmt: skip
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or an exception it was raised from) is a connection or timeout failure."""
+    seen = 0
+    while error is not None and seen < 8:
+        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(error).__mro__):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
 def s3_options(storage: StorageConfig) -> dict[str, Any]:
-    """``s3fs.S3FileSystem`` keyword arguments for ``storage``; unset fields are left to the AWS chain."""
-    options: dict[str, Any] = {"anon": storage.anon}
+    """``s3fs.S3FileSystem`` keyword arguments for ``storage``; unset fields are left to the AWS chain.
+
+    botocore retries each request (``max_attempts``, ``retry_mode``: exponential backoff with jitter) and
+    bounds connects and reads by the configured timeouts, so a short outage of the store is ridden out.
+    """
+    options: dict[str, Any] = {
+        "anon": storage.anon,
+        "config_kwargs": {
+            "retries": {"max_attempts": storage.max_attempts, "mode": storage.retry_mode},
+            "connect_timeout": storage.connect_timeout,
+            "read_timeout": storage.read_timeout,
+        },
+    }
     if storage.endpoint_url:
         options["endpoint_url"] = storage.endpoint_url
     if storage.region:

@@ -1,11 +1,11 @@
 """The template every stage-1 model call follows, whichever engine runs it.
 
-A call declares, per subclass of :class:`ModelCallStage`, its pool (:meth:`~ModelCallStage.resources`),
-whether it sees the image (``vision``), its result model and generation budget, how a row becomes a
-conversation (:meth:`~ModelCallStage.messages`) and how a validated result lands in the row
-(:meth:`~ModelCallStage.apply`). Those are static, so the vLLM path (:mod:`u2s.stage1.engines.vllm`)
-reads the very same definitions without building a stage or loading a model; the transformers and
-HTTP engines run them through :meth:`ModelCallStage.process`.
+A call declares, per subclass of :class:`ModelCallStage`, which rows it wants (an Arrow mask), the
+columns it reads and writes, whether it sees the image (``vision``), its result model, how a row
+becomes a conversation (:meth:`~ModelCallStage.messages`) and how a validated result lands in the row
+(:meth:`~ModelCallStage.apply`). Its engine, token budget and pool come from ``stage1.calls.<name>``.
+The base class owns the rest: thumbnails in, system-prompt policy, validated generation with one
+sampled retry, per-row errors.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from u2s.schema import Status, mark_error
 from u2s.stage import Stage
 from u2s.stage1.engines import Engine, build_engine, generate_validated
 from u2s.stage1.prompts import apply_system_prompt
-from u2s.stage1.rows import batch_seed, load_images
+from u2s.stage1.rows import batch_seed, load_thumbnails
 from u2s.stage1.schemas import OutputError
 
 if TYPE_CHECKING:
     from PIL import Image
     from pydantic import BaseModel
 
-    from u2s.config import GenerationConfig, ModelConfig, Resources, Stage1Config
+    from u2s.config import GenerationConfig, ModelConfig, Stage1Config
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,10 @@ logger = logging.getLogger(__name__)
 class ModelCallStage(Stage):
     """One stage-1 model call: one conversation per wanted row, one validated result per conversation.
 
-    Subclasses set ``name``, ``vision`` and ``result_model`` and implement :meth:`resources`,
-    :meth:`generation`, :meth:`messages` and :meth:`apply`; the constructor (threads, config, engine)
-    and :meth:`process` (images, system prompt, validated generation, per-row errors) are shared.
+    Subclasses set ``name``, ``vision``, ``result_model``, ``reads``/``writes`` and implement
+    :meth:`messages` and :meth:`apply` (and :meth:`wanted` when they want fewer rows than all in-flight
+    ones). ``engine``: a loaded engine to share (the calls of one pool share their model); default: load
+    the engine ``stage1.calls.<name>`` names.
     """
 
     #: Whether the call sends the row's image (the VLM) or text only (the LLM).
@@ -43,23 +44,12 @@ class ModelCallStage(Stage):
     result_model: ClassVar[type[BaseModel]]
 
     def __init__(self, stage1: Stage1Config, engine: Engine | None = None) -> None:
-        from u2s.torch_utils import set_threads
-
-        set_threads(self.resources(stage1).threads())
         self.config = stage1
-        self.engine = engine or build_engine(stage1, self.model(stage1), vision=self.vision)
+        self.engine = engine or build_engine(
+            stage1, stage1.engine_for(self.name), self.model(stage1), vision=self.vision
+        )
 
     # -- what each call declares ---------------------------------------------------------------------
-
-    @staticmethod
-    def resources(stage1: Stage1Config) -> Resources:
-        """The pool this call runs in."""
-        raise NotImplementedError
-
-    @staticmethod
-    def generation(stage1: Stage1Config) -> GenerationConfig:
-        """Token budget and retry temperature of this call."""
-        raise NotImplementedError
 
     @staticmethod
     def messages(stage1: Stage1Config, row: dict) -> list[dict]:
@@ -71,38 +61,28 @@ class ModelCallStage(Stage):
         """Write a validated ``result`` into ``row``'s columns (status changes such as ``kept`` included)."""
         raise NotImplementedError
 
-    @classmethod
-    def single_call(cls, stage1: Stage1Config) -> bool:
-        """Whether each row is exactly one :meth:`messages` → :meth:`apply` call under ``stage1``
-        (what the vLLM path runs); a stage whose :meth:`process` asks more questions says False."""
-        return True
-
     # -- derived -------------------------------------------------------------------------------------
 
     @classmethod
     def model(cls, stage1: Stage1Config) -> ModelConfig:
         return stage1.vlm if cls.vision else stage1.llm
 
-    @classmethod
-    def conversation(cls, stage1: Stage1Config, row: dict) -> list[dict]:
+    @property
+    def generation(self) -> GenerationConfig:
+        """Token budget and retry temperature of this call (``stage1.calls.<name>.generation``)."""
+        return self.config.generation_for(self.name)
+
+    def conversation(self, row: dict) -> list[dict]:
         """:meth:`messages` with ``stage1.system_prompt`` applied: what every engine sends for ``row``."""
-        return apply_system_prompt([cls.messages(stage1, row)], stage1.system_prompt)[0]
+        return apply_system_prompt([self.messages(self.config, row)], self.config.system_prompt)[0]
 
-    @classmethod
-    def unloaded(cls, stage1: Stage1Config) -> ModelCallStage:
-        """An instance without an engine: its ``wants`` routes rows (one rule for every engine)."""
-        stage = cls.__new__(cls)
-        stage.config = stage1
-        stage.engine = None
-        return stage
-
-    # -- running on a transformers / HTTP engine -----------------------------------------------------
+    # -- running -------------------------------------------------------------------------------------
 
     def process(self, rows: list[dict]) -> None:
         ready, images = self.load(rows)
         if not ready:
             return
-        conversations = [self.conversation(self.config, row) for row in ready]
+        conversations = [self.conversation(row) for row in ready]
         results = self.generate(ready, conversations, images)
         for row, result in zip(ready, results, strict=True):
             if isinstance(result, OutputError):
@@ -113,8 +93,8 @@ class ModelCallStage(Stage):
         logger.debug("%s: %d rows, %d failed", type(self).__name__, len(rows), failed)
 
     def load(self, rows: list[dict]) -> tuple[list[dict], list[Image.Image] | None]:
-        """Vision calls: the rows whose image decodes (the others fail here) and their images."""
-        return load_images(rows, self.name) if self.vision else (rows, None)
+        """Vision calls: the rows whose thumbnail decodes (the others fail here) and their images."""
+        return load_thumbnails(rows, self.name) if self.vision else (rows, None)
 
     def generate(
         self, rows: list[dict], conversations: list[list[dict]], images: list[Image.Image] | None,
@@ -122,6 +102,6 @@ class ModelCallStage(Stage):
     ) -> list[Any]:  # fmt: skip
         """Validated results (or :class:`OutputError`) of ``conversations``, seeded from ``rows``."""
         return generate_validated(
-            self.engine, conversations, images, result_model or self.result_model,
-            self.generation(self.config), seed=batch_seed(rows),
+            self.engine, conversations, images, result_model or self.result_model, self.generation,
+            seed=batch_seed(rows),
         )  # fmt: skip

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pyarrow.compute as pc
+
+from u2s.stage import flagged, has_text
 from u2s.stage1.call import ModelCallStage
 from u2s.stage1.prompts import combine_messages
 from u2s.stage1.schemas import CombineResult
 
 if TYPE_CHECKING:
-    from u2s.config import GenerationConfig, Resources, Stage1Config
+    import pyarrow as pa
+
+    from u2s.config import Stage1Config
 
 
 class CombineStage(ModelCallStage):
@@ -20,14 +25,12 @@ class CombineStage(ModelCallStage):
     name = "combine"
     vision = False
     result_model = CombineResult
+    reads = ("label", "public_caption", "edit_instruction")
+    writes = ("combined_caption",)
 
-    @staticmethod
-    def resources(stage1: Stage1Config) -> Resources:
-        return stage1.combine_resources
-
-    @staticmethod
-    def generation(stage1: Stage1Config) -> GenerationConfig:
-        return stage1.combine_generation
+    def wanted(self, batch: pa.Table) -> pa.ChunkedArray:
+        wanted = pc.and_(flagged(batch), has_text(batch, "public_caption"))
+        return pc.and_(wanted, has_text(batch, "edit_instruction"))
 
     @staticmethod
     def messages(stage1: Stage1Config, row: dict) -> list[dict]:
@@ -37,11 +40,3 @@ class CombineStage(ModelCallStage):
     @staticmethod
     def apply(row: dict, result: CombineResult) -> None:
         row["combined_caption"] = result.combined_caption
-
-    def wants(self, row: dict) -> bool:
-        return (
-            row["status"] is None
-            and row["privacy_flag"] is True
-            and bool(row["public_caption"])
-            and bool(row["edit_instruction"])
-        )

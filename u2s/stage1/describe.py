@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from u2s.stage import flagged
 from u2s.stage1.call import ModelCallStage
 from u2s.stage1.prompts import describe_messages
 from u2s.stage1.schemas import DescribeResult, FusedFlagged
 
 if TYPE_CHECKING:
-    from u2s.config import GenerationConfig, Resources, Stage1Config
+    import pyarrow as pa
+
+    from u2s.config import Stage1Config
 
 
 class DescribeStage(ModelCallStage):
@@ -18,14 +21,11 @@ class DescribeStage(ModelCallStage):
     name = "describe"
     vision = True
     result_model = DescribeResult
+    reads = ("thumbnail", "label")
+    writes = ("review", "private_caption", "public_caption")
 
-    @staticmethod
-    def resources(stage1: Stage1Config) -> Resources:
-        return stage1.describe
-
-    @staticmethod
-    def generation(stage1: Stage1Config) -> GenerationConfig:
-        return stage1.describe_generation
+    def wanted(self, batch: pa.Table) -> pa.ChunkedArray:
+        return flagged(batch)
 
     @staticmethod
     def messages(stage1: Stage1Config, row: dict) -> list[dict]:
@@ -36,6 +36,3 @@ class DescribeStage(ModelCallStage):
         row["review"] = [item.model_dump(mode="json") for item in result.review]
         row["private_caption"] = result.private_caption
         row["public_caption"] = result.public_caption
-
-    def wants(self, row: dict) -> bool:
-        return row["status"] is None and row["privacy_flag"] is True

@@ -17,27 +17,21 @@ from u2s.stage1.prompts import fused_messages
 from u2s.stage1.schemas import FusedFlagged, FusedResult
 
 if TYPE_CHECKING:
-    from u2s.config import GenerationConfig, Resources, Stage1Config
+    from u2s.config import Stage1Config
 
 
 class FusedInspectStage(ModelCallStage):
     """Sets ``privacy_flag`` and ``categories`` on every row; on flagged rows also ``review``,
     ``private_caption`` and ``public_caption``. Unflagged rows end here with status ``kept`` and null
-    captions. Runs in the inspect pool (``stage1.inspect``) with ``describe_generation``'s budget;
-    timings and errors are recorded under ``inspect``.
+    captions. Runs as the inspect call (``stage1.calls.inspect``'s engine and pool) with
+    ``stage1.calls.describe``'s token budget; timings and errors are recorded under ``inspect``.
     """
 
     name = "inspect"
     vision = True
     result_model = FusedResult
-
-    @staticmethod
-    def resources(stage1: Stage1Config) -> Resources:
-        return stage1.inspect
-
-    @staticmethod
-    def generation(stage1: Stage1Config) -> GenerationConfig:
-        return stage1.describe_generation
+    reads = ("thumbnail", "label")
+    writes = (*DescribeStage.writes, "privacy_flag", "categories")
 
     @staticmethod
     def messages(stage1: Stage1Config, row: dict) -> list[dict]:

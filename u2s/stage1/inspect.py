@@ -15,7 +15,7 @@ from u2s.stage1.prompts import apply_system_prompt, criterion_messages, inspect_
 from u2s.stage1.schemas import CriterionResult, InspectResult, OutputError
 
 if TYPE_CHECKING:
-    from u2s.config import GenerationConfig, Resources, Stage1Config
+    from u2s.config import Stage1Config
 
 CATEGORIES = tuple(Category)
 
@@ -32,14 +32,8 @@ class InspectStage(ModelCallStage):
     name = "inspect"
     vision = True
     result_model = InspectResult
-
-    @staticmethod
-    def resources(stage1: Stage1Config) -> Resources:
-        return stage1.inspect
-
-    @staticmethod
-    def generation(stage1: Stage1Config) -> GenerationConfig:
-        return stage1.inspect_generation
+    reads = ("thumbnail",)
+    writes = ("privacy_flag", "categories")
 
     @staticmethod
     def messages(stage1: Stage1Config, row: dict) -> list[dict]:
@@ -49,12 +43,8 @@ class InspectStage(ModelCallStage):
     def apply(row: dict, result: InspectResult) -> None:
         _flag(row, [c.value for c in result.categories], result.privacy_flag)
 
-    @classmethod
-    def single_call(cls, stage1: Stage1Config) -> bool:
-        return stage1.inspect_mode != "per_criterion"
-
     def process(self, rows: list[dict]) -> None:
-        if self.single_call(self.config):
+        if self.config.inspect_mode != "per_criterion":
             super().process(rows)
             return
         ready, images = self.load(rows)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pyarrow.compute as pc
+
+from u2s.stage import flagged, has_text
 from u2s.stage1.call import ModelCallStage
 from u2s.stage1.prompts import instruct_messages
 from u2s.stage1.schemas import InstructResult
 
 if TYPE_CHECKING:
-    from u2s.config import GenerationConfig, Resources, Stage1Config
+    import pyarrow as pa
+
+    from u2s.config import Stage1Config
 
 
 class InstructStage(ModelCallStage):
@@ -18,14 +23,11 @@ class InstructStage(ModelCallStage):
     name = "instruct"
     vision = False
     result_model = InstructResult
+    reads = ("public_caption",)
+    writes = ("edit_instruction",)
 
-    @staticmethod
-    def resources(stage1: Stage1Config) -> Resources:
-        return stage1.instruct
-
-    @staticmethod
-    def generation(stage1: Stage1Config) -> GenerationConfig:
-        return stage1.instruct_generation
+    def wanted(self, batch: pa.Table) -> pa.ChunkedArray:
+        return pc.and_(flagged(batch), has_text(batch, "public_caption"))
 
     @staticmethod
     def messages(stage1: Stage1Config, row: dict) -> list[dict]:
@@ -34,6 +36,3 @@ class InstructStage(ModelCallStage):
     @staticmethod
     def apply(row: dict, result: InstructResult) -> None:
         row["edit_instruction"] = result.edit_instruction
-
-    def wants(self, row: dict) -> bool:
-        return row["status"] is None and row["privacy_flag"] is True and bool(row["public_caption"])

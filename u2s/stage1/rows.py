@@ -1,26 +1,35 @@
-"""Row helpers shared by the stage-1 stages: image loading with per-row errors, batch seeds."""
+"""Row helpers shared by the stage-1 stages: thumbnails with per-row errors, batch seeds."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 from typing import TYPE_CHECKING
 
-from u2s.io.decode import DecodeError, load_rgb
+from PIL import Image
+
 from u2s.schema import mark_error
 
 if TYPE_CHECKING:
-    from PIL import Image
+    from PIL.Image import Image as PILImage
 
 
-def load_images(rows: list[dict], stage: str) -> tuple[list[dict], list[Image.Image]]:
-    """Decode each row's image; rows that fail get status=error. Returns (loadable rows, their images)."""
+def load_thumbnails(rows: list[dict], stage: str) -> tuple[list[dict], list[PILImage]]:
+    """Each row's VLM thumbnail (written once by decode); rows without one fail here.
+
+    Returns (rows that have an image, their images).
+    """
     ready, images = [], []
     for row in rows:
-        data = (row.get("image") or {}).get("bytes")
+        data = row.get("thumbnail")
+        if not data:
+            mark_error(row, stage, "image: no thumbnail")
+            continue
         try:
-            images.append(load_rgb(data))
-        except DecodeError as e:
-            mark_error(row, stage, f"image: {e}")
+            with Image.open(io.BytesIO(data)) as img:
+                images.append(img.convert("RGB"))
+        except Exception as e:  # decode wrote it, so this is a bug or corruption in transit
+            mark_error(row, stage, f"image: unreadable thumbnail ({type(e).__name__})")
             continue
         ready.append(row)
     return ready, images

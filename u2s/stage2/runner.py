@@ -15,11 +15,13 @@ import logging
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from u2s.io.decode import DecodeError, load_rgb
 from u2s.schema import Status, mark_error
-from u2s.stage import Stage
+from u2s.stage import Stage, flagged
 from u2s.stage2.editors import load_editor
 from u2s.stage2.editors.base import EditPrompt
 
@@ -84,6 +86,9 @@ class EditStage(Stage):
     """Runs the stage-2 editor on flagged rows that have an edit instruction."""
 
     name = "edit"
+    reads = ("image", "width", "height", "edit_instruction", "public_caption", "private_caption",
+             "combined_caption")  # fmt: skip
+    writes = ("image", "width", "height", "editor", "seed")
 
     def __init__(self, stage2: Stage2Config) -> None:
         from u2s.torch_utils import set_threads
@@ -92,8 +97,8 @@ class EditStage(Stage):
         set_threads(stage2.resources.threads())
         self.editor = load_editor(stage2)
 
-    def wants(self, row: dict) -> bool:
-        return row["status"] is None and row["privacy_flag"] is True and row["edit_instruction"] is not None
+    def wanted(self, batch: pa.Table) -> pa.ChunkedArray:
+        return pc.and_(flagged(batch), pc.is_valid(batch.column("edit_instruction")))
 
     def process(self, rows: list[dict]) -> None:
         cfg = self.config

@@ -12,9 +12,9 @@ if TYPE_CHECKING:
 __all__ = ["Engine", "build_engine", "generate_validated"]
 
 
-def build_engine(stage1: Stage1Config, model: ModelConfig, vision: bool) -> Engine:
-    """The engine ``stage1.engine`` names, loaded with ``model`` (a VLM when ``vision``)."""
-    if stage1.engine == "transformers":
+def build_engine(stage1: Stage1Config, engine: str, model: ModelConfig, vision: bool) -> Engine:
+    """The ``engine`` ("transformers", "http", "vllm") loaded with ``model`` (a VLM when ``vision``)."""
+    if engine == "transformers":
         from u2s.stage1.engines.transformers import TransformersEngine
 
         return TransformersEngine(
@@ -24,7 +24,7 @@ def build_engine(stage1: Stage1Config, model: ModelConfig, vision: bool) -> Engi
             system_prompt=stage1.system_prompt,
             processor_kwargs=stage1.vlm_processor_kwargs if vision else None,
         )
-    if stage1.engine == "http" and stage1.http is not None:
+    if engine == "http" and stage1.http is not None:
         from u2s.stage1.engines.http import HttpEngine
 
         served = (stage1.http.vlm_model if vision else stage1.http.llm_model) or model.model
@@ -35,4 +35,4 @@ def build_engine(stage1: Stage1Config, model: ModelConfig, vision: bool) -> Engi
             image_size=stage1.image_size,
             system_prompt=stage1.system_prompt,
         )
-    raise ValueError(f"unknown stage-1 engine {stage1.engine!r}")
+    raise ValueError(f"unknown stage-1 engine {engine!r}")

@@ -1,0 +1,409 @@
+"""Input listing off the driver: Ray tasks turn a source into a manifest of ``(id, source, label)`` rows.
+
+The driver only splits the source into *shards* (top-level folders, Parquet files, manifest files,
+the COCO annotation file) and collects, per shard, an object reference to its manifest table and a few
+counts. Each shard is listed by a Ray task (``fs.find`` under one prefix, a Parquet footer and id
+column, a streamed COCO JSON, a manifest file), so the driver's memory does not grow with the number
+of images. The manifest tables stay in Ray's object store and become the plan's first dataset
+(``ray.data.from_arrow_refs``); the bytes are fetched later, by :mod:`u2s.io.readers`, after rows that a
+resumed run already finished have been dropped.
+
+Each shard also returns an order-independent fingerprint of its ``(id, source)`` pairs; their sum is
+the input's fingerprint, which the run record keeps so that ``--resume`` refuses a changed input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from u2s.config import InputConfig, Resources, StorageConfig
+from u2s.io.storage import TransientStorageError, arrow_filesystem, filesystem, is_transient, to_uri
+
+if TYPE_CHECKING:
+    import fsspec
+    import ray
+    import ray.data
+
+logger = logging.getLogger(__name__)
+
+#: One manifest row per input record. ``part``/``row``: the Parquet file and row index holding the
+#: record's image (Parquet inputs); ``error``: why the record cannot be read at all (then no fetch).
+MANIFEST_SCHEMA = pa.schema(
+    [("id", pa.string()), ("source", pa.string()), ("label", pa.string()), ("part", pa.string()),
+     ("row", pa.int64()), ("error", pa.string())]
+)  # fmt: skip
+
+_MASK64 = 2**64 - 1
+
+
+class InputError(ValueError):
+    """The input cannot be read as configured (missing root, no images, duplicate ids...)."""
+
+
+def stable_id(text: str) -> str:
+    """A row id derived from a string (a source URI): the first 20 hex chars of its SHA-1."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:20]
+
+
+def _fingerprint(ids: list[str], sources: list[str]) -> int:
+    """Order-independent digest of ``(id, source)`` pairs: the sum of their 64-bit hashes."""
+    total = 0
+    for row_id, source in zip(ids, sources, strict=True):
+        digest = hashlib.blake2b(f"{row_id}\0{source}".encode(), digest_size=8).digest()
+        total += int.from_bytes(digest, "big")
+    return total & _MASK64
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of listing work: ``kind`` is folder, files, parquet, coco or manifest."""
+
+    kind: str
+    uri: str
+    files: tuple[str, ...] = ()
+
+
+@dataclass
+class ShardStats:
+    """What a listing task reports besides its table (small: it travels to the driver)."""
+
+    rows: int = 0
+    fingerprint: int = 0
+    skipped_extensions: dict[str, int] = field(default_factory=dict)
+    unreadable_files: int = 0
+    unreadable_records: int = 0  # records known (from footers) to exist but not readable
+
+
+@dataclass
+class Listing:
+    """The input's manifest, as a Ray Dataset of :data:`MANIFEST_SCHEMA` rows, and what listing found."""
+
+    dataset: ray.data.Dataset
+    rows: int
+    fingerprint: str
+    skipped_extensions: dict[str, int]
+    unreadable_files: int
+    unreadable_records: int
+    shards: int
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for the run record (no paths)."""
+        return {
+            "rows": self.rows, "shards": self.shards, "skipped_extensions": self.skipped_extensions,
+            "unreadable_files": self.unreadable_files, "unreadable_records": self.unreadable_records,
+        }  # fmt: skip
+
+
+# ---------------------------------------------------------------- driver: shards
+
+
+def _suffixes(extensions: list[str]) -> set[str]:
+    return {(e if e.startswith(".") else f".{e}").lower() for e in extensions}
+
+
+def _hidden(name: str, prefixes: tuple[str, ...]) -> bool:
+    return posixpath.basename(name.rstrip("/")).startswith(prefixes)
+
+
+def plan_shards(input: InputConfig, storage: StorageConfig) -> list[Shard]:
+    """Split the source into listing shards (cheap: one directory level, or the Parquet file names)."""
+    fs, root = filesystem(input.uri, storage)
+    fs.invalidate_cache(root)
+    if input.format == "coco":
+        assert input.coco_annotations  # enforced by InputConfig
+        if not fs.exists(root):
+            raise InputError(f"input not found: {input.uri}")
+        return [Shard("coco", input.coco_annotations)]
+    if input.format == "manifest":
+        from u2s.io.manifest import manifest_files
+
+        return [Shard("manifest", uri) for uri in manifest_files(input.uri, storage)]
+    if not fs.exists(root):
+        raise InputError(f"input not found: {input.uri}")
+    if input.format == "parquet":
+        skip = (".", "_")  # _SUCCESS, _common_metadata
+        paths = fs.find(root) if fs.isdir(root) else [root]
+        files = sorted(p for p in paths if p.endswith(".parquet") and not _is_hidden(p, root, skip))
+        if not files:
+            raise InputError(f"no .parquet files found in {input.uri}")
+        return [Shard("parquet", to_uri(fs, path)) for path in files]
+    if not fs.isdir(root):
+        return [Shard("files", input.uri, (to_uri(fs, root),))]
+    folders, files = [], []
+    for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
+        if _hidden(entry["name"], (".",)):
+            continue
+        (folders if entry["type"] == "directory" else files).append(to_uri(fs, entry["name"]))
+    shards = [Shard("files", input.uri, tuple(files))] if files else []
+    return shards + [Shard("folder", uri) for uri in folders]
+
+
+def _is_hidden(path: str, root: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether a component of ``path`` below ``root`` starts with one of ``prefixes`` (``._x.jpg``)."""
+    relative = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+    return any(part.startswith(prefixes) for part in relative.split("/"))
+
+
+# ---------------------------------------------------------------- tasks: one shard each
+
+
+def _table(ids, sources, labels, parts=None, rows=None, errors=None) -> pa.Table:
+    n = len(ids)
+    return pa.table(
+        [pa.array(ids, pa.string()), pa.array(sources, pa.string()), pa.array(labels, pa.string()),
+         pa.array(parts if parts is not None else [None] * n, pa.string()),
+         pa.array(rows if rows is not None else [None] * n, pa.int64()),
+         pa.array(errors if errors is not None else [None] * n, pa.string())],
+        schema=MANIFEST_SCHEMA,
+    )  # fmt: skip
+
+
+def _image_files(
+    fs: fsspec.AbstractFileSystem, paths: list[str], root: str, suffixes: set[str], stats: ShardStats
+) -> list[str]:
+    kept = []
+    for path in paths:
+        if _is_hidden(path, root, (".",)):
+            continue
+        suffix = posixpath.splitext(path)[1].lower()
+        if suffix in suffixes:
+            kept.append(path)
+        else:
+            key = suffix or "(none)"
+            stats.skipped_extensions[key] = stats.skipped_extensions.get(key, 0) + 1
+    return sorted(kept)
+
+
+def _list_folder_shard(
+    shard: Shard, input: InputConfig, storage: StorageConfig, stats: ShardStats
+) -> pa.Table:
+    fs, root = filesystem(input.uri, storage)
+    if shard.kind == "folder":
+        _, prefix = filesystem(shard.uri, storage)
+        paths = fs.find(prefix)
+    else:
+        paths = [filesystem(uri, storage)[1] for uri in shard.files]
+    root = root if fs.isdir(root) else posixpath.dirname(root)
+    paths = _image_files(fs, paths, root, _suffixes(input.extensions), stats)
+    sources = [to_uri(fs, path) for path in paths]
+    labels = (
+        [posixpath.basename(posixpath.dirname(path)) for path in paths]
+        if input.format == "class_folders"
+        else [None] * len(paths)
+    )
+    return _table([stable_id(source) for source in sources], sources, labels)
+
+
+def _list_coco_shard(shard: Shard, input: InputConfig, storage: StorageConfig) -> pa.Table:
+    from u2s.io.coco import iter_coco_images
+
+    fs, root = filesystem(input.uri, storage)
+    label = posixpath.basename(root.rstrip("/"))
+    ids, sources = [], []
+    for image_id, file_name in iter_coco_images(shard.uri, storage):
+        ids.append(image_id)
+        sources.append(to_uri(fs, posixpath.join(root, file_name.lstrip("/"))))
+    table = _table(ids, sources, [label] * len(ids))
+    return table.sort_by("source")
+
+
+def _list_parquet_shard(
+    shard: Shard, input: InputConfig, storage: StorageConfig, stats: ShardStats
+) -> pa.Table:
+    """One record per row of the file: ids and labels from their columns (only those are read)."""
+    import pyarrow.parquet as pq
+
+    file_uri = shard.uri
+    afs, path = arrow_filesystem(file_uri, storage)
+    try:
+        with afs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            num_rows = parquet.metadata.num_rows
+            schema = parquet.schema_arrow
+    except Exception as e:  # no readable footer: the number of records is unknown
+        stats.unreadable_files += 1
+        logger.warning(
+            "cannot read a parquet footer (%s); the file counts as one error row", type(e).__name__
+        )
+        return _table(
+            [stable_id(file_uri)], [file_uri], [None], errors=[f"read: unreadable file ({type(e).__name__})"]
+        )
+    sources = [f"{file_uri}#{i}" for i in range(num_rows)]
+    columns = [c for c in (input.id_column, input.label_column) if c]
+    missing = [c for c in (input.image_column, *columns) if c not in schema.names]
+    if missing:
+        raise InputError(f"column {missing[0]!r} not in {file_uri} (columns: {', '.join(schema.names)})")
+    from u2s.io.readers import image_bytes_getter
+
+    image_bytes_getter(schema.field(input.image_column).type, input.image_column, file_uri)  # type check
+    ids = [stable_id(source) for source in sources]
+    labels: list[str | None] = [None] * num_rows
+    error = None
+    if columns:
+        try:
+            with afs.open_input_file(path) as f:
+                values = pq.ParquetFile(f).read(columns=columns)
+            if input.id_column:
+                ids = [None if v is None else str(v) for v in values.column(input.id_column).to_pylist()]
+            if input.label_column:
+                labels = [
+                    None if v is None else str(v) for v in values.column(input.label_column).to_pylist()
+                ]
+        except Exception as e:  # records known from the footer, their ids unreadable: one error row each
+            error = f"read: unreadable id/label columns ({type(e).__name__})"
+            stats.unreadable_records += num_rows
+            ids = [stable_id(source) for source in sources]
+    missing_ids = [i for i, row_id in enumerate(ids) if row_id is None]
+    if missing_ids:
+        raise InputError(f"{len(missing_ids)} null id(s) in column {input.id_column!r} of {file_uri}")
+    return _table(
+        ids, sources, labels, parts=[file_uri] * num_rows, rows=list(range(num_rows)),
+        errors=[error] * num_rows,
+    )  # fmt: skip
+
+
+def _list_manifest_shard(shard: Shard, input: InputConfig, storage: StorageConfig) -> pa.Table:
+    from u2s.io.manifest import iter_manifest
+
+    tables = []
+    for batch in iter_manifest(shard.uri, storage, input, batch_size=65536):
+        sources = batch.column("source").to_pylist()
+        ids = (
+            [str(v) for v in batch.column("id").to_pylist()]
+            if "id" in batch.schema.names
+            else [stable_id(s) for s in sources]
+        )
+        labels = batch.column("label").to_pylist() if "label" in batch.schema.names else [None] * len(ids)
+        tables.append(_table(ids, sources, [None if v is None else str(v) for v in labels]))
+    return pa.concat_tables(tables) if tables else _table([], [], [])
+
+
+def list_shard(shard: Shard, input: InputConfig, storage: StorageConfig) -> tuple[pa.Table, ShardStats]:
+    """The manifest table of one shard (in source order) and its stats; runs in a Ray task."""
+    stats = ShardStats()
+    if shard.kind in ("folder", "files"):
+        table = _list_folder_shard(shard, input, storage, stats)
+    elif shard.kind == "parquet":
+        table = _list_parquet_shard(shard, input, storage, stats)
+    elif shard.kind == "coco":
+        table = _list_coco_shard(shard, input, storage)
+    elif shard.kind == "manifest":
+        table = _list_manifest_shard(shard, input, storage)
+    else:
+        raise ValueError(f"unknown shard kind {shard.kind!r}")
+    stats.rows = table.num_rows
+    stats.fingerprint = _fingerprint(table.column("id").to_pylist(), table.column("source").to_pylist())
+    return table, stats
+
+
+def _list_shard_task(shard: Shard, input: InputConfig, storage: StorageConfig) -> tuple[pa.Table, ShardStats]:
+    try:
+        return list_shard(shard, input, storage)
+    except Exception as e:
+        if is_transient(e):  # Ray re-runs the task (storage.task_retries)
+            raise TransientStorageError(type(e).__name__) from None
+        raise
+
+
+def _head(table: pa.Table, n: int) -> tuple[pa.Table, int]:
+    head = table.slice(0, n)
+    return head, _fingerprint(head.column("id").to_pylist(), head.column("source").to_pylist())
+
+
+# ---------------------------------------------------------------- driver: the listing
+
+
+def list_input(input: InputConfig, storage: StorageConfig, resources: Resources) -> Listing:
+    """List ``input`` in Ray tasks (one per shard); the driver keeps only references and counts.
+
+    Raises :class:`InputError` when the input is missing or empty, or when ids taken from the data
+    (COCO ids, an id column) are not unique (ids are the join and resume key).
+    """
+    import ray
+    import ray.data
+
+    shards = plan_shards(input, storage)
+    task = ray.remote(_list_shard_task).options(
+        num_returns=2, num_cpus=resources.num_cpus, max_retries=storage.task_retries,
+        retry_exceptions=[TransientStorageError],
+    )  # fmt: skip
+    refs = [task.remote(shard, input, storage) for shard in shards]
+    table_refs = [table_ref for table_ref, _ in refs]
+    try:
+        stats: list[ShardStats] = ray.get([stats_ref for _, stats_ref in refs])
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, InputError):  # the input's own problem: say it plainly
+            raise InputError(str(e.cause)) from None
+        raise
+    counts, fingerprints = [s.rows for s in stats], [s.fingerprint for s in stats]
+    if input.limit is not None:
+        table_refs, counts, fingerprints = _limit(table_refs, counts, fingerprints, input.limit)
+        stats = stats[: len(table_refs)]
+    rows = sum(counts)
+    if rows == 0:
+        where = (
+            f"annotations {input.coco_annotations}"
+            if input.format == "coco"
+            else f"extensions {input.extensions}"
+        )
+        raise InputError(f"no images found in {input.uri} (format {input.format}, {where})")
+    dataset = ray.data.from_arrow_refs(table_refs)
+    fingerprint = sum(fingerprints) & _MASK64
+    skipped: Counter[str] = Counter()
+    for s in stats:
+        skipped.update(s.skipped_extensions)
+    if skipped:
+        logger.info(
+            "skipped %d file(s) by extension (%s); input.extensions selects images",
+            sum(skipped.values()), ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())),
+        )  # fmt: skip
+    if _ids_from_data(input):
+        check_unique_ids(dataset, input.uri)
+    return Listing(
+        dataset=dataset, rows=rows, fingerprint=f"{rows}:{fingerprint:016x}",
+        skipped_extensions=dict(skipped), unreadable_files=sum(s.unreadable_files for s in stats),
+        unreadable_records=sum(s.unreadable_records for s in stats), shards=len(table_refs),
+    )  # fmt: skip
+
+
+def _limit(
+    table_refs: list, counts: list[int], fingerprints: list[int], limit: int
+) -> tuple[list, list[int], list[int]]:
+    """The first ``limit`` records in listing order: whole shards, then the head of the last one."""
+    import ray
+
+    refs, kept_counts, kept_prints, left = [], [], [], limit
+    for ref, count, print_ in zip(table_refs, counts, fingerprints, strict=True):
+        if left <= 0:
+            break
+        if count > left:
+            head, print_ref = ray.remote(_head).options(num_cpus=0, num_returns=2).remote(ref, left)
+            ref, count, print_ = head, left, ray.get(print_ref)
+        refs.append(ref)
+        kept_counts.append(count)
+        kept_prints.append(print_)
+        left -= count
+    return refs, kept_counts, kept_prints
+
+
+def _ids_from_data(input: InputConfig) -> bool:
+    """Whether row ids come from the data (and can collide), not from hashing unique source URIs."""
+    return input.format == "coco" or (input.format in ("parquet", "manifest") and bool(input.id_column))
+
+
+def check_unique_ids(dataset: ray.data.Dataset, uri: str) -> None:
+    """Raise :class:`InputError` naming the first duplicate ids (a hash shuffle over the id column)."""
+    from ray.data.expressions import col
+
+    counts = dataset.select_columns(["id"]).groupby("id").count()
+    dupes = counts.filter(expr=col("count()") > 1).take(5)
+    if dupes:
+        shown = ", ".join(sorted(str(row["id"]) for row in dupes))
+        raise InputError(f"duplicate row ids in {uri} (e.g. {shown}); ids must be unique")

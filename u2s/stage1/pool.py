@@ -1,0 +1,57 @@
+"""Stage-1 actor pools: one engine per actor, the pool's calls run on each batch in order.
+
+:meth:`u2s.config.Stage1Config.pools` groups consecutive calls that share a model and engine (by
+default inspect + describe on the VLM, instruct + combine on the LLM), so each model loads once per
+actor and a flagged row goes from call A to call B without leaving the actor.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from u2s.stage import StageChain
+
+if TYPE_CHECKING:
+    from u2s.config import CallPool, Stage1Config
+    from u2s.stage1.call import ModelCallStage
+
+
+def call_stage_class(stage1: Stage1Config, call: str) -> type[ModelCallStage]:
+    """The stage class that runs ``call`` under ``stage1`` (inspect is the fused call in fused mode)."""
+    from u2s.stage1.combine import CombineStage
+    from u2s.stage1.describe import DescribeStage
+    from u2s.stage1.fused import FusedInspectStage
+    from u2s.stage1.inspect import InspectStage
+    from u2s.stage1.instruct import InstructStage
+
+    if call == "inspect" and stage1.mode == "fused":
+        return FusedInspectStage
+    classes = {"inspect": InspectStage, "describe": DescribeStage, "instruct": InstructStage,
+               "combine": CombineStage}  # fmt: skip
+    return classes[call]
+
+
+class CallPoolStage(StageChain):
+    """The actor of one stage-1 pool: loads the pool's model once and runs its calls on every batch."""
+
+    def __init__(self, stage1: Stage1Config, pool: CallPool) -> None:
+        from u2s.stage1.engines import build_engine
+        from u2s.torch_utils import set_threads
+
+        set_threads(pool.resources.threads())
+        classes = [call_stage_class(stage1, call) for call in pool.calls]
+        engine = build_engine(stage1, pool.engine, classes[0].model(stage1), vision=pool.vision)
+        super().__init__([cls(stage1, engine) for cls in classes])
+
+
+class VisionCallPool(CallPoolStage):
+    """A pool of VLM calls (inspect, describe)."""
+
+
+class TextCallPool(CallPoolStage):
+    """A pool of LLM calls (instruct, combine)."""
+
+
+def pool_class(pool: CallPool) -> type[CallPoolStage]:
+    """The actor class of ``pool`` (two names, so Ray's progress bars tell the pools apart)."""
+    return VisionCallPool if pool.vision else TextCallPool
