@@ -286,3 +286,36 @@ def build_all(root: str | Path, seed_offset: int = 0) -> dict[str, Path]:
         name: globals()[builder](root / name, seed=DEFAULT_SEEDS[name] + seed_offset)
         for name, builder in TINY_MODELS.items()
     }
+
+
+def build_tiny_vlm_flagging_some(
+    out: str | Path, probes: list[bytes], image_size: int = 112, max_new_tokens: int = 512,
+    at_least: int = 2, seeds: range = range(64),
+) -> tuple[Path, list[bool]]:  # fmt: skip
+    """A tiny VLM that, on ``probes`` (encoded images), flags at least ``at_least`` and keeps at least
+    ``at_least`` with greedy call A: the first weight seed, in order, whose answers split that way.
+
+    A random model's flag is a property of its weights; tests that need both outcomes get them by this
+    construction instead of by a seed picked once by hand (which a torch or transformers upgrade that
+    changes random initialisation would silently break). Returns the folder and the probes' flags.
+    """
+    from u2s.config import GenerationConfig, ModelConfig, Resources, Stage1Config
+    from u2s.stage1.inspect import InspectStage
+    from u2s.testing.rows import decoded_rows, run_stage
+
+    out = Path(out)
+    llm = out.parent / f"{out.name}-llm-unused"
+    for seed in seeds:
+        build_tiny_vlm(out, seed)
+        stage1 = Stage1Config.model_validate({
+            "vlm": ModelConfig(model=str(out), dtype="float32", device="cpu"),
+            "llm": ModelConfig(model=str(llm), dtype="float32", device="cpu"),
+            "image_size": image_size,
+            "calls": {"inspect": {"generation": GenerationConfig(max_new_tokens=max_new_tokens),
+                                  "resources": Resources(torch_threads=1)}},
+        })  # fmt: skip
+        rows = run_stage(InspectStage(stage1), decoded_rows(probes, thumbnail_side=image_size))
+        flags = [row["privacy_flag"] for row in rows if row["status"] != "error"]
+        if sum(flags) >= at_least and flags.count(False) >= at_least:
+            return out, [row["privacy_flag"] for row in rows]
+    raise RuntimeError(f"no seed in {seeds} gives a tiny VLM that both flags and keeps these probes")
