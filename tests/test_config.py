@@ -141,6 +141,7 @@ def test_config_show_prints_resolved_yaml():
     assert set(s2) >= {"seed", "resources", "output_format", "compile"} | set(EDITORS)
     assert s2["flowedit_sd3"]["n_max"] == 33 and s2["flowedit_sd3"]["max_side"] == 1536
     assert s2["flux_kontext"]["num_inference_steps"] == 28
+    assert s2["mask"]["on_nothing_found"] == "blur_image" and s2["blur_image"]["blur_radius"] == 0.2
 
 
 def test_bad_config_fails_before_ray_starts():

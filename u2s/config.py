@@ -391,20 +391,26 @@ class _Stage2Shared(_Model):
 
     @model_validator(mode="before")
     @classmethod
-    def _chosen_section(cls, data: Any) -> Any:
-        """The chosen editor's section defaults to its config's defaults, validated in place (so an error
-        names ``stage2.<editor>.<field>``, e.g. a diffusion editor's missing ``model``)."""
-        if isinstance(data, dict):
-            editor = data.get("editor", next(iter(EDITORS)))
-            if isinstance(editor, str) and editor in EDITORS and data.get(editor) is None:
-                data = {**data, editor: {}}
-        return data
+    def _default_sections(cls, data: Any) -> Any:
+        """An unset section takes its editor's defaults, validated in place (so an error names
+        ``stage2.<editor>.<field>``): always for the chosen editor (a diffusion editor's missing ``model``
+        is reported), and for every editor whose config needs nothing (``u2s config show`` lists them)."""
+        if not isinstance(data, dict):
+            return data
+        chosen = data.get("editor", next(iter(EDITORS)))
+        missing = [name for name in EDITORS if data.get(name) is None]
+        fill = [name for name in missing if name == chosen or _all_defaults(EDITORS[name].config_class)]
+        return {**data, **{name: {} for name in fill}} if fill else data
 
     def section(self, name: str | None = None) -> EditorConfig:
         """The settings of editor ``name`` (default: the chosen one); its defaults if the section is unset."""
         name = name or self.editor
         value = getattr(self, name)
         return value if value is not None else EDITORS[name].config_class()
+
+
+def _all_defaults(config_class: type[EditorConfig]) -> bool:
+    return not any(field.is_required() for field in config_class.model_fields.values())
 
 
 def _first_line(doc: str | None) -> str:

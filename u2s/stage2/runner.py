@@ -55,7 +55,8 @@ def encode_image(img: Image.Image, fmt: str) -> tuple[bytes, str]:
 
 def same_pixels(a: Image.Image, b: Image.Image) -> bool:
     """Whether two images have the same size and the same RGB pixel values."""
-    return a.size == b.size and a.convert("RGB").tobytes() == b.convert("RGB").tobytes()
+    rgb = lambda img: img if img.mode == "RGB" else img.convert("RGB")  # noqa: E731
+    return a.size == b.size and rgb(a).tobytes() == rgb(b).tobytes()
 
 
 def edit_prompt(row: dict) -> EditPrompt:
