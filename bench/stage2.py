@@ -78,7 +78,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from u2s.config import Stage2Config
+    from u2s.config import ModelConfig, Stage2Config
     from u2s.stage2.editors.base import Editor, EditPrompt
 
 #: Tiny-model folder (a key of ``u2s.testing.tiny_models.TINY_MODELS``) of each diffusion editor.
@@ -261,19 +261,37 @@ def build_tiny_models(root: Path, keys: set[str]) -> None:
         builder(root / key, seed=tiny_models.DEFAULT_SEEDS[key])
 
 
+def is_diffusion(editor: str) -> bool:
+    """Whether the editor loads a diffusers pipeline (its config has a ``model``)."""
+    from u2s.stage2.editors import EDITORS
+
+    return "model" in EDITORS[editor].config_class.model_fields
+
+
+def editor_section(editor: str, model: ModelConfig | None, steps: int | None, size: int) -> dict[str, Any]:
+    """The section ``stage2.<editor>``: its model, ``steps`` (if set) and working size ``size``."""
+    from u2s.stage2.editors import EDITORS
+
+    fields = EDITORS[editor].config_class.model_fields
+    section: dict[str, Any] = {"model": model} if model is not None else {}
+    if steps is not None and "num_inference_steps" in fields:
+        section["num_inference_steps"] = steps
+    if "resolution" in fields:  # the IP2P family and Kontext: the bench's images are already at it
+        section["resolution"] = size
+    return section
+
+
 def cpu_config(editor: str, models: Path, args: argparse.Namespace) -> Stage2Config:
     """The job's stage-2 section for one editor on the tiny models (as in the cpu-tiny preset)."""
-    from u2s.config import DIFFUSION_EDITORS, ModelConfig, Resources, Stage2Config
+    from u2s.config import ModelConfig, Resources, Stage2Config
 
     defaults = Resources()
+    model = None
+    if is_diffusion(editor):
+        model = ModelConfig(model=str(models / TINY_MODEL_OF[editor]), dtype="float32", device="cpu")
     return Stage2Config(
         editor=editor,
-        models={
-            name: ModelConfig(model=str(models / key), dtype="float32", device="cpu")
-            for name, key in TINY_MODEL_OF.items()
-        },
-        num_inference_steps=args.steps if editor in DIFFUSION_EDITORS else None,
-        resolution=args.size,
+        **{editor: editor_section(editor, model, args.steps, args.size)},
         resources=Resources(
             batch_size=args.batch_size or defaults.batch_size,
             num_cpus=args.threads or defaults.num_cpus,
@@ -284,7 +302,6 @@ def cpu_config(editor: str, models: Path, args: argparse.Namespace) -> Stage2Con
 
 def bench_cpu_editor(name: str, cfg: Stage2Config, n_images: int, size: int, repeat: int = 1) -> list[Row]:
     """Load one editor, warm it up, time it batched (and one image a call for diffusion editors)."""
-    from u2s.config import DIFFUSION_EDITORS
     from u2s.stage2.editors import load_editor
     from u2s.torch_utils import set_threads
 
@@ -300,7 +317,7 @@ def bench_cpu_editor(name: str, cfg: Stage2Config, n_images: int, size: int, rep
     seconds = time_edit(editor, images, prompts, seeds, batch, repeat=repeat)
     row = Row(name, batch, n_images, seconds, 0.0, load_s=load_s)
     rows = [row]
-    if name in DIFFUSION_EDITORS and batch > 1:
+    if is_diffusion(name) and batch > 1:
         editor.edit(images[:1], prompts[:1], seeds[:1])  # warm-up of the batch-1 shapes
         seconds = time_edit(editor, images, prompts, seeds, 1, repeat=repeat)
         naive = Row(name, 1, n_images, seconds, 0.0, naive=True)
@@ -566,11 +583,11 @@ def denoiser_flops_per_image(name: str, denoiser: Any, cfg: Stage2Config, latent
     its prompt) on each of the ``n_max - n_min`` editing steps (× ``n_avg``), 2 rows on the ``n_min``
     plain target steps.
     """
+    fe = cfg.section()
     if name in ("instruct_pix2pix", "safe_attention"):
         context = 154 if name == "safe_attention" else 77
-        return count_flops(denoiser, denoiser_inputs(denoiser, 3, latent, context)) * cfg.num_inference_steps
-    fe = cfg.flowedit
-    n_max = min(fe.n_max, cfg.num_inference_steps)
+        return count_flops(denoiser, denoiser_inputs(denoiser, 3, latent, context)) * fe.num_inference_steps
+    n_max = min(fe.n_max, fe.num_inference_steps)
     n_min = min(fe.n_min, n_max)
     flops = count_flops(denoiser, denoiser_inputs(denoiser, 4, latent, sd3_text_tokens())) * fe.n_avg
     total = flops * (n_max - n_min)
@@ -613,15 +630,11 @@ def meta_flop_check(size: int) -> list[str]:
 
 
 def gpu_config(name: str, model_dir: Path, dtype: str, device: str, size: int, steps: int | None) -> Any:
-    """The stage-2 section for one editor at the paper's settings (EDITOR_DEFAULTS and FlowEditConfig)."""
+    """The stage-2 section for one editor at the paper's settings (its config class's defaults)."""
     from u2s.config import ModelConfig, Stage2Config
 
-    return Stage2Config(
-        editor=name,
-        model=ModelConfig(model=str(model_dir), dtype=dtype, device=device),
-        num_inference_steps=steps,
-        resolution=size,
-    )
+    model = ModelConfig(model=str(model_dir), dtype=dtype, device=device)
+    return Stage2Config(editor=name, **{name: editor_section(name, model, steps, size)})
 
 
 def component_sizes(pipe: Any) -> str:
@@ -654,7 +667,7 @@ def bench_gpu_editor(
     print(f"  attention processors: {', '.join(attn)}; dtype {denoiser.dtype}")
     latent = args.size // pipe.vae_scale_factor
     flops = denoiser_flops_per_image(name, denoiser, cfg, latent)
-    print(f"  denoiser: {flops / 1e12:.4g} TFLOP per image ({cfg.num_inference_steps} steps)")
+    print(f"  denoiser: {flops / 1e12:.4g} TFLOP per image ({cfg.section().num_inference_steps} steps)")
     n_images = args.images or max(args.batch_sizes)
     images, prompts, seeds = make_inputs(n_images, args.size)
     editor.edit(images[:1], prompts[:1], seeds[:1])  # warm-up
@@ -739,7 +752,7 @@ def run_gpu(args: argparse.Namespace, editors: list[str]) -> tuple[list[Row], di
                 free_memory()
                 print(f"built {family} ({spec.label}) in {time.perf_counter() - start:.1f}s", flush=True)
             cfg = gpu_config(editor, built[family], dtype_name, device, args.size, args.steps)
-            print(f"{editor}: {cfg.num_inference_steps} steps", flush=True)
+            print(f"{editor}: {cfg.section().num_inference_steps} steps", flush=True)
             try:
                 rows += bench_gpu_editor(editor, cfg, args, peak, cuda)
             except Exception as e:  # a device run is scarce: report the failure, go on with the rest

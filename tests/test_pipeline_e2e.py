@@ -59,7 +59,7 @@ def job(ray_cluster, tiny_models, s3_endpoint, tmp_path_factory):
         "--set", f"storage.endpoint_url={s3_endpoint}",
         "--set", f"stage1.vlm.model={tiny_models['vlm']}",
         "--set", f"stage1.llm.model={tiny_models['llm']}",
-        "--set", f"stage2.model.model={tiny_models['instruct_pix2pix']}",
+        "--set", f"stage2.instruct_pix2pix.model.model={tiny_models['instruct_pix2pix']}",
     ]  # fmt: skip
     assert _job_main()(argv) == 0
     return {

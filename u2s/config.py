@@ -3,7 +3,7 @@
 A job config is validated in full before Ray starts, so a typo or a bad value fails fast and names the
 field. Load one with :func:`load_config`::
 
-    cfg = load_config(preset="cpu-tiny", overrides=["stage2.num_inference_steps=4"])
+    cfg = load_config(preset="cpu-tiny", overrides=["stage2.instruct_pix2pix.num_inference_steps=4"])
 """
 
 from __future__ import annotations
@@ -16,20 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+
+from u2s.config_base import ConfigModel as _Model
+from u2s.config_base import ModelConfig
+from u2s.config_base import absolute_path as _absolute
+from u2s.stage2.editors import EDITORS, EditorConfig
 
 PRESETS = ("cpu-tiny", "paper")
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _absolute(uri: str | None) -> str | None:
-    """Local paths become absolute: Ray workers do not share the driver's working directory."""
-    if uri is None or "://" in uri:
-        return uri
-    return os.path.abspath(uri)
 
 
 class StorageConfig(_Model):
@@ -194,22 +188,6 @@ class Resources(_Model):
 
     def threads(self) -> int:
         return self.torch_threads or max(1, int(self.num_cpus))
-
-
-class ModelConfig(_Model):
-    """A model loaded with `from_pretrained`: a Hugging Face id or a local/mounted path."""
-
-    model: str = Field(..., description="HF model id or local path (`~` and ${ENV} are expanded).")
-    revision: str | None = Field(None, description="HF revision (branch, tag or commit).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
-    trust_remote_code: bool = Field(False, description="Allow model repos with custom code.")
-
-    @field_validator("model")
-    @classmethod
-    def _local_dir_absolute(cls, value: str) -> str:
-        # An existing local folder wins over a hub id (as in `from_pretrained`); pin it for the workers.
-        return os.path.abspath(value) if os.path.isdir(value) else value
 
 
 class GenerationConfig(_Model):
@@ -506,109 +484,11 @@ class Stage1Config(_Model):
         return pools
 
 
-DIFFUSION_EDITORS = ("instruct_pix2pix", "safe_attention", "flowedit_sd3", "flux_kontext")
-BASELINE_EDITORS = ("blur", "pixelate", "mask", "blur_image")
-EditorName = Literal["instruct_pix2pix", "safe_attention", "flowedit_sd3", "flux_kontext",
-                     "blur", "pixelate", "mask", "blur_image"]  # fmt: skip
+class _Stage2Shared(_Model):
+    """Settings every editor shares; ``Stage2Config`` narrows ``editor`` to the registered names and adds
+    one section per editor."""
 
-
-#: Settings that differ per editor; a config leaving them unset gets these (the paper's values where known).
-EDITOR_DEFAULTS: dict[str, dict[str, Any]] = {
-    "instruct_pix2pix": {"num_inference_steps": 100, "guidance_scale": 7.5},  # PAPER.md §3.3 inference
-    "safe_attention": {"num_inference_steps": 100, "guidance_scale": 7.5},
-    "flowedit_sd3": {"num_inference_steps": 50, "guidance_scale": 0.0},  # uses flowedit.*_guidance_scale
-    "flux_kontext": {"num_inference_steps": 28, "guidance_scale": 2.5},  # diffusers' Kontext defaults
-    **{name: {"num_inference_steps": 1, "guidance_scale": 0.0} for name in BASELINE_EDITORS},  # unused
-}
-
-
-class SafeAttentionConfig(_Model):
-    """SafeAttention: a public-caption branch in every cross-attention of InstructPix2Pix (PAPER.md §3.2)."""
-
-    variant: Literal["gated", "fusion"] = Field(
-        "gated", description="gated: shared query, learned gate + zero-initialised public scale (variant G); "
-        "fusion: public Q/K/V copies + learned Conv1d fuser over both attention maps (variant F).",
-    )  # fmt: skip
-    weights: str | None = Field(
-        None, description="Saved SafeAttention weights (folder or file). None: untrained, equals plain IP2P."
-    )
-
-    _absolute_paths = field_validator("weights")(_absolute)
-
-
-class FlowEditConfig(_Model):
-    """FlowEdit on Stable Diffusion 3 (training-free; PAPER.md §3.1)."""
-
-    source_prompt: Literal["private_caption", "public_caption"] = Field(
-        "private_caption", description="Column describing the original image."
-    )
-    target_prompt: Literal["public_caption", "combined_caption", "edit_instruction"] = Field(
-        "combined_caption",
-        description="Column describing the wanted image: combined_caption (public caption with the edit "
-        "applied, stage 1's combine call, switched on automatically for it) by default.",
-    )
-    source_guidance_scale: float = Field(3.5, ge=0, description="CFG of the source branch.")
-    target_guidance_scale: float = Field(13.5, ge=0, description="CFG of the target branch.")
-    n_max: int = Field(
-        33, ge=0, description="Edit only the first n_max of the steps (from the noisy end); 0: no edit."
-    )
-    n_min: int = Field(0, ge=0, description="Last n_min steps use plain sampling from the target.")
-    n_avg: int = Field(1, ge=1, description="Noise samples averaged per step.")
-    max_side: int = Field(1536, ge=64, description="Long side above this is downscaled to it.")
-    side_multiple: int = Field(16, ge=1, description="Sides are cropped to a multiple of this.")
-
-
-class BaselineConfig(_Model):
-    """Classic anonymization baselines over detected regions (dlib faces, rapidocr text)."""
-
-    regions: list[Literal["faces", "text"]] = Field(["faces", "text"], description="What to hide.")
-    blur_radius: float = Field(
-        0.2,
-        gt=0,
-        description="Gaussian blur radius as a fraction of the region's short side "
-        "(0.1 left a 60 px phone number OCR-readable; 0.15+ did not).",
-    )
-    pixel_size: int = Field(
-        6, ge=2, description="Pixelation cells across the region's short side (7+ left text OCR-readable)."
-    )
-    mask_color: tuple[int, int, int] = Field((0, 0, 0), description="Solid mask colour (RGB).")
-    padding: float = Field(0.15, ge=0, description="Boxes grow by this fraction of their size on each side.")
-    face_upsample: int = Field(
-        1, ge=0, description="dlib HOG detector upsampling passes (finds small faces)."
-    )
-    text_min_score: float = Field(0.5, ge=0, le=1, description="Minimum OCR detection score.")
-
-
-class Stage2Config(_Model):
-    """The editor that rewrites flagged images: a diffusion editor or a baseline."""
-
-    editor: EditorName = Field(
-        "instruct_pix2pix",
-        description="instruct_pix2pix, safe_attention (dual-condition IP2P), flowedit_sd3, flux_kontext; "
-        "baselines: blur, pixelate, mask (faces/text regions), blur_image (whole image).",
-    )
-    model: ModelConfig | None = Field(
-        None,
-        description="Editor pipeline (diffusers `from_pretrained`); required by diffusion editors. "
-        "Default: models[editor].",
-    )
-    models: dict[str, ModelConfig] = Field(
-        default_factory=dict,
-        description="Pipelines per editor name, so `--set stage2.editor=NAME` switches editor and model.",
-    )
-    safe_attention: SafeAttentionConfig = Field(default_factory=SafeAttentionConfig)
-    flowedit: FlowEditConfig = Field(default_factory=FlowEditConfig)
-    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
-    num_inference_steps: int = Field(
-        None, ge=1, description="Denoising steps. Default per editor (EDITOR_DEFAULTS): the paper's values."
-    )  # type: ignore[assignment]  # filled from EDITOR_DEFAULTS before validation
-    guidance_scale: float = Field(
-        None,
-        ge=0,
-        description="Text guidance: IP2P cfg-text; FLUX Kontext distilled guidance. Default per editor.",
-    )  # type: ignore[assignment]
-    image_guidance_scale: float = Field(1.5, ge=0, description="Image guidance (IP2P cfg-image).")
-    resolution: int = Field(512, ge=64, description="Working size: long side, rounded to a multiple of 64.")
+    editor: str = Field(next(iter(EDITORS)), description="The editor of flagged images.")
     seed: int = Field(42, description="Base seed; each row's seed derives from it and the row id.")
     compile: bool = Field(
         False, description="torch.compile the denoiser (UNet/transformer) at load; pays off on long GPU runs."
@@ -621,23 +501,55 @@ class Stage2Config(_Model):
 
     @model_validator(mode="before")
     @classmethod
-    def _editor_defaults(cls, data: Any) -> Any:
+    def _default_sections(cls, data: Any) -> Any:
+        """An unset section takes its editor's defaults, validated in place (so an error names
+        ``stage2.<editor>.<field>``): always for the chosen editor (a diffusion editor's missing ``model``
+        is reported), and for every editor whose config needs nothing (``u2s config show`` lists them)."""
         if not isinstance(data, dict):
             return data
-        editor = data.get("editor", "instruct_pix2pix")
-        data = dict(data)
-        if data.get("model") is None and editor in (data.get("models") or {}):
-            data["model"] = data["models"][editor]
-        for key, value in EDITOR_DEFAULTS.get(editor, {}).items():
-            if data.get(key) is None:
-                data[key] = value
-        return data
+        chosen = data.get("editor", next(iter(EDITORS)))
+        missing = [name for name in EDITORS if data.get(name) is None]
+        fill = [name for name in missing if name == chosen or _all_defaults(EDITORS[name].config_class)]
+        return {**data, **{name: {} for name in fill}} if fill else data
 
-    @model_validator(mode="after")
-    def _model_for_diffusion(self) -> Stage2Config:
-        if self.editor in DIFFUSION_EDITORS and self.model is None:
-            raise ValueError(f"editor '{self.editor}' needs stage2.model (a diffusers pipeline id or path)")
-        return self
+    def section(self, name: str | None = None) -> EditorConfig:
+        """The settings of editor ``name`` (default: the chosen one); its defaults if the section is unset."""
+        name = name or self.editor
+        value = getattr(self, name)
+        return value if value is not None else EDITORS[name].config_class()
+
+
+def _all_defaults(config_class: type[EditorConfig]) -> bool:
+    return not any(field.is_required() for field in config_class.model_fields.values())
+
+
+def _first_line(doc: str | None) -> str:
+    return doc.strip().splitlines()[0] if doc else ""
+
+
+#: The editor that rewrites flagged images (``stage2.editor``), the settings all editors share, and one
+#: optional section per registered editor, named after it (``stage2.instruct_pix2pix: {model: ...}``).
+#: Assembled from the registry (:data:`u2s.stage2.editors.EDITORS`), so adding an editor touches its own
+#: file and the registry only. Presets fill every editor's section, so ``--set stage2.editor=NAME``
+#: switches editor and model together.
+Stage2Config = create_model(
+    "Stage2Config",
+    __base__=_Stage2Shared,
+    __module__=__name__,
+    __doc__="The editor that rewrites flagged images, shared settings, and one section per editor.",
+    editor=(
+        Literal[tuple(EDITORS)],  # type: ignore[valid-type]  # the registered names
+        Field(
+            next(iter(EDITORS)),
+            description="The editor of flagged images: " + ", ".join(EDITORS) + ". Its settings are the "
+            "section of the same name (unset: that editor's defaults).",
+        ),
+    ),
+    **{
+        name: (cls.config_class | None, Field(None, description=_first_line(cls.config_class.__doc__)))
+        for name, cls in EDITORS.items()
+    },
+)
 
 
 class RayConfig(_Model):
@@ -669,21 +581,27 @@ class JobConfig(_Model):
 
     @model_validator(mode="before")
     @classmethod
-    def _combine_for_flowedit(cls, data: Any) -> Any:
-        """FlowEdit's default target prompt is the combined caption: switch stage 1's call D on for it."""
-        if not isinstance(data, dict):
+    def _stage1_texts_for_editor(cls, data: Any) -> Any:
+        """Stage 1 writes what the editor reads: its combine call runs when the editor needs the combined
+        caption (FlowEdit's default target prompt). A stage-2 section that does not validate is left to
+        the main validation, which names the field."""
+        if not isinstance(data, dict) or data.get("stage1") is None:
             return data
-        stage1, stage2 = data.get("stage1"), data.get("stage2")
-        if not (isinstance(stage1, dict) and isinstance(stage2, dict)):
+        try:
+            stage2 = Stage2Config.model_validate(data.get("stage2"))
+        except ValidationError:
             return data
-        target = (stage2.get("flowedit") or {}).get("target_prompt", "combined_caption")
-        if (
-            stage2.get("editor") == "flowedit_sd3"
-            and target == "combined_caption"
-            and not stage1.get("combine")
-        ):
-            data = {**data, "stage1": {**stage1, "combine": True}}
+        if "combined_caption" in stage2.section().stage1_texts():
+            data = {**data, "stage1": _with_combine(data["stage1"])}
         return data
+
+
+def _with_combine(stage1: Stage1Config | dict) -> Stage1Config | dict:
+    """``stage1`` (a section or its raw mapping) with its combine call (call D) on: the one place that
+    knows how that call is switched on."""
+    if isinstance(stage1, Stage1Config):
+        return stage1 if stage1.combine else stage1.model_copy(update={"combine": True})
+    return {**stage1, "combine": True} if isinstance(stage1, dict) and not stage1.get("combine") else stage1
 
 
 class ConfigError(ValueError):

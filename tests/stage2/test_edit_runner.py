@@ -1,4 +1,5 @@
-"""EditStage over real Arrow batches with the tiny InstructPix2Pix pipeline; seeds and working sizes."""
+"""EditStage over real Arrow batches with the tiny InstructPix2Pix pipeline: seeds, working sizes,
+buckets, failures, and outputs that equal their inputs (never published)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from PIL import Image
 
 from u2s.config import ModelConfig, Resources, Stage2Config
 from u2s.schema import new_row, rows_to_table
-from u2s.stage2.runner import EditStage, encode_image, row_seed, working_size
+from u2s.stage2.editors.base import fit_long_side
+from u2s.stage2.runner import EditStage, encode_image, row_seed, same_pixels
 from u2s.testing.images import noise_image
 
 # --- row_seed -----------------------------------------------------------------------------------------
@@ -31,7 +33,7 @@ def test_row_seed_range_and_sensitivity():
     assert row_seed(42, "a") == row_seed(42, "a")
 
 
-# --- working_size -------------------------------------------------------------------------------------
+# --- fit_long_side (the IP2P family's working size) -----------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -48,13 +50,22 @@ def test_row_seed_range_and_sensitivity():
         (300, 200, 100, (128, 64)),  # the long side is rounded to a multiple of 64 too
     ],
 )
-def test_working_size(width, height, resolution, expected):
-    assert working_size(width, height, resolution) == expected
+def test_fit_long_side(width, height, resolution, expected):
+    assert fit_long_side(width, height, resolution) == expected
 
 
-def test_working_size_rejects_empty_images():
+def test_fit_long_side_rejects_empty_images():
     with pytest.raises(ValueError):
-        working_size(0, 10, 512)
+        fit_long_side(0, 10, 512)
+
+
+def test_same_pixels():
+    img = noise_image(20, 10, 0)
+    assert same_pixels(img, img.copy()) and same_pixels(img, img.convert("RGBA"))
+    changed = img.copy()
+    changed.putpixel((19, 9), (0, 0, 0) if img.getpixel((19, 9)) != (0, 0, 0) else (1, 1, 1))
+    assert not same_pixels(img, changed)
+    assert not same_pixels(img, img.resize((10, 20)))
 
 
 # --- encoding ------------------------------------------------------------------------------------------
@@ -74,10 +85,11 @@ def test_encode_image_formats():
 
 
 def _config(tiny_models, **overrides) -> Stage2Config:
-    fields = dict(
+    ip2p = dict(
         model=ModelConfig(model=str(tiny_models["instruct_pix2pix"]), dtype="float32", device="cpu"),
-        num_inference_steps=2, resolution=128, seed=42, resources=Resources(batch_size=2, torch_threads=1),
+        num_inference_steps=2, resolution=128,
     )  # fmt: skip
+    fields = dict(instruct_pix2pix=ip2p, seed=42, resources=Resources(batch_size=2, torch_threads=1))
     return Stage2Config(**{**fields, **overrides})
 
 
@@ -204,3 +216,29 @@ def test_edit_stage_jpeg_output(tiny_models):
     assert out["status"] == "edited" and out["image"]["path"] == "one.jpg"
     decoded = Image.open(io.BytesIO(out["image"]["bytes"]))
     assert decoded.format == "JPEG" and decoded.size == (90, 60)
+
+
+def test_unchanged_output_is_an_error_row_not_a_published_image(stage, monkeypatch):
+    """An editor that returns (some of) its inputs as they came: those rows are errors, without content."""
+    real_edit = stage.editor.edit
+
+    def lazy(images, prompts, seeds):
+        out = real_edit(images, prompts, seeds)
+        return [
+            img.copy() if p.edit_instruction == "leave it" else o
+            for img, p, o in zip(images, prompts, out, strict=True)
+        ]
+
+    monkeypatch.setattr(stage.editor, "edit", lazy)
+    rows = _rows()
+    for row in rows:
+        if row["id"] in ("wide-1", "tall"):
+            row["edit_instruction"] = "leave it"
+    out = {row["id"]: row for row in stage(rows_to_table(copy.deepcopy(rows))).to_pylist()}
+    before = {row["id"]: row for row in rows}
+    for rid in ("wide-1", "tall"):
+        assert out[rid]["status"] == "error" and out[rid]["error"] == "edit: editor left the image unchanged"
+        assert out[rid]["image"]["bytes"] == before[rid]["image"]["bytes"]  # nothing new was encoded
+        assert out[rid]["editor"] is None and out[rid]["seed"] is None
+    for rid in ("wide-2", "wide-3", "exif", "square"):  # the rest of the same batches: edited
+        assert out[rid]["status"] == "edited", rid

@@ -13,7 +13,7 @@ from u2s.config import ModelConfig, Resources, Stage2Config
 from u2s.schema import new_row, rows_to_table
 from u2s.stage2.editors import EDITORS, Editor, load_editor
 from u2s.stage2.editors.base import EditPrompt
-from u2s.stage2.editors.flowedit_sd3 import FlowEditSD3Editor, editing_size
+from u2s.stage2.editors.flowedit_sd3 import FlowEditSD3Config, FlowEditSD3Editor, flowedit_size
 from u2s.stage2.runner import EditStage, row_seed
 from u2s.testing.images import max_diff, mean_diff, noise_image
 from u2s.testing.tiny_models import build_tiny_sd3
@@ -32,13 +32,18 @@ def sd3_model(tmp_path_factory) -> str:
     return str(build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3") / "sd3"))
 
 
+def _settings(model: str, **flowedit) -> FlowEditSD3Config:
+    return FlowEditSD3Config(
+        model=ModelConfig(model=model, dtype="float32", device="cpu"),
+        **{"num_inference_steps": STEPS, "n_max": 6, **flowedit},
+    )
+
+
 def _config(model: str, **flowedit) -> Stage2Config:
-    cfg = Stage2Config(
-        editor="flowedit_sd3", model=ModelConfig(model=model, dtype="float32", device="cpu"),
-        num_inference_steps=STEPS, resolution=128, resources=Resources(batch_size=2, torch_threads=1),
+    return Stage2Config(
+        editor="flowedit_sd3", flowedit_sd3=_settings(model, **flowedit),
+        resources=Resources(batch_size=2, torch_threads=1),
     )  # fmt: skip
-    # model_copy skips validation on purpose: n_max = 0 (no edit) is below the config's bound.
-    return cfg.model_copy(update={"flowedit": cfg.flowedit.model_copy(update={"n_max": 6, **flowedit})})
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ def configure(editor):
     original = editor.config
 
     def apply(**flowedit) -> FlowEditSD3Editor:
-        editor.config = _config(original.model.model, **flowedit)
+        editor.config = _settings(original.model.model, **flowedit)
         return editor
 
     yield apply
@@ -124,14 +129,20 @@ def _reference_flowedit(pipe, image, source, target, seed, *, n_max, n_min=0, g_
 def test_loads_saved_pipeline_through_registry(editor):
     assert isinstance(editor, FlowEditSD3Editor) and isinstance(editor, Editor)
     assert editor.name == "flowedit_sd3"
-    assert EDITORS["flowedit_sd3"].endswith(":FlowEditSD3Editor")
+    assert EDITORS["flowedit_sd3"] is FlowEditSD3Editor
     assert type(editor.pipe).__name__ == "StableDiffusion3Pipeline"
     assert editor.pipe.device.type == "cpu" and editor.multiple == 16
 
 
 def test_n_min_above_n_max_is_rejected(sd3_model):
-    with pytest.raises(ValueError, match="n_min"):
-        FlowEditSD3Editor(_config(sd3_model, n_max=2, n_min=3))
+    with pytest.raises(ValueError, match=r"n_min \(3\) must not exceed n_max \(2\)"):
+        _settings(sd3_model, n_max=2, n_min=3)
+
+
+def test_needs_the_texts_of_its_prompt_columns(sd3_model):
+    assert _settings(sd3_model).stage1_texts() == {"private_caption", "combined_caption"}
+    settings = _settings(sd3_model, source_prompt="public_caption", target_prompt="edit_instruction")
+    assert settings.stage1_texts() == {"public_caption", "edit_instruction"}
 
 
 # --- the algorithm -------------------------------------------------------------------------------------
@@ -215,20 +226,29 @@ def test_prompts_stay_out_of_logs(editor, caplog):
 @pytest.mark.parametrize(
     ("size", "max_side", "multiple", "expected"),
     [
-        ((128, 64), 1536, 16, ((128, 64), (128, 64))),
-        ((1000, 700), 1536, 16, ((1000, 700), (992, 688))),
-        ((3072, 2000), 1536, 16, ((1536, 1000), (1536, 992))),
-        ((2000, 4000), 1536, 16, ((768, 1536), (768, 1536))),
-        ((100, 70), 64, 16, ((64, 45), (64, 32))),
+        ((128, 64), 1536, 16, (128, 64)),
+        ((200, 120), 1536, 16, (192, 112)),  # native size, floored to x16; never upscaled
+        ((1000, 700), 1536, 16, (992, 688)),
+        ((3000, 2000), 1536, 16, (1536, 1024)),  # long side capped at 1536
+        ((3072, 2000), 1536, 16, (1536, 992)),
+        ((2000, 4000), 1536, 16, (768, 1536)),
+        ((100, 70), 64, 16, (64, 32)),
+        ((200, 10), 1536, 16, (192, 16)),  # a side below the multiple becomes one multiple
     ],
 )
-def test_editing_size(size, max_side, multiple, expected):
-    assert editing_size(*size, max_side, multiple) == expected
+def test_flowedit_size(size, max_side, multiple, expected):
+    assert flowedit_size(*size, max_side, multiple) == expected
 
 
-def test_editing_size_rejects_tiny_images():
-    with pytest.raises(ValueError, match="too small"):
-        editing_size(200, 10, 1536, 16)
+def test_working_size_is_native_capped_and_x16(editor, configure):
+    assert editor.multiple == 16
+    for width, height in ((200, 120), (333, 777), (1536, 1536)):  # within the cap: native, floored to x16
+        w, h = editor.working_size(width, height)
+        assert w % 16 == h % 16 == 0 and 0 <= width - w < 16 and 0 <= height - h < 16
+    for width, height in ((3000, 2000), (2000, 4000), (5000, 40)):  # above it: the long side is capped
+        w, h = editor.working_size(width, height)
+        assert w % 16 == h % 16 == 0 and 1536 - 16 < max(w, h) <= 1536
+    assert configure(max_side=512, side_multiple=32).working_size(3000, 2000) == (512, 320)
 
 
 def test_output_at_input_size_model_at_paper_size(configure):
@@ -243,7 +263,7 @@ def test_output_at_input_size_model_at_paper_size(configure):
     finally:
         hook.remove()
     assert [img.size for img in out] == [(100, 70)] * 3 and all(img.mode == "RGB" for img in out)
-    # 100x70 → 64x45 (max side) → 64x32 (x16 crop) → 8x4 latents; 3 rows x 2 branches x 2 CFG halves
+    # 100x70 → 64x45 (max side) → 64x32 (x16) → 8x4 latents; 3 rows x 2 branches x 2 CFG halves
     assert seen == [(12, 4, 4, 8)] * 6
     assert editor.edit([], [], []) == []
     with pytest.raises(ValueError, match="one size"):
@@ -259,14 +279,19 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _flagged_png(rid: str, img: Image.Image) -> dict:
+    row = new_row(rid, f"src/{rid}", "people", _png(img))
+    row.update(width=img.width, height=img.height, privacy_flag=True, categories=["people"],
+               public_caption="a person", private_caption="PRIVATE name",
+               edit_instruction="change the face")  # fmt: skip
+    return row
+
+
 def test_edit_stage_with_flowedit(sd3_model):
-    stage = EditStage(_config(sd3_model, n_max=3).model_copy(update={"num_inference_steps": 4}))
-    rows = []
-    for i, (w, h) in enumerate([(77, 50), (80, 52), (50, 77)]):
-        row = new_row(f"r{i}", f"src/r{i}", "people", _png(noise_image(w, h, i)))
-        row.update(width=w, height=h, privacy_flag=True, categories=["people"], public_caption="a person",
-                   private_caption="PRIVATE name", edit_instruction="change the face")  # fmt: skip
-        rows.append(row)
+    stage = EditStage(_config(sd3_model, n_max=3, num_inference_steps=4))
+    rows = [
+        _flagged_png(f"r{i}", noise_image(w, h, i)) for i, (w, h) in enumerate([(77, 50), (80, 52), (50, 77)])
+    ]
     rows[0]["combined_caption"] = "a person with another face"
     out = stage(rows_to_table(rows)).to_pylist()
     for row, before in zip(out, rows, strict=True):
@@ -275,3 +300,33 @@ def test_edit_stage_with_flowedit(sd3_model):
         decoded = Image.open(io.BytesIO(row["image"]["bytes"]))
         assert decoded.size == (before["width"], before["height"]) == (row["width"], row["height"])
         assert row["image"]["bytes"] != before["image"]["bytes"]
+
+
+def test_edit_stage_gives_flowedit_the_papers_size(sd3_model):
+    """The runner hands FlowEdit each image near its native size (long side <= 1536, sides x16), bucketed
+    by that size, and restores the original size: no resize to IP2P's 512 on the way."""
+    stage = EditStage(_config(sd3_model, n_max=1, num_inference_steps=1))
+    seen: list[tuple[int, int]] = []
+    latents: list[tuple[int, ...]] = []
+    real_edit = stage.editor.edit
+
+    def spy(images, prompts, seeds):
+        seen.extend(img.size for img in images)
+        return real_edit(images, prompts, seeds)
+
+    stage.editor.edit = spy
+    hook = stage.editor.pipe.vae.encoder.register_forward_pre_hook(
+        lambda _, args: latents.append(args[0].shape)
+    )
+    sizes = [(200, 120), (3000, 2000), (200, 120)]
+    try:
+        out = stage(
+            rows_to_table([_flagged_png(f"r{i}", noise_image(w, h, i)) for i, (w, h) in enumerate(sizes)])
+        )
+    finally:
+        hook.remove()
+    assert sorted(seen) == [(192, 112), (192, 112), (1536, 1024)]
+    assert sorted(shape[-2:] for shape in latents) == [(112, 192), (1024, 1536)]  # 2 buckets, 2 encodes
+    for row, (w, h) in zip(out.to_pylist(), sizes, strict=True):
+        assert row["status"] == "edited", row["error"]
+        assert Image.open(io.BytesIO(row["image"]["bytes"])).size == (w, h) == (row["width"], row["height"])

@@ -18,8 +18,9 @@ PROMPT = EditPrompt("replace the face with another face", "a person", "John Smit
 def editor(tmp_path_factory) -> FluxKontextEditor:
     model = build_tiny_flux_kontext(tmp_path_factory.mktemp("tiny-kontext") / "flux_kontext")
     cfg = Stage2Config(
-        editor="flux_kontext", model=ModelConfig(model=str(model), dtype="float32", device="cpu"),
-        num_inference_steps=3, guidance_scale=2.5, resources=Resources(batch_size=2, torch_threads=1),
+        editor="flux_kontext", resources=Resources(batch_size=2, torch_threads=1),
+        flux_kontext={"model": ModelConfig(model=str(model), dtype="float32", device="cpu"),
+                      "num_inference_steps": 3, "resolution": 128},
     )  # fmt: skip
     return load_editor(cfg)
 
@@ -30,8 +31,14 @@ IMAGES = [noise_image(128, 64, 0), noise_image(128, 64, 1)]
 def test_loads_saved_pipeline_through_registry(editor):
     assert isinstance(editor, FluxKontextEditor) and isinstance(editor, Editor)
     assert editor.name == "flux_kontext"
-    assert EDITORS["flux_kontext"].endswith(":FluxKontextEditor")
+    assert EDITORS["flux_kontext"] is FluxKontextEditor
     assert type(editor.pipe).__name__ == "FluxKontextPipeline" and editor.pipe.device.type == "cpu"
+
+
+def test_working_size_at_its_resolution(editor):
+    assert editor.config.guidance_scale == 2.5  # the default: diffusers' Kontext value
+    assert editor.working_size(300, 200) == (128, 64)  # long side 128, sides rounded to x64
+    assert editor.working_size(2000, 3000) == (64, 128)
 
 
 def _tokens_seen(editor, run) -> list[int]:

@@ -15,11 +15,12 @@ from u2s.testing.images import noise_image, pixels
 
 
 def _config(tiny_models, **overrides) -> Stage2Config:
-    fields = dict(
+    ip2p = dict(
         model=ModelConfig(model=str(tiny_models["instruct_pix2pix"]), dtype="float32", device="cpu"),
-        num_inference_steps=2, resolution=128, resources=Resources(batch_size=2, torch_threads=1),
+        num_inference_steps=2, resolution=128,
     )  # fmt: skip
-    return Stage2Config(**{**fields, **overrides})
+    return Stage2Config(**{"instruct_pix2pix": ip2p, "resources": Resources(batch_size=2, torch_threads=1),
+                           **overrides})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +33,17 @@ def test_loads_saved_pipeline_through_registry(editor):
 
     assert isinstance(editor, InstructPix2PixEditor)
     assert editor.name == "instruct_pix2pix" == InstructPix2PixEditor.name
-    assert EDITORS["instruct_pix2pix"].endswith(":InstructPix2PixEditor")
+    assert EDITORS["instruct_pix2pix"] is InstructPix2PixEditor
     pipe = editor.pipe
     assert pipe.unet.config.in_channels == 8  # the tiny IP2P UNet read back from disk
     assert pipe.safety_checker is None
     assert pipe.device.type == "cpu" and pipe.unet.dtype.is_floating_point
+
+
+def test_working_size_at_its_resolution(editor):
+    assert editor.working_size(77, 50) == (128, 64)  # long side 128, sides rounded to x64
+    assert editor.working_size(4000, 3000) == (128, 128)
+    assert editor.config.image_guidance_scale == 1.5  # the paper's default
 
 
 def test_unknown_editor_is_rejected(tiny_models):

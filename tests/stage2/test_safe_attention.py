@@ -13,9 +13,10 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from u2s.config import ModelConfig, Resources, SafeAttentionConfig, Stage2Config
+from u2s.config import ModelConfig, Resources, Stage2Config
 from u2s.stage2.editors import EDITORS, load_editor
 from u2s.stage2.editors.base import EditPrompt
+from u2s.stage2.editors.safe_attention import SafeAttentionConfig
 from u2s.stage2.safe_attention_processor import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -175,19 +176,24 @@ def test_processor_rejects_bad_inputs():
 # The editor on the tiny saved IP2P pipeline.
 
 
-def _config(tiny_models, **overrides) -> Stage2Config:
-    fields = dict(
+def _ip2p(tiny_models) -> dict:
+    return dict(
         model=ModelConfig(model=str(tiny_models["instruct_pix2pix"]), dtype="float32", device="cpu"),
-        num_inference_steps=2, resolution=128, resources=Resources(batch_size=2, torch_threads=1),
+        num_inference_steps=2, resolution=128,
     )  # fmt: skip
-    return Stage2Config(**{**fields, **overrides})
+
+
+def _config(tiny_models) -> Stage2Config:
+    return Stage2Config(
+        instruct_pix2pix=_ip2p(tiny_models), resources=Resources(batch_size=2, torch_threads=1)
+    )
 
 
 def _safe_config(tiny_models, variant: str, weights: str | None = None) -> Stage2Config:
-    return _config(
-        tiny_models,
+    return Stage2Config(
         editor="safe_attention",
-        safe_attention=SafeAttentionConfig(variant=variant, weights=weights),
+        safe_attention=SafeAttentionConfig(**_ip2p(tiny_models), variant=variant, weights=weights),
+        resources=Resources(batch_size=2, torch_threads=1),
     )
 
 
@@ -229,7 +235,7 @@ def _set_public_scale(editor, value: float) -> None:
 def test_registry_loads_the_editor_with_processors_on_every_cross_attention(safe_editors):
     from u2s.stage2.editors.safe_attention import SafeAttentionEditor
 
-    assert EDITORS["safe_attention"] == "u2s.stage2.editors.safe_attention:SafeAttentionEditor"
+    assert EDITORS["safe_attention"] is SafeAttentionEditor
     editor = safe_editors["gated"]
     assert isinstance(editor, SafeAttentionEditor) and editor.name == "safe_attention"
     procs = editor.pipe.unet.attn_processors

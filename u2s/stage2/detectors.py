@@ -22,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL import Image
 
-    from u2s.config import BaselineConfig
+    from u2s.stage2.editors.baselines import RegionConfig
 
 #: A region: (left, top, right, bottom) in pixels, right/bottom exclusive.
 Box = tuple[int, int, int, int]
@@ -167,9 +167,10 @@ class TextDetector:
 
 
 class RegionDetector:
-    """The regions a :class:`~u2s.config.BaselineConfig` hides: faces and/or text, padded and clipped."""
+    """The regions a :class:`~u2s.stage2.editors.baselines.RegionConfig` hides: faces and/or text, padded
+    and clipped."""
 
-    def __init__(self, config: BaselineConfig, threads: int | None = None) -> None:
+    def __init__(self, config: RegionConfig, threads: int | None = None) -> None:
         self.config = config
         self.faces = FaceDetector(config.face_upsample) if "faces" in config.regions else None
         self.text = TextDetector(config.text_min_score, threads) if "text" in config.regions else None
@@ -186,16 +187,14 @@ class RegionDetector:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_detector(config_json: str) -> RegionDetector:
-    from u2s.config import BaselineConfig
-
-    return RegionDetector(BaselineConfig.model_validate_json(config_json))
+def _cached_detector(config_class: type[RegionConfig], config_json: str) -> RegionDetector:
+    return RegionDetector(config_class.model_validate_json(config_json))
 
 
-def detect_regions(image: Image.Image, config: BaselineConfig) -> list[Box]:
+def detect_regions(image: Image.Image, config: RegionConfig) -> list[Box]:
     """The padded, clipped boxes of ``config.regions`` in ``image``.
 
     Convenience for one-off calls: detectors are built once per distinct config and reused. Stages
     hold their own :class:`RegionDetector` instead.
     """
-    return _cached_detector(config.model_dump_json())(image)
+    return _cached_detector(type(config), config.model_dump_json())(image)

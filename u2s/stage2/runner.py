@@ -1,10 +1,11 @@
 """Stage 2: rewrite flagged rows with the configured editor; every other row passes untouched.
 
-Rows are bucketed by working size (an aspect-preserving size whose sides are multiples of 64), so one
-editor call sees images of a single size; each row is seeded from the base seed and its id, so a rerun
-reproduces its output whatever batch it lands in; the edited image is restored to the row's original
-size before encoding. Editors with ``native_size`` (the baselines) skip both resizes: rows are bucketed
-by their own size and the output is encoded as returned.
+Each image is resized to its editor's working size (:meth:`~u2s.stage2.editors.base.Editor.working_size`:
+the IP2P family at ``resolution``, FlowEdit near native size, the baselines at their own size) and rows
+are bucketed by that size, so one editor call sees images of a single size; each row is seeded from the
+base seed and its id, so a rerun reproduces its output whatever batch it lands in; the edited image is
+restored to the row's original size before encoding. An output whose pixels equal the editor's input
+is never published: that row becomes an error row.
 """
 
 from __future__ import annotations
@@ -30,34 +31,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Side lengths of working sizes are multiples of this.
-SIZE_MULTIPLE = 64
-
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+
+#: The error reason of a row whose editor output equals its input (content-free).
+UNCHANGED = "editor left the image unchanged"
 
 
 def row_seed(base_seed: int, row_id: str) -> int:
     """A row's 63-bit seed: sha256 of the base seed and the row id (stable across processes and runs)."""
     digest = hashlib.sha256(f"{base_seed}:{row_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
-
-
-def _round64(x: float) -> int:
-    return max(SIZE_MULTIPLE, int(x / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE)
-
-
-def working_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """The (width, height) an image of this size is edited at.
-
-    The long side becomes ``resolution`` and the short side keeps the aspect ratio; each side is then
-    rounded to the nearest multiple of 64 (at least 64). Latent-diffusion editors need sides divisible
-    by the VAE's downsampling (8) times the UNet's (up to 8), and coarse rounding also leaves few
-    distinct sizes, so rows fall into few buckets and batches stay full.
-    """
-    if width < 1 or height < 1:
-        raise ValueError(f"invalid image size {width}x{height}")
-    long_side = max(width, height)
-    return _round64(width * resolution / long_side), _round64(height * resolution / long_side)
 
 
 def encode_image(img: Image.Image, fmt: str) -> tuple[bytes, str]:
@@ -72,6 +55,12 @@ def encode_image(img: Image.Image, fmt: str) -> tuple[bytes, str]:
     return buf.getvalue(), _EXTENSIONS[fmt]
 
 
+def same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    """Whether two images have the same size and the same RGB pixel values."""
+    rgb = lambda img: img if img.mode == "RGB" else img.convert("RGB")  # noqa: E731
+    return a.size == b.size and rgb(a).tobytes() == rgb(b).tobytes()
+
+
 def edit_prompt(row: dict) -> EditPrompt:
     """The stage-1 texts of a working row, as editors take them."""
     return EditPrompt(
@@ -80,6 +69,10 @@ def edit_prompt(row: dict) -> EditPrompt:
         private_caption=row["private_caption"] or "",
         combined_caption=row.get("combined_caption"),
     )
+
+
+#: One row on its way through the editor: the row, its image at working size, its original size.
+_Item = tuple[dict, Image.Image, tuple[int, int]]
 
 
 class EditStage(Stage):
@@ -101,10 +94,9 @@ class EditStage(Stage):
         return pc.and_(flagged(batch), pc.is_valid(batch.column("edit_instruction")))
 
     def process(self, rows: list[dict]) -> None:
-        cfg = self.config
         # Decode one row at a time and keep only its working-size copy: memory stays bounded by one
-        # full-size image plus the batch at working size (native-size editors hold the batch at full size).
-        buckets: dict[tuple[int, int], list[tuple[dict, Image.Image, tuple[int, int]]]] = defaultdict(list)
+        # full-size image plus the batch at working size.
+        buckets: dict[tuple[int, int], list[_Item]] = defaultdict(list)
         for row in rows:
             try:
                 img = load_rgb((row["image"] or {}).get("bytes") or b"")
@@ -112,20 +104,18 @@ class EditStage(Stage):
                 mark_error(row, self.name, str(e))
                 continue
             original = (row["width"] or img.width, row["height"] or img.height)
-            if self.editor.native_size:  # edited at its own size: no resampling on the way in or out
-                buckets[img.size].append((row, img, original))
-            else:
-                size = working_size(img.width, img.height, cfg.resolution)
-                buckets[size].append((row, img.resize(size, Image.Resampling.LANCZOS), original))
-            del img
+            size = self.editor.working_size(img.width, img.height)
+            work = img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
+            buckets[size].append((row, work, original))
+            del img, work
 
-        step = cfg.resources.batch_size
+        step = self.config.resources.batch_size
         for size in sorted(buckets):
             items = buckets[size]
             for start in range(0, len(items), step):
                 self._edit_chunk(items[start : start + step])
 
-    def _edit_chunk(self, items: list[tuple[dict, Image.Image, tuple[int, int]]]) -> None:
+    def _edit_chunk(self, items: list[_Item]) -> None:
         cfg = self.config
         rows = [row for row, _, _ in items]
         seeds = [row_seed(cfg.seed, row["id"]) for row in rows]
@@ -140,7 +130,12 @@ class EditStage(Stage):
             for row in rows:
                 mark_error(row, self.name, f"editor failed ({type(e).__name__})")
             return
-        for (row, _, original), out, seed in zip(items, outputs, seeds, strict=True):
+        unchanged = 0
+        for (row, work, original), out, seed in zip(items, outputs, seeds, strict=True):
+            if same_pixels(out, work):  # nothing was hidden: publishing it would publish the original
+                mark_error(row, self.name, UNCHANGED)
+                unchanged += 1
+                continue
             if out.size != original:
                 out = out.resize(original, Image.Resampling.LANCZOS)
             data, ext = encode_image(out.convert("RGB"), cfg.output_format)
@@ -149,3 +144,5 @@ class EditStage(Stage):
             row["status"] = Status.EDITED.value
             row["editor"] = self.editor.name
             row["seed"] = seed
+        if unchanged:
+            logger.warning("editor %s left %d of %d images unchanged", self.editor.name, unchanged, len(rows))

@@ -1,4 +1,4 @@
-"""The interface every stage-2 editor implements."""
+"""The interface every stage-2 editor implements, and the base of each editor's own config."""
 
 from __future__ import annotations
 
@@ -6,10 +6,28 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from u2s.config_base import ConfigModel, ModelConfig
+
 if TYPE_CHECKING:
     from PIL import Image
 
     from u2s.config import Stage2Config
+
+#: Side lengths of the IP2P family's working sizes are multiples of this.
+SIZE_MULTIPLE = 64
+
+
+class EditorConfig(ConfigModel):
+    """Base of an editor's own settings: the section ``stage2.<editor name>`` of a job config.
+
+    Each editor file defines one subclass with the paper's defaults, and its editor class names it in
+    ``config_class``; ``Stage2Config`` gets one optional section per registered editor.
+    """
+
+    def stage1_texts(self) -> frozenset[str]:
+        """The stage-1 texts (``EditPrompt`` fields) the editor reads. The job config switches stage 1's
+        combine call on when this holds ``combined_caption``."""
+        return frozenset({"edit_instruction"})
 
 
 @dataclass(frozen=True)
@@ -36,17 +54,28 @@ class EditPrompt:
 class Editor(ABC):
     """An image editor that rewrites the private content of a batch of images.
 
-    Subclasses set ``name`` (the registry key, recorded in each edited row's ``editor`` column) and are
-    constructed with the job's :class:`~u2s.config.Stage2Config`; the constructor loads the model once
-    (heavy imports go there, not at module import) and :meth:`edit` is then called once per batch.
+    Subclasses set ``name`` (the registry key, recorded in each edited row's ``editor`` column) and
+    ``config_class`` (their section of the job config), and are constructed with the job's
+    ``Stage2Config``: ``self.config`` is then the editor's own section and ``self.stage2`` the whole
+    stage-2 config (shared settings: ``compile``, ``resources``...). The constructor loads the model once
+    (heavy imports go there, not at module import); :meth:`edit` is then called once per batch.
     """
 
     name: ClassVar[str]
-    #: False: the runner resizes each image to a working size (sides multiples of 64, long side
-    #: ``stage2.resolution``) before :meth:`edit` and back to its original size after. True: the editor
-    #: gets each image at its own size (batches still share one size) and its output is kept as is,
-    #: so pixels it leaves alone stay exact (the region baselines need this).
-    native_size: ClassVar[bool] = False
+    config_class: ClassVar[type[EditorConfig]]
+
+    def __init__(self, stage2: Stage2Config) -> None:
+        self.stage2 = stage2
+        self.config: Any = stage2.section(self.name)
+
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size an image of ``width`` × ``height`` (upright) is edited at. Default: its own size.
+
+        The runner resizes each image to this size before :meth:`edit` (images of one call share it)
+        and its output back to the original size after; at the image's own size nothing is resampled,
+        so pixels an editor leaves alone stay exact.
+        """
+        return width, height
 
     def edit(
         self,
@@ -57,14 +86,15 @@ class Editor(ABC):
         """Edit a batch of images; returns one RGB image per input, in order.
 
         Args:
-            images: upright RGB images that all share one size (the runner guarantees it): the working
-                size, or the images' own size for ``native_size`` editors.
+            images: upright RGB images that all share one size (the runner guarantees it, and gives
+                each image at its :meth:`working_size`).
             prompts: per image, the texts stage 1 wrote (see :class:`EditPrompt`).
             seeds: per image, the seed of its random stream (63-bit, non-negative). An image's output
                 must depend only on its own inputs and seed, so reruns reproduce it.
 
-        The three lists have the same length. Outputs have the same size as the inputs. Texts are
-        private: implementations must never log them. Validates the batch, then calls :meth:`_edit`.
+        The three lists have the same length. Outputs have the same size as the inputs. An output equal
+        to its input means "not edited": the runner publishes no such image. Texts are private:
+        implementations must never log them. Validates the batch, then calls :meth:`_edit`.
         """
         self.check_batch(images, prompts, seeds)
         return self._edit(images, prompts, seeds) if images else []
@@ -84,8 +114,22 @@ class Editor(ABC):
             raise ValueError("all images of one edit call must share one size")
 
 
-def load_pipeline(pipeline_cls: Any, config: Stage2Config, **kwargs: Any) -> tuple[str, Any]:
-    """``pipeline_cls.from_pretrained(config.model)`` on its device, in its dtype; returns (device, pipe).
+def fit_long_side(width: int, height: int, long_side: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    """The aspect-preserving size whose long side is ``long_side``, sides rounded to ``multiple``.
+
+    Each side is rounded to the nearest multiple (at least one multiple). Latent-diffusion editors need
+    sides divisible by the VAE's downsampling (8) times the UNet's (up to 8), and coarse rounding also
+    leaves few distinct sizes, so rows fall into few buckets and batches stay full.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"invalid image size {width}x{height}")
+    scale = long_side / max(width, height)
+    w, h = (max(multiple, int(side * scale / multiple + 0.5) * multiple) for side in (width, height))
+    return w, h
+
+
+def load_pipeline(pipeline_cls: Any, model: ModelConfig, **kwargs: Any) -> tuple[str, Any]:
+    """``pipeline_cls.from_pretrained(model.model)`` on its device, in its dtype; returns (device, pipe).
 
     The one loader of every diffusion editor: model libraries' input-echoing warnings silenced first
     (prompts are private), progress bars off. Call :func:`compile_denoiser` once the pipeline is final.
@@ -94,7 +138,6 @@ def load_pipeline(pipeline_cls: Any, config: Stage2Config, **kwargs: Any) -> tup
     from u2s.torch_utils import resolve_device, resolve_dtype
 
     silence_input_echo()
-    model = config.model
     device = resolve_device(model.device)
     dtype = resolve_dtype(model.dtype, device)
     pipe = pipeline_cls.from_pretrained(model.model, revision=model.revision, dtype=dtype, **kwargs).to(
@@ -104,20 +147,20 @@ def load_pipeline(pipeline_cls: Any, config: Stage2Config, **kwargs: Any) -> tup
     return device, pipe
 
 
-def compile_denoiser(pipe: Any, config: Stage2Config) -> None:
-    """`torch.compile` the pipeline's denoiser (UNet or transformer) when ``config.compile`` is set.
+def compile_denoiser(pipe: Any, stage2: Stage2Config) -> None:
+    """`torch.compile` the pipeline's denoiser (UNet or transformer) when ``stage2.compile`` is set.
 
     The denoiser runs once per step and CFG branch, so it is where compilation pays; the first batch
     of each new working size pays the compile time (buckets keep those few).
     """
-    if not config.compile:
+    if not stage2.compile:
         return
     import torch
 
     for name in ("unet", "transformer"):
         module = getattr(pipe, name, None)
         if module is not None:
-            setattr(pipe, name, torch.compile(module, mode=config.compile_mode))
+            setattr(pipe, name, torch.compile(module, mode=stage2.compile_mode))
 
 
 def seeded_generators(device: str, seeds: list[int]) -> list[Any]:

@@ -19,25 +19,35 @@ against the empty prompt (source scale ``g_src``, target scale ``g_tgt``). With 
 nothing is edited (the output is the VAE round trip of the input), and with equal prompts and equal
 scales ``V_delta`` is exactly zero.
 
-Prompts: the source prompt is the ``flowedit.source_prompt`` column (private caption by default), the
-target the ``flowedit.target_prompt`` column (the combined caption by default; a row without a combined
-caption falls back to its public caption). Sizes: an image whose long side exceeds
-``flowedit.max_side`` is downscaled to it, then its sides are cropped (top-left anchored, as in the
-authors' code) to a multiple of ``flowedit.side_multiple`` (and of the model's latent patch, 16 for SD3);
-the output is resized back to the input size.
+Prompts: the source prompt is the ``source_prompt`` column (private caption by default), the target
+the ``target_prompt`` column (the combined caption by default; a row without a combined caption falls
+back to its public caption). Sizes, as in the paper: each image is edited near its native size, its long
+side capped at ``max_side`` (1536) and each side floored to a multiple of ``side_multiple`` (16, and of
+the model's latent patch, 16 for SD3) (:meth:`FlowEditSD3Editor.working_size`). The authors' code crops
+to the multiple; here the image is resized to it instead (at most ``side_multiple - 1`` pixels per side),
+so no border is lost when the runner resizes the output back to the original size.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from PIL import Image
+from pydantic import Field, model_validator
 
-from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, load_pipeline, seeded_generators
+from u2s.config_base import ModelConfig
+from u2s.stage2.editors.base import (
+    Editor,
+    EditorConfig,
+    EditPrompt,
+    compile_denoiser,
+    load_pipeline,
+    seeded_generators,
+)
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from u2s.config import Stage2Config
 
@@ -45,37 +55,79 @@ if TYPE_CHECKING:
 MAX_SEQUENCE_LENGTH = 256
 
 
-Size = tuple[int, int]
+class FlowEditSD3Config(EditorConfig):
+    """FlowEdit on Stable Diffusion 3 (``stage2.flowedit_sd3``); defaults are the paper's (PAPER.md §3.1)."""
+
+    model: ModelConfig = Field(
+        ..., description="A StableDiffusion3Pipeline (HF id or local path); the paper's is "
+        "stabilityai/stable-diffusion-3-medium-diffusers.",
+    )  # fmt: skip
+    num_inference_steps: int = Field(50, ge=1, description="Scheduler steps T (the ODE's grid).")
+    source_prompt: Literal["private_caption", "public_caption"] = Field(
+        "private_caption", description="Column describing the original image."
+    )
+    target_prompt: Literal["public_caption", "combined_caption", "edit_instruction"] = Field(
+        "combined_caption",
+        description="Column describing the wanted image: combined_caption (public caption with the edit "
+        "applied, stage 1's combine call, switched on automatically for it) by default.",
+    )
+    source_guidance_scale: float = Field(3.5, ge=0, description="CFG of the source branch.")
+    target_guidance_scale: float = Field(13.5, ge=0, description="CFG of the target branch.")
+    n_max: int = Field(
+        33, ge=0, description="Edit only the first n_max of the steps (from the noisy end); 0: no edit."
+    )
+    n_min: int = Field(0, ge=0, description="Last n_min steps use plain sampling from the target.")
+    n_avg: int = Field(1, ge=1, description="Noise samples averaged per step.")
+    max_side: int = Field(1536, ge=64, description="Working size: the long side is capped at this.")
+    side_multiple: int = Field(16, ge=1, description="Working size: sides are floored to a multiple of this.")
+
+    @model_validator(mode="after")
+    def _n_min_within_n_max(self) -> FlowEditSD3Config:
+        if self.n_min > self.n_max:
+            raise ValueError(f"n_min ({self.n_min}) must not exceed n_max ({self.n_max})")
+        return self
+
+    def stage1_texts(self) -> frozenset[str]:
+        return frozenset({self.source_prompt, self.target_prompt})
 
 
-def editing_size(width: int, height: int, max_side: int, multiple: int) -> tuple[Size, Size]:
-    """(resized, cropped) size: long side capped at ``max_side``, then sides cut to ``multiple``."""
+def flowedit_size(width: int, height: int, max_side: int, multiple: int) -> tuple[int, int]:
+    """Native size with the long side capped at ``max_side``, each side floored to ``multiple``.
+
+    Never upscales (but a side shorter than ``multiple`` becomes ``multiple``); the long side stays
+    within ``max_side`` when ``max_side`` is at least ``multiple``.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"invalid image size {width}x{height}")
     scale = min(1.0, max_side / max(width, height))
-    resized = (max(1, round(width * scale)), max(1, round(height * scale)))
-    cropped = (resized[0] // multiple * multiple, resized[1] // multiple * multiple)
-    if min(cropped) < multiple:
-        raise ValueError(f"image {width}x{height} is too small for FlowEdit (sides below {multiple})")
-    return resized, cropped
+    w, h = (max(multiple, round(side * scale) // multiple * multiple) for side in (width, height))
+    return w, h
 
 
 class FlowEditSD3Editor(Editor):
     """FlowEdit with a `StableDiffusion3Pipeline`; both branches and both CFG halves in one model call."""
 
     name = "flowedit_sd3"
+    config_class = FlowEditSD3Config
+    config: FlowEditSD3Config
 
-    def __init__(self, config: Stage2Config) -> None:
+    def __init__(self, stage2: Stage2Config) -> None:
         from diffusers import StableDiffusion3Pipeline
 
-        fe = config.flowedit
-        if fe.n_min > fe.n_max:
-            raise ValueError(f"flowedit.n_min ({fe.n_min}) must not exceed flowedit.n_max ({fe.n_max})")
-        self.config = config
-        self.device, self.pipe = load_pipeline(StableDiffusion3Pipeline, config)
-        compile_denoiser(self.pipe, config)
+        super().__init__(stage2)
+        self.device, self.pipe = load_pipeline(StableDiffusion3Pipeline, self.config.model)
+        compile_denoiser(self.pipe, stage2)
         # A private scheduler: set_timesteps mutates it, and the pipeline's own stays untouched.
         self.scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        model_multiple = self.pipe.vae_scale_factor * self.pipe.patch_size
-        self.multiple = math.lcm(fe.side_multiple, model_multiple)
+        self.model_multiple = self.pipe.vae_scale_factor * self.pipe.patch_size
+
+    @property
+    def multiple(self) -> int:
+        """Sides of working sizes are multiples of this: ``side_multiple`` and the model's latent patch."""
+        return math.lcm(self.config.side_multiple, self.model_multiple)
+
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        return flowedit_size(width, height, self.config.max_side, self.multiple)
 
     def _edit(
         self,
@@ -84,16 +136,12 @@ class FlowEditSD3Editor(Editor):
         seeds: list[int],
     ) -> list[Image.Image]:
         import torch
+        from PIL import Image
 
-        fe = self.config.flowedit
+        fe = self.config
         size = images[0].size
-        resized, cropped = editing_size(*size, fe.max_side, self.multiple)
-        batch = [
-            (img if img.size == resized else img.resize(resized, Image.Resampling.LANCZOS)).crop(
-                (0, 0, *cropped)
-            )
-            for img in images
-        ]
+        work = self.working_size(*size)  # the runner already gives images at it; direct calls may not
+        batch = [img if img.size == work else img.resize(work, Image.Resampling.LANCZOS) for img in images]
         sources = [p.column(fe.source_prompt) for p in prompts]
         targets = [self._target(p) for p in prompts]
         generators = seeded_generators(self.device, seeds)
@@ -105,7 +153,7 @@ class FlowEditSD3Editor(Editor):
         return [img if img.size == size else img.resize(size, Image.Resampling.LANCZOS) for img in out]
 
     def _target(self, prompt: EditPrompt) -> str:
-        column = self.config.flowedit.target_prompt
+        column = self.config.target_prompt
         if column == "combined_caption" and not prompt.combined_caption:
             column = "public_caption"
         return prompt.column(column)
@@ -173,7 +221,7 @@ class FlowEditSD3Editor(Editor):
         """Guided velocities of the given branches (source then target, or the target alone) in one call."""
         import torch
 
-        fe = self.config.flowedit
+        fe = self.config
         scales = [fe.source_guidance_scale, fe.target_guidance_scale][-len(branches) :]
         n = branches[0].shape[0]
         if len(branches) == 1:  # the target's halves only
@@ -202,7 +250,7 @@ class FlowEditSD3Editor(Editor):
         """The FlowEdit ODE of the module docstring; returns the edited clean latents."""
         import torch
 
-        fe = self.config.flowedit
+        fe = self.config
         timesteps, sigmas = self._timesteps(x_src)
         steps = len(timesteps)
         n_max = min(fe.n_max, steps)

@@ -1,35 +1,67 @@
 """FLUX.1 Kontext (diffusers): an in-context instruction editor, the modern alternative to IP2P.
 
 Edits follow the row's edit instruction. Kontext normally snaps its input to one of its preferred
-training resolutions; here it works at the runner's working size instead (``_auto_resize=False`` and
-``max_area`` = the working area, so neither the input nor the output is resized by the pipeline), with
-sides floored to the pipeline's multiple (16 for FLUX) if needed. Outputs come back at the input size.
-``guidance_scale`` is FLUX's distilled guidance (an embedding input, not classifier-free guidance).
+training resolutions; here it works at the editor's working size instead (long side ``resolution``,
+sides multiples of 64; ``_auto_resize=False`` and ``max_area`` = the working area, so neither the input
+nor the output is resized by the pipeline), with sides floored to the pipeline's multiple (16 for FLUX)
+for other sizes. Outputs come back at the input size. ``guidance_scale`` is FLUX's distilled guidance
+(an embedding input, not classifier-free guidance).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from PIL import Image
+from pydantic import Field
 
-from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, load_pipeline, seeded_generators
+from u2s.config_base import ModelConfig
+from u2s.stage2.editors.base import (
+    Editor,
+    EditorConfig,
+    EditPrompt,
+    compile_denoiser,
+    fit_long_side,
+    load_pipeline,
+    seeded_generators,
+)
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from u2s.config import Stage2Config
+
+
+class FluxKontextConfig(EditorConfig):
+    """FLUX.1 Kontext settings (``stage2.flux_kontext``); defaults are diffusers' for Kontext."""
+
+    model: ModelConfig = Field(
+        ...,
+        description="A FluxKontextPipeline (HF id or local path), e.g. black-forest-labs/FLUX.1-Kontext-dev.",
+    )
+    num_inference_steps: int = Field(28, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(2.5, ge=0, description="FLUX's distilled guidance (an embedding input).")
+    resolution: int = Field(
+        1024, ge=64, description="Working size: the long side (Kontext is trained near 1 MP), sides rounded "
+        "to multiples of 64.",
+    )  # fmt: skip
 
 
 class FluxKontextEditor(Editor):
     """One batched `FluxKontextPipeline` call per :meth:`edit`, seeded per image."""
 
     name = "flux_kontext"
+    config_class = FluxKontextConfig
+    config: FluxKontextConfig
 
-    def __init__(self, config: Stage2Config) -> None:
+    def __init__(self, stage2: Stage2Config) -> None:
         from diffusers import FluxKontextPipeline
 
-        self.config = config
-        self.device, self.pipe = load_pipeline(FluxKontextPipeline, config)
-        compile_denoiser(self.pipe, config)
+        super().__init__(stage2)
+        self.device, self.pipe = load_pipeline(FluxKontextPipeline, self.config.model)
+        compile_denoiser(self.pipe, stage2)
+
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        return fit_long_side(width, height, self.config.resolution)
 
     def _edit(
         self,
@@ -38,6 +70,7 @@ class FluxKontextEditor(Editor):
         seeds: list[int],
     ) -> list[Image.Image]:
         import torch
+        from PIL import Image
 
         size = images[0].size
         multiple = self.pipe.vae_scale_factor * 2  # VAE downsampling times FLUX's 2x2 latent packing

@@ -2,41 +2,73 @@
 
 The paper's trained editor starts from MagicBrush-finetuned IP2P weights; any
 `StableDiffusionInstructPix2PixPipeline` folder or hub id loads here. The public caption is not used
-(plain IP2P has a single text condition; the SafeAttention variant adds the second one).
+(plain IP2P has a single text condition; the SafeAttention variant adds the second one). Images are
+edited at a working size: long side ``resolution``, sides multiples of 64.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
+from pydantic import Field
 
-from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, load_pipeline, seeded_generators
+from u2s.config_base import ModelConfig
+from u2s.stage2.editors.base import (
+    Editor,
+    EditorConfig,
+    EditPrompt,
+    compile_denoiser,
+    fit_long_side,
+    load_pipeline,
+    seeded_generators,
+)
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from u2s.config import Stage2Config
 
 
-def load_ip2p_pipeline(config: Stage2Config) -> tuple[str, Any]:
-    """Load ``config.model`` as a `StableDiffusionInstructPix2PixPipeline` on its device.
+class InstructPix2PixConfig(EditorConfig):
+    """InstructPix2Pix settings (``stage2.instruct_pix2pix``); defaults are the paper's (PAPER.md §3.3)."""
+
+    model: ModelConfig = Field(
+        ..., description="A StableDiffusionInstructPix2PixPipeline (HF id or local path); the paper's is "
+        "the MagicBrush fine-tune vinesmsuic/magicbrush-jul7.",
+    )  # fmt: skip
+    num_inference_steps: int = Field(100, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Text guidance (cfg-text).")
+    image_guidance_scale: float = Field(1.5, ge=0, description="Image guidance (cfg-image).")
+    resolution: int = Field(
+        512, ge=64, description="Working size: the long side, sides rounded to multiples of 64."
+    )
+
+
+def load_ip2p_pipeline(model: ModelConfig) -> tuple[str, Any]:
+    """Load ``model`` as a `StableDiffusionInstructPix2PixPipeline` on its device.
 
     Shared by every IP2P-based editor (plain and SafeAttention). No safety checker, no progress bar;
     the model libraries' input-echoing warnings are silenced first. Returns (device, pipeline).
     """
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    return load_pipeline(StableDiffusionInstructPix2PixPipeline, config, safety_checker=None)
+    return load_pipeline(StableDiffusionInstructPix2PixPipeline, model, safety_checker=None)
 
 
 class InstructPix2PixEditor(Editor):
     """One batched `StableDiffusionInstructPix2PixPipeline` call per :meth:`edit`, seeded per image."""
 
     name = "instruct_pix2pix"
+    config_class = InstructPix2PixConfig
+    config: InstructPix2PixConfig
 
-    def __init__(self, config: Stage2Config) -> None:
-        self.config = config
-        self.device, self.pipe = load_ip2p_pipeline(config)
-        compile_denoiser(self.pipe, config)
+    def __init__(self, stage2: Stage2Config) -> None:
+        super().__init__(stage2)
+        self.device, self.pipe = load_ip2p_pipeline(self.config.model)
+        compile_denoiser(self.pipe, stage2)
+
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        return fit_long_side(width, height, self.config.resolution)
 
     def _edit(
         self,
@@ -46,14 +78,15 @@ class InstructPix2PixEditor(Editor):
     ) -> list[Image.Image]:
         import torch
 
+        cfg = self.config
         generators = seeded_generators(self.device, seeds)
         with torch.inference_mode():
             out = self.pipe(
                 prompt=[p.edit_instruction for p in prompts],
                 image=list(images),
-                num_inference_steps=self.config.num_inference_steps,
-                guidance_scale=self.config.guidance_scale,
-                image_guidance_scale=self.config.image_guidance_scale,
+                num_inference_steps=cfg.num_inference_steps,
+                guidance_scale=cfg.guidance_scale,
+                image_guidance_scale=cfg.image_guidance_scale,
                 generator=generators,
             ).images
         size = images[0].size

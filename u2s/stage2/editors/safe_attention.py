@@ -15,10 +15,13 @@ every branch hands the processors a 154-token context.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, seeded_generators
-from u2s.stage2.editors.instruct_pix2pix import load_ip2p_pipeline
+from pydantic import Field, field_validator
+
+from u2s.config_base import absolute_path
+from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, fit_long_side, seeded_generators
+from u2s.stage2.editors.instruct_pix2pix import InstructPix2PixConfig, load_ip2p_pipeline
 
 if TYPE_CHECKING:
     import torch
@@ -27,22 +30,46 @@ if TYPE_CHECKING:
     from u2s.config import Stage2Config
 
 
+class SafeAttentionConfig(InstructPix2PixConfig):
+    """IP2P's settings (same defaults) plus the SafeAttention branch (``stage2.safe_attention``)."""
+
+    variant: Literal["gated", "fusion"] = Field(
+        "gated", description="gated: shared query, learned gate + zero-initialised public scale (variant G); "
+        "fusion: public Q/K/V copies + learned Conv1d fuser over both attention maps (variant F).",
+    )  # fmt: skip
+    weights: str | None = Field(
+        None, description="Saved SafeAttention weights (folder or file). None: untrained, equals plain IP2P."
+    )
+
+    _absolute_paths = field_validator("weights")(absolute_path)
+
+    def stage1_texts(self) -> frozenset[str]:
+        return frozenset({"edit_instruction", "public_caption"})
+
+
 class SafeAttentionEditor(Editor):
-    """IP2P with SafeAttention on every ``attn2``; one batched pipeline call per :meth:`edit`."""
+    """IP2P with SafeAttention on every ``attn2``; one batched pipeline call per :meth:`edit`.
+
+    Working sizes are IP2P's (long side ``resolution``, sides multiples of 64).
+    """
 
     name = "safe_attention"
+    config_class = SafeAttentionConfig
+    config: SafeAttentionConfig
 
-    def __init__(self, config: Stage2Config) -> None:
+    def __init__(self, stage2: Stage2Config) -> None:
         from u2s.stage2.safe_attention_processor import install_safe_attention, load_safe_attention
 
-        self.config = config
-        self.device, self.pipe = load_ip2p_pipeline(config)
-        settings = config.safe_attention
-        self.processors = install_safe_attention(self.pipe.unet, settings.variant)
-        if settings.weights:
+        super().__init__(stage2)
+        self.device, self.pipe = load_ip2p_pipeline(self.config.model)
+        self.processors = install_safe_attention(self.pipe.unet, self.config.variant)
+        if self.config.weights:
             # Raises if the saved variant is not the configured one, or if any weight is missing.
-            load_safe_attention(self.pipe.unet, settings.weights)
-        compile_denoiser(self.pipe, config)  # after the processors: they are part of the compiled graph
+            load_safe_attention(self.pipe.unet, self.config.weights)
+        compile_denoiser(self.pipe, stage2)  # after the processors: they are part of the compiled graph
+
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        return fit_long_side(width, height, self.config.resolution)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """CLIP-encode ``texts`` as the IP2P pipeline does (77 tokens, padded/truncated): (B, 77, D)."""
