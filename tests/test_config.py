@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -35,9 +34,14 @@ def test_paper_preset_carries_the_papers_models():
     assert cfg.stage1.image_size == 448
     s1 = cfg.stage1
     assert (s1.mode, s1.inspect_mode, s1.combine, s1.system_prompt) == ("paper", "single", False, "auto")
-    budgets = [g.max_new_tokens for g in (s1.inspect_generation, s1.describe_generation,
-                                          s1.instruct_generation, s1.combine_generation)]  # fmt: skip
+    budgets = [
+        s1.generation_for(call).max_new_tokens for call in ("inspect", "describe", "instruct", "combine")
+    ]
     assert budgets == [128, 1024, 512, 512]
+    # Calls A and B share the VLM's pool, C and D the LLM's; GPU pools start at one actor and grow.
+    assert [(pool.calls, pool.resources.pool_bounds()[0]) for pool in s1.pools()] == [
+        (("inspect", "describe"), 1), (("instruct",), 1)
+    ]  # fmt: skip
     assert cfg.stage2.resources.num_gpus == 1
     s2 = cfg.stage2
     assert s2.editor == "instruct_pix2pix" and s2.section() is s2.instruct_pix2pix
@@ -67,13 +71,16 @@ def test_bad_values_name_the_field_and_the_problem():
     with pytest.raises(ConfigError) as err:
         load_config(
             preset="cpu-tiny",
-            overrides=["stage2.instruct_pix2pix.num_inference_steps=0", "stage1.inspect.pool_size=-1"],
+            overrides=[
+                "stage2.instruct_pix2pix.num_inference_steps=0",
+                "stage1.calls.inspect.resources.pool_size=-1",
+            ],
         )
     message = str(err.value)
     assert (
         "stage2.instruct_pix2pix.num_inference_steps" in message and "greater than or equal to 1" in message
     )
-    assert "stage1.inspect.pool_size" in message
+    assert "stage1.calls.inspect.resources.pool_size" in message
 
 
 def test_unknown_field_and_cross_field_rules_fail():
@@ -95,6 +102,17 @@ def test_stage1_modes_validate():
         load_config(preset="cpu-tiny", overrides=["stage1.mode=fused", "stage1.inspect_mode=per_criterion"])
     with pytest.raises(ConfigError, match=r"stage1\.system_prompt"):
         load_config(preset="cpu-tiny", overrides=["stage1.system_prompt=user"])
+    # A call sharing its neighbour's pool must run the same model on the same engine.
+    with pytest.raises(ConfigError, match=r"stage1\.calls\.describe\.resources: set this call's pool"):
+        load_config(preset="cpu-tiny", overrides=["stage1.calls.describe.engine=http",
+                                                  "stage1.http={base_url: 'http://x/v1'}"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"stage1\.calls\.instruct\.resources: set this call's pool"):
+        load_config(preset="cpu-tiny", overrides=["stage1.calls.instruct.resources="])
+    own = load_config(preset="cpu-tiny", overrides=["stage1.calls.describe.resources={batch_size: 2}"])
+    assert [pool.calls for pool in own.stage1.pools()] == [("inspect",), ("describe",), ("instruct",)]
+    # A partial call section keeps the other defaults of that call.
+    partial = load_config(preset="paper", overrides=["stage1.calls.inspect.generation.max_new_tokens=64"])
+    assert partial.stage1.calls.inspect.resources.batch_size == 16
 
 
 def test_secrets_in_values_are_not_echoed():
@@ -132,9 +150,10 @@ def test_config_show_prints_resolved_yaml():
         "Qwen/Qwen3-4B-Instruct-2507",
     )
     assert s1["image_size"] == 448 and s1["mode"] == "paper"
-    assert [s1[f"{call}_generation"]["max_new_tokens"] for call in ("inspect", "describe", "instruct")] == [
-        128, 1024, 512
-    ]  # fmt: skip
+    budgets = [
+        s1["calls"][call]["generation"]["max_new_tokens"] for call in ("inspect", "describe", "instruct")
+    ]
+    assert budgets == [128, 1024, 512]
     s2 = shown["stage2"]
     assert s2["editor"] == "instruct_pix2pix" and s2["instruct_pix2pix"]["num_inference_steps"] == 50
     # every editor's section, with the paper's defaults
@@ -145,25 +164,22 @@ def test_config_show_prints_resolved_yaml():
 
 
 def test_bad_config_fails_before_ray_starts():
-    start = time.perf_counter()
     done = _u2s("run", "--preset", "cpu-tiny", "--set", "stage2.instruct_pix2pix.resolution=8")
     assert done.returncode == 2
     assert "stage2.instruct_pix2pix.resolution" in done.stderr
-    assert time.perf_counter() - start < 20
     assert "Started a local Ray instance" not in done.stderr + done.stdout
 
 
-def test_cli_imports_no_heavy_packages_and_help_is_fast():
+def test_cli_imports_no_heavy_packages():
+    """`u2s --help` stays fast because the CLI imports no model or cluster library."""
     code = (
         "import sys, u2s.cli; "
         "print(sorted({'torch', 'ray', 'vllm', 'diffusers', 'transformers'} & set(sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
-    start = time.perf_counter()
     done = _u2s("--help")
     assert done.returncode == 0 and "run" in done.stdout
-    assert time.perf_counter() - start < 2.0
 
 
 # --- stage 2: one section per editor, assembled from the registry -------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +9,7 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from u2s.demo_data import EXIF_ORIENTATION, SUBFOLDERS, describe_samples, write_sample_dataset
-
-pytest.importorskip("skimage")
-pytest.importorskip("sklearn")
+from u2s.io import decode
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +75,6 @@ def test_broken_files(dataset):
 
 def test_decoder_agrees(dataset):
     """The pipeline's own decoder gives RGB for every "image" sample and an error for the others."""
-    decode = pytest.importorskip("u2s.io.decode")
     _, samples = dataset
     for s in samples:
         if s.expected == "image":
@@ -149,9 +145,7 @@ def test_text_is_ocr_sized(dataset):
 
 def test_deterministic_and_idempotent(dataset, tmp_path):
     root, samples = dataset
-    start = time.perf_counter()
     again = write_sample_dataset(tmp_path)
-    assert time.perf_counter() - start < 3.0
     assert [s.path.relative_to(tmp_path) for s in again] == [s.path.relative_to(root) for s in samples]
     assert [(s.kind, s.expected) for s in again] == [(s.kind, s.expected) for s in samples]
     for a, b in zip(samples, again, strict=True):

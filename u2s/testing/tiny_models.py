@@ -8,7 +8,9 @@ Tokenizers are byte-level and built in memory, so no hub access is ever needed. 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 #: Qwen-style special tokens; `<image>` is the LLaVA image placeholder.
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
@@ -288,34 +290,52 @@ def build_all(root: str | Path, seed_offset: int = 0) -> dict[str, Path]:
     }
 
 
-def build_tiny_vlm_flagging_some(
-    out: str | Path, probes: list[bytes], image_size: int = 112, max_new_tokens: int = 512,
-    at_least: int = 2, seeds: range = range(64),
-) -> tuple[Path, list[bool]]:  # fmt: skip
-    """A tiny VLM that, on ``probes`` (encoded images), flags at least ``at_least`` and keeps at least
-    ``at_least`` with greedy call A: the first weight seed, in order, whose answers split that way.
+def find_tiny_vlm(out: str | Path, accept: Callable[[Path], bool], seeds: range = range(64)) -> Path:
+    """A tiny VLM at ``out`` whose answers ``accept`` approves: the first weight seed, in order, that
+    passes ``accept(out)``.
 
-    A random model's flag is a property of its weights; tests that need both outcomes get them by this
-    construction instead of by a seed picked once by hand (which a torch or transformers upgrade that
-    changes random initialisation would silently break). Returns the folder and the probes' flags.
+    A random model's answers are a property of its weights. Tests that need particular outcomes (both a
+    flagged and a kept image, say) get them by this construction instead of by a seed picked once by hand,
+    which a torch or transformers upgrade that changes random initialisation would silently break.
     """
+    out = Path(out)
+    for seed in seeds:
+        build_tiny_vlm(out, seed)
+        if accept(out):
+            return out
+    raise RuntimeError(f"no weight seed in {seeds} gives a tiny VLM with the wanted answers")
+
+
+def inspect_config(vlm: str | Path, image_size: int = 112, max_new_tokens: int = 512, **fields: Any) -> Any:
+    """A stage-1 config running the tiny VLM at ``vlm`` on CPU, one thread (call A's budget as given)."""
     from u2s.config import GenerationConfig, ModelConfig, Resources, Stage1Config
+
+    vlm = Path(vlm)
+    return Stage1Config.model_validate({
+        "vlm": ModelConfig(model=str(vlm), dtype="float32", device="cpu"),
+        "llm": ModelConfig(model=str(vlm.parent / "llm-unused"), dtype="float32", device="cpu"),
+        "image_size": image_size,
+        "calls": {"inspect": {"generation": GenerationConfig(max_new_tokens=max_new_tokens),
+                              "resources": Resources(torch_threads=1)}},
+        **fields,
+    })  # fmt: skip
+
+
+def build_tiny_vlm_flagging_some(
+    out: str | Path, probes: list[bytes], image_size: int = 112, max_new_tokens: int = 512, at_least: int = 2
+) -> tuple[Path, list[bool | None]]:
+    """A tiny VLM that, with greedy call A on ``probes`` (encoded images), flags at least ``at_least``
+    of them and keeps at least ``at_least`` (see :func:`find_tiny_vlm`). Returns the folder and the
+    probes' flags."""
     from u2s.stage1.inspect import InspectStage
     from u2s.testing.rows import decoded_rows, run_stage
 
-    out = Path(out)
-    llm = out.parent / f"{out.name}-llm-unused"
-    for seed in seeds:
-        build_tiny_vlm(out, seed)
-        stage1 = Stage1Config.model_validate({
-            "vlm": ModelConfig(model=str(out), dtype="float32", device="cpu"),
-            "llm": ModelConfig(model=str(llm), dtype="float32", device="cpu"),
-            "image_size": image_size,
-            "calls": {"inspect": {"generation": GenerationConfig(max_new_tokens=max_new_tokens),
-                                  "resources": Resources(torch_threads=1)}},
-        })  # fmt: skip
-        rows = run_stage(InspectStage(stage1), decoded_rows(probes, thumbnail_side=image_size))
-        flags = [row["privacy_flag"] for row in rows if row["status"] != "error"]
-        if sum(flags) >= at_least and flags.count(False) >= at_least:
-            return out, [row["privacy_flag"] for row in rows]
-    raise RuntimeError(f"no seed in {seeds} gives a tiny VLM that both flags and keeps these probes")
+    flags: list[bool | None] = []
+
+    def splits(vlm: Path) -> bool:
+        stage = InspectStage(inspect_config(vlm, image_size, max_new_tokens))
+        rows = run_stage(stage, decoded_rows(probes, thumbnail_side=image_size))
+        flags[:] = [row["privacy_flag"] for row in rows]
+        return flags.count(True) >= at_least and flags.count(False) >= at_least
+
+    return find_tiny_vlm(out, splits), flags
