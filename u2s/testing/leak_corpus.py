@@ -267,7 +267,8 @@ def build_leak_corpus(folder: Path) -> LeakCorpus:
     Layout::
 
         amelie_fontaine/jane_doe_passport.jpg   astronaut; EXIF: GPS, DateTimeOriginal, Artist, XPAuthor,
-                                                BodySerialNumber, Orientation 6, a JPEG thumbnail
+                                                BodySerialNumber, a JPEG thumbnail;
+                                                stored sideways with Orientation 6
         trip/beach.jpg                          china; XMP (creator, GPS, time), extended XMP, IPTC
                                                 by-line and caption, a JPEG comment
         trip/receipt.png                        coffee; tEXt Author, iTXt (UTF-8 name), zTXt note, tIME,
@@ -287,7 +288,8 @@ def build_leak_corpus(folder: Path) -> LeakCorpus:
         folder / "textures" / "brick.png",
     )
 
-    astronaut = photo("astronaut")
+    # Stored as a phone stores a portrait shot: sideways, with Orientation 6 to show it upright.
+    astronaut = photo("astronaut").transpose(Image.Transpose.ROTATE_90)
     thumbnail = encode(astronaut.resize((160, 160)), "JPEG", quality=75)
     passport_exif = exif_block(orientation=6, thumbnail=thumbnail)
     person_named.write_bytes(encode(astronaut, "JPEG", quality=90, exif=passport_exif))
