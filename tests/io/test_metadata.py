@@ -16,7 +16,7 @@ import pytest
 from PIL import ExifTags, Image, ImageCms, ImageOps
 
 from u2s.io.decode import DecodeError, load_rgb
-from u2s.io.metadata import strip_metadata
+from u2s.io.metadata import Stripped, strip_metadata
 from u2s.testing.leak_corpus import (
     ARTIST,
     CAMERA_SERIAL,
@@ -187,7 +187,17 @@ def test_jpeg_orientation_from_xmp_becomes_an_exif_orientation():
 
 def test_clean_jpeg_is_returned_unchanged():
     clean = encode(small(), "JPEG", quality=80)
-    assert strip_metadata(clean) == type(strip_metadata(clean))(clean, "jpg", False)
+    assert strip_metadata(clean) == Stripped(clean, "jpg", False)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_unreadable_exif_is_dropped_like_load_rgb_ignores_it():
+    """A broken EXIF block: load_rgb leaves the image as stored, and so does the stripped file."""
+    broken = jpeg_segment(0xE1, b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff" + SECRETS["serial"])
+    dirty = insert_jpeg_segments(encode(small(), "JPEG"), [broken])
+    out = strip_metadata(dirty)
+    assert "exif" not in Image.open(io.BytesIO(out.data)).info and leaked(out.data) == []
+    np.testing.assert_array_equal(decoded(out.data), decoded(dirty))
 
 
 def test_cmyk_jpeg_keeps_its_adobe_segment():
