@@ -53,25 +53,44 @@ class InputConfig(_Model):
     """Where the images come from and how the source is laid out."""
 
     uri: str = Field(
-        ..., description="Local path or s3:// URI of the dataset root (or a Parquet file/folder)."
+        ...,
+        description="Local path or s3:// URI of the dataset root, a Parquet file/folder, or a manifest (a "
+        "file, a folder of files, or an S3 Inventory manifest.json).",
     )
-    format: Literal["image_folder", "class_folders", "coco", "parquet"] = Field(
+    format: Literal["image_folder", "class_folders", "coco", "parquet", "manifest"] = Field(
         "image_folder",
         description="image_folder: every image under uri, recursively; class_folders: label = parent folder "
         "(Caltech101 / MIT Indoor67); coco: annotation JSON + image folder, id = COCO image id; "
-        "parquet: a Hugging Face `Image` column.",
+        "parquet: a Hugging Face `Image` column; manifest: a list of image URIs in Parquet, CSV or JSON "
+        "Lines files (`.gz` too), or an S3 Inventory (CSV, ORC or Parquet; bucket + key columns).",
     )
     coco_annotations: str | None = Field(
         None, description="COCO only: path/URI of the instances JSON. Images are read from `uri`."
     )
     image_column: str = Field("image", description="Parquet only: the Hugging Face Image column.")
     id_column: str | None = Field(
-        None, description="Parquet only: column holding the row id. Default: hash of file URI + row index."
+        None,
+        description="Parquet and manifest: column holding the row id. Default: a hash of the source "
+        "(Parquet: file URI + row index; manifest: the image URI).",
     )
-    label_column: str | None = Field(None, description="Parquet only: column holding the label.")
+    label_column: str | None = Field(None, description="Parquet and manifest: column holding the label.")
+    manifest_uri_column: str = Field(
+        "uri",
+        description="Manifest only: column holding each image's URI: s3://..., an absolute path, or a path "
+        "relative to the manifest file's folder. Not used when the manifest has `bucket` and `key` columns "
+        "(S3 Inventory), whose images are s3://bucket/key.",
+    )
+    manifest_columns: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Manifest only: names of the columns of headerless CSV files, in order, e.g. [bucket, "
+        "key, size] for S3 Inventory data files read without their manifest.json (whose URL-encoded keys "
+        "are decoded). None: the first line of a CSV is its header; an inventory's manifest.json names them.",
+    )
     extensions: list[str] = Field(
         [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"],
-        description="Folder formats: file suffixes (case-insensitive) that count as images.",
+        description="Folder formats and S3 Inventory manifests (which list every object of a bucket): file "
+        "suffixes (case-insensitive) that count as images.",
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many rows (smoke runs).")
 

@@ -69,6 +69,15 @@ _TRANSPOSE = {
 }
 
 
+def exif_orientation(exif: Image.Exif) -> int:
+    """The orientation :func:`load_rgb` applies for ``exif``: 2..8, or 1 when absent or invalid.
+
+    Pillow's ``getexif`` also reads ``tiff:Orientation`` from an XMP packet when the EXIF has none.
+    """
+    value = exif.get(_EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) and value in _TRANSPOSE else 1
+
+
 def _upright(img: Image.Image) -> Image.Image:
     """Apply the EXIF orientation to the pixels.
 
@@ -77,12 +86,11 @@ def _upright(img: Image.Image) -> Image.Image:
     leaves the image as stored.
     """
     try:
-        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        orientation = exif_orientation(img.getexif())
     except Exception:  # PIL raises many types on broken EXIF blocks
         logger.debug("ignoring unreadable EXIF")
         return img
-    method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
-    return img.transpose(method) if method is not None else img
+    return img.transpose(_TRANSPOSE[orientation]) if orientation != 1 else img
 
 
 def load_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
