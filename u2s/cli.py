@@ -83,7 +83,7 @@ def run(
     """Anonymize a dataset: stage 1 (inspect, describe, instruct), stage 2 (edit), Parquet sinks."""
     overrides = io_overrides(input, input_format, output, sensitive_output, ray_address) + (set_ or [])
     cfg = resolve_config(preset, config, overrides)
-    from u2s.io.listing import InputError
+    from u2s.io.errors import InputError
     from u2s.io.writers import OutputExistsError
     from u2s.pipeline import JobFailed, format_summary
     from u2s.pipeline import run as run_job

@@ -164,7 +164,7 @@ def test_coco_local(tmp_path, ray_cluster) -> None:
         (b"{not json", "not valid JSON"),
         (b'{"annotations": []}', "no 'images' list"),
         (coco_json([]), "no images found"),
-        (b'{"images": [{"id": 3}]}', "without 'id' and 'file_name'"),
+        (b'{"images": [{"id": 3}]}', "entry #0 has no 'id' or no 'file_name'"),
     ],
 )
 def test_coco_input_errors(tmp_path, content: bytes, match: str) -> None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from u2s.config import InputConfig, Resources, StorageConfig
+from u2s.io.errors import InputError
 from u2s.io.storage import TransientStorageError, arrow_filesystem, filesystem, is_transient, to_uri
 
 if TYPE_CHECKING:
@@ -41,10 +42,6 @@ MANIFEST_SCHEMA = pa.schema(
 )  # fmt: skip
 
 _MASK64 = 2**64 - 1
-
-
-class InputError(ValueError):
-    """The input cannot be read as configured (missing root, no images, duplicate ids...)."""
 
 
 def stable_id(text: str) -> str:
@@ -68,6 +65,7 @@ class Shard:
     kind: str
     uri: str
     files: tuple[str, ...] = ()
+    manifest: Any = None  # a u2s.io.manifest.ManifestFile
 
 
 @dataclass
@@ -124,7 +122,7 @@ def plan_shards(input: InputConfig, storage: StorageConfig) -> list[Shard]:
     if input.format == "manifest":
         from u2s.io.manifest import manifest_files
 
-        return [Shard("manifest", uri) for uri in manifest_files(input.uri, storage)]
+        return [Shard("manifest", file.uri, manifest=file) for file in manifest_files(input.uri, storage)]
     if not fs.exists(root):
         raise InputError(f"input not found: {input.uri}")
     if input.format == "parquet":
@@ -269,11 +267,14 @@ def _list_parquet_shard(
     )  # fmt: skip
 
 
-def _list_manifest_shard(shard: Shard, input: InputConfig, storage: StorageConfig) -> pa.Table:
-    from u2s.io.manifest import iter_manifest
+def _list_manifest_shard(
+    shard: Shard, input: InputConfig, storage: StorageConfig, stats: ShardStats
+) -> pa.Table:
+    from u2s.io.manifest import ManifestColumns, iter_manifest
 
-    tables = []
-    for batch in iter_manifest(shard.uri, storage, input, batch_size=65536):
+    tables, skipped = [], Counter()
+    columns = ManifestColumns.from_config(input)
+    for batch in iter_manifest(shard.manifest, storage, columns, batch_size=65536, skipped=skipped):
         sources = batch.column("source").to_pylist()
         ids = (
             [str(v) for v in batch.column("id").to_pylist()]
@@ -282,6 +283,7 @@ def _list_manifest_shard(shard: Shard, input: InputConfig, storage: StorageConfi
         )
         labels = batch.column("label").to_pylist() if "label" in batch.schema.names else [None] * len(ids)
         tables.append(_table(ids, sources, [None if v is None else str(v) for v in labels]))
+    stats.skipped_extensions.update({f"manifest: {reason}": n for reason, n in skipped.items()})
     return pa.concat_tables(tables) if tables else _table([], [], [])
 
 
@@ -295,7 +297,7 @@ def list_shard(shard: Shard, input: InputConfig, storage: StorageConfig) -> tupl
     elif shard.kind == "coco":
         table = _list_coco_shard(shard, input, storage)
     elif shard.kind == "manifest":
-        table = _list_manifest_shard(shard, input, storage)
+        table = _list_manifest_shard(shard, input, storage, stats)
     else:
         raise ValueError(f"unknown shard kind {shard.kind!r}")
     stats.rows = table.num_rows

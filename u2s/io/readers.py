@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from u2s.config import InputConfig, Resources, StorageConfig
-from u2s.io.listing import MANIFEST_SCHEMA, InputError, Listing, list_input, stable_id
+from u2s.io.errors import InputError
+from u2s.io.listing import MANIFEST_SCHEMA, Listing, list_input, stable_id
 from u2s.io.storage import TransientStorageError, arrow_filesystem, filesystem, is_transient
 from u2s.schema import WORKING_SCHEMA, empty_timings
 
@@ -35,6 +36,8 @@ __all__ = ["InputError", "fetch", "fetch_bytes", "image_bytes_getter", "read_sou
 logger = logging.getLogger(__name__)
 
 READ_STAGE = "read"
+#: Read buffer of Parquet column chunks (see :data:`u2s.io.manifest.PARQUET_BUFFER_SIZE`).
+PARQUET_BUFFER_SIZE = 4 << 20
 
 
 def working_table(manifest: pa.Table, contents: list[bytes | None], errors: list[str | None]) -> pa.Table:
@@ -143,7 +146,8 @@ def _read_file_records(
     try:
         afs, path = arrow_filesystem(file_uri, storage)
         with afs.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
+            # No read-ahead of whole row groups: pages stream through a small buffer (flat memory).
+            parquet = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_BUFFER_SIZE)
             get_bytes = image_bytes_getter(
                 parquet.schema_arrow.field(input.image_column).type, input.image_column, file_uri
             )
