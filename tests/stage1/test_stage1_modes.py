@@ -26,7 +26,14 @@ from u2s.stage1.inspect import InspectStage
 from u2s.stage1.instruct import InstructStage
 from u2s.stage1.prompts import INSPECT_SYSTEM, criterion_messages, inspect_messages, instruct_messages
 from u2s.stage1.rows import load_thumbnails
-from u2s.stage1.schemas import CombineResult, CriterionResult, DescribeResult, InstructResult, json_schema
+from u2s.stage1.schemas import (
+    CombineResult,
+    CriterionResult,
+    DescribeResult,
+    FusedResult,
+    InstructResult,
+    json_schema,
+)
 from u2s.testing.rows import decoded_rows, run_stage
 from u2s.testing.tiny_models import CHATML_TEMPLATE, find_tiny_vlm
 
@@ -81,11 +88,20 @@ FUSED_LABELS = ["golden retriever", None, None, None]
 
 @pytest.fixture(scope="module")
 def fused_vlm(tiny_models, tmp_path_factory):
-    """A tiny VLM whose fused answers on the test rows both flag and keep."""
+    """A tiny VLM whose fused answers on the test rows both flag (with a valid record) and keep."""
 
     def both_outcomes(vlm) -> bool:
-        stage = FusedInspectStage(_config(vlm, tiny_models["llm"]).model_copy(update={"mode": "fused"}))
-        flags = {row["privacy_flag"] for row in _run(stage, _rows(4, FUSED_LABELS))}
+        config = _config(vlm, tiny_models["llm"]).model_copy(update={"mode": "fused"})
+        stage = FusedInspectStage(config)
+        rows = _rows(4, FUSED_LABELS)
+        # Cheap screen first: the first greedy tokens already say which branch each answer takes.
+        ready, images = stage.load(copy.deepcopy(rows))
+        starts = stage.engine.generate(
+            [stage.conversation(row) for row in ready], images, json_schema(FusedResult), 24
+        )
+        if {str(text).startswith('{"privacy_flag":true') for text in starts} != {True, False}:
+            return False
+        flags = {row["privacy_flag"] for row in _run(stage, rows)}
         return {True, False} <= flags
 
     return find_tiny_vlm(tmp_path_factory.mktemp("fused") / "vlm", both_outcomes)

@@ -1,0 +1,285 @@
+"""Faults a multi-day run meets, injected for real: a write task's worker dies after its file landed, a
+stage actor is killed mid-run, the driver is SIGKILLed (then ``--resume``), the object store goes away
+for a few seconds. Each time, every input id ends up exactly once in both tables.
+
+All runs use the real local Ray cluster and tiny models; the cheap config keeps each run short: a short
+describe budget (flagged rows end as error rows, which is fine here: what is checked is that every row
+arrives once, with a final status) and the whole-image blur editor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from u2s.config import JobConfig, dump_config, load_config
+from u2s.io.writers import FAULT_EXIT_AFTER_COMMIT, parquet_files, read_columns
+from u2s.pipeline import run
+from u2s.testing.images import noise_image
+
+pytestmark = pytest.mark.slow
+
+IMAGES = 24
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Noise images of ~200 kB, so a 1 MiB write budget splits the output into several write tasks."""
+    folder = tmp_path_factory.mktemp("fault-images")
+    for i in range(IMAGES):
+        noise_image(256, 256, seed=i).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _config(tiny_models, images: Path, out: Path | str, *extra: str) -> JobConfig:
+    return load_config(
+        preset="cpu-tiny",
+        overrides=[
+            f"input.uri={images}",
+            f"output.uri={out}/safe",
+            f"output.sensitive_uri={out}/sensitive",
+            "output.overwrite=false",
+            "output.rows_per_file=4",
+            f"output.max_file_bytes={2**20}",
+            f"stage1.vlm.model={tiny_models['vlm']}",
+            f"stage1.llm.model={tiny_models['llm']}",
+            "stage1.calls.inspect.generation.max_new_tokens=128",
+            "stage1.calls.describe.generation.max_new_tokens=8",
+            "stage2.editor=blur_image",
+            *extra,
+        ],
+    )
+
+
+def _ids(uri: str, storage) -> list[str]:
+    return read_columns(uri, storage, ["id"]).column("id").to_pylist()
+
+
+def assert_exactly_once(cfg: JobConfig, expected: int = IMAGES) -> None:
+    """Every input id once in each table, every row with a final status, the records agreeing."""
+    safe = read_columns(cfg.output.uri, cfg.storage, ["id", "status"])
+    sensitive = read_columns(cfg.output.sensitive_uri, cfg.storage, ["id", "status"])
+    for table in (safe, sensitive):
+        ids = table.column("id").to_pylist()
+        assert len(ids) == len(set(ids)) == expected
+        assert table.column("status").null_count == 0
+        assert set(table.column("status").to_pylist()) <= {"kept", "edited", "error"}
+    assert set(safe.column("id").to_pylist()) == set(sensitive.column("id").to_pylist())
+    assert sorted(parquet_files(cfg.output.uri, cfg.storage)) == sorted(
+        parquet_files(cfg.output.sensitive_uri, cfg.storage)
+    )
+    public = (
+        json.loads(Path(cfg.output.uri, "_run.json").read_text()) if "://" not in cfg.output.uri else None
+    )
+    if public is not None:
+        counts = pc.value_counts(safe.column("status")).to_pylist()
+        assert public["summary"]["rows"] == expected
+        assert public["summary"]["by_status"] == {c["values"]: c["counts"] for c in counts}
+
+
+def test_a_write_task_dying_after_its_file_landed_duplicates_nothing(
+    ray_cluster, tiny_models, images, tmp_path, monkeypatch
+):
+    marker = tmp_path / "fault-fired"
+    monkeypatch.setenv(FAULT_EXIT_AFTER_COMMIT, str(marker))
+    cfg = _config(tiny_models, images, tmp_path / "out")
+    summary = run(cfg)
+    assert marker.exists(), "the fault hook never fired"
+    assert summary.rows == IMAGES
+    assert_exactly_once(cfg)
+
+
+def _pool_actor_pids(class_fragment: str) -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    return [a.pid for a in actors if class_fragment in (a.class_name or "") and a.pid]
+
+
+def test_a_stage_actor_killed_mid_run_loses_and_doubles_nothing(ray_cluster, tiny_models, images, tmp_path):
+    cfg = _config(tiny_models, images, tmp_path / "out")
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(summary=run(cfg)), daemon=True)
+    runner.start()
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and runner.is_alive() and time.monotonic() < deadline:
+        pids = _pool_actor_pids("VisionCallPool")
+        if pids:
+            time.sleep(3)  # let it take a batch or two first
+            os.kill(pids[0], signal.SIGKILL)  # the OOM killer's way: no goodbye, Ray restarts the actor
+            killed = pids[0]
+        time.sleep(0.5)
+    runner.join(timeout=600)
+    assert killed is not None, "no VLM pool actor was ever seen alive"
+    assert "summary" in result, "the run did not finish after its actor was killed"
+    assert_exactly_once(cfg)
+
+
+def _driver(cfg_path: Path, address: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": address}
+    command = [sys.executable, "-m", "u2s.cli", "run", "--config", str(cfg_path), *extra]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_killed_driver_resumes_where_its_files_end(ray_cluster, tiny_models, images, tmp_path):
+    import ray
+
+    cfg = _config(tiny_models, images, tmp_path / "out")
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(dump_config(cfg))
+    address = ray.get_runtime_context().gcs_address
+    driver = _driver(cfg_path, address)
+    deadline = time.monotonic() + 300
+    while not parquet_files(cfg.output.uri, cfg.storage) and driver.poll() is None:
+        assert time.monotonic() < deadline, "no file was ever committed"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = {name: None for name in parquet_files(cfg.output.uri, cfg.storage)}
+    finished = set(_ids(cfg.output.uri, cfg.storage))
+    assert 0 < len(finished) < IMAGES, "kill the driver mid-run, not before or after"
+
+    refused = _driver(cfg_path, address)  # the outputs hold data: a plain rerun refuses to touch them
+    assert refused.wait(timeout=300) == 2 and "--resume" in refused.stdout.read()
+    resumed = _driver(cfg_path, address, "--resume")
+    output = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0, output
+    assert_exactly_once(cfg)
+    # Rows finished before the kill were not processed again: the resumed attempt's files hold exactly
+    # the others, and its record says how many it skipped.
+    new_files = [name for name in parquet_files(cfg.output.uri, cfg.storage) if name not in before]
+    root = cfg.output.sensitive_uri
+    new_ids = [
+        i for name in new_files for i in pq.read_table(f"{root}/{name}", columns=["id"])["id"].to_pylist()
+    ]
+    assert len(new_ids) == IMAGES - len(finished) and not set(new_ids) & finished
+    record = json.loads(Path(root, "_run.json").read_text())
+    assert [a["status"] for a in record["attempts"]] == ["running", "succeeded"]
+    assert record["summary"]["resumed"] == len(finished)
+    assert record["attempts"][-1]["written"] == IMAGES - len(finished)
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 that can be cut off and restored: an object-store outage.
+
+    moto keeps its data in memory, so the server itself must stay up; stopping this proxy refuses new
+    connections and resets open ones, as a network partition or a restarting endpoint does.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.listener: socket.socket | None = None
+        self.connections: list[socket.socket] = []
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.close()
+        with self.lock:
+            connections, self.connections = self.connections, []
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_an_object_store_outage_is_ridden_out_or_resumed(ray_cluster, tiny_models, images, s3_endpoint):
+    import boto3
+
+    from u2s.pipeline import JobFailed
+
+    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy.start()
+    endpoint = f"http://127.0.0.1:{proxy.port}"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for bucket in ("outage-in", "outage-out"):
+        s3.create_bucket(Bucket=bucket)
+    for path in sorted(images.iterdir()):
+        s3.upload_file(str(path), "outage-in", f"images/{path.name}")
+    cfg = _config(
+        tiny_models, "s3://outage-in/images", "s3://outage-out/run", f"storage.endpoint_url={endpoint}",
+        "storage.max_attempts=6", "storage.connect_timeout=2", "storage.read_timeout=5",
+    )  # fmt: skip
+    result: dict = {}
+
+    def job() -> None:
+        try:
+            result["summary"] = run(cfg)
+        except JobFailed as e:
+            result["failed"] = str(e)
+
+    runner = threading.Thread(target=job, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 300
+    while runner.is_alive() and not _pool_actor_pids("VisionCallPool"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    proxy.stop()  # the store goes away mid-run for a few seconds...
+    time.sleep(4)
+    proxy.start()  # ...and comes back
+    runner.join(timeout=900)
+    assert result, "the run neither finished nor failed"
+    if "failed" in result:  # a clear message, and --resume finishes it
+        assert "--resume" in result["failed"]
+        run(cfg, resume=True)
+    safe = read_columns(cfg.output.uri, cfg.storage, ["id", "error"])
+    assert len(set(safe.column("id").to_pylist())) == safe.num_rows == IMAGES
+    # Connection trouble is retried, never recorded as a row's reason.
+    errors = [e for e in safe.column("error").to_pylist() if e and e.startswith("read:")]
+    assert errors == []
+    sensitive = read_columns(cfg.output.sensitive_uri, cfg.storage, ["id"])
+    assert set(sensitive.column("id").to_pylist()) == set(safe.column("id").to_pylist())
+    proxy.stop()

@@ -1,0 +1,146 @@
+"""Nothing private reaches the safe table: a run over files that carry GPS positions, capture times,
+camera serials, names in EXIF/XMP/IPTC/PNG text/WebP/GIF comments, and names in their file and folder
+names publishes none of it, in any byte of the safe folder (its Parquet files, written uncompressed so
+the scan is meaningful, and its public run record) or of Ray's logs; the sensitive table keeps what it
+should.
+
+Stage 1 runs on the HTTP engine against an oracle server (a real OpenAI-compatible server whose answers
+the test decides), so the outcomes are certain by construction: the face photo, the receipt and the plain
+texture are flagged (the texture is the flagged image in which the blur baseline finds nothing), the
+other pictures are kept.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from u2s.config import load_config
+from u2s.io.writers import read_columns
+from u2s.pipeline import run
+from u2s.schema import SAFE_SCHEMA, SENSITIVE_SCHEMA
+from u2s.testing.chat_server import ChatRequest, OracleChatServer
+from u2s.testing.leak_corpus import PERSON_FILE, PERSON_FOLDER, build_leak_corpus
+from u2s.testing.rows import decoded_rows
+
+pytestmark = pytest.mark.slow
+
+IMAGE_SIZE = 112
+PRIVATE_CAPTION = "Quentin Ashdown-Velarde signs papers at his kitchen table."
+EXIF_ORIENTATION = 0x0112
+
+
+def _signature(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"), dtype=np.float64).mean(axis=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def leak_run(ray_cluster, tmp_path_factory):
+    corpus = build_leak_corpus(tmp_path_factory.mktemp("leaks") / "photos")
+    flagged = {corpus.person_named, corpus.texture, *(f for f in corpus.files if f.name == "receipt.png")}
+    # What the VLM will see of each file (decode's thumbnail), to recognise it at the oracle.
+    thumbs = decoded_rows([f.read_bytes() for f in corpus.files], thumbnail_side=IMAGE_SIZE)
+    known = [
+        (_signature(Image.open(io.BytesIO(row["thumbnail"]))), path)
+        for row, path in zip(thumbs, corpus.files, strict=True)
+    ]
+
+    def answer(request: ChatRequest) -> dict:
+        if "privacy_flag" in request.fields:  # call A: flag exactly the chosen files
+            signature = _signature(request.image)
+            _, file = min(known, key=lambda k: float(np.abs(k[0] - signature).sum()))
+            flag = file in flagged
+            return {"privacy_flag": flag, "categories": ["people"] if flag else []}
+        if "review" in request.fields:  # call B
+            review = [{"item": "a face", "reason": "identifies a person", "category": "people"}]
+            return {
+                "review": review,
+                "private_caption": PRIVATE_CAPTION,
+                "public_caption": "A person indoors.",
+            }
+        return {"edit_instruction": "give the person short grey hair and a plain blue jacket"}  # call C
+
+    out = tmp_path_factory.mktemp("leak-out")
+    with OracleChatServer(answer) as url:
+        cfg = load_config(
+            preset="cpu-tiny",
+            overrides=[
+                f"input.uri={corpus.root}",
+                f"output.uri={out}/safe",
+                f"output.sensitive_uri={out}/sensitive",
+                "output.compression=none",
+                "stage1.engine=http",
+                f"stage1.http={{base_url: '{url}', api_key_env: null, max_concurrency: 4}}",
+                "stage1.vlm.model=oracle-vlm",
+                "stage1.llm.model=oracle-llm",
+                f"stage1.image_size={IMAGE_SIZE}",
+                "stage2.editor=blur",
+            ],
+        )
+        summary = run(cfg)
+    safe = read_columns(cfg.output.uri, cfg.storage, SAFE_SCHEMA.names).to_pylist()
+    sensitive = read_columns(cfg.output.sensitive_uri, cfg.storage, SENSITIVE_SCHEMA.names).to_pylist()
+    return {"corpus": corpus, "cfg": cfg, "summary": summary, "safe": safe, "sensitive": sensitive,
+            "flagged": flagged}  # fmt: skip
+
+
+def test_every_file_is_published_or_edited_as_the_oracle_decided(leak_run):
+    corpus, sensitive = leak_run["corpus"], {r["source"]: r for r in leak_run["sensitive"]}
+    assert len(leak_run["safe"]) == len(sensitive) == len(corpus.files)
+    for path in corpus.files:
+        row = sensitive[str(path)]
+        assert row["status"] == ("edited" if path in leak_run["flagged"] else "kept"), path.name
+    # The texture, in which the blur baseline finds no face and no text, was blurred whole, not published
+    # unchanged as "edited".
+    by_id = {r["id"]: r for r in leak_run["safe"]}
+    texture = by_id[sensitive[str(corpus.texture)]["id"]]
+    original = np.asarray(Image.open(corpus.texture).convert("RGB"))
+    edited = np.asarray(Image.open(io.BytesIO(texture["image"]["bytes"])).convert("RGB"))
+    assert edited.shape == original.shape and not np.array_equal(edited, original)
+    assert leak_run["summary"].metadata_removed >= 5  # every file but the bare texture carried metadata
+
+
+def test_no_secret_in_any_byte_of_the_safe_folder(leak_run):
+    safe_dir = Path(leak_run["cfg"].output.uri)
+    files = sorted(p for p in safe_dir.iterdir() if p.is_file())
+    assert any(p.suffix == ".parquet" for p in files) and any(p.name == "_run.json" for p in files)
+    for path in files:
+        leaked = leak_run["corpus"].leaks(path.read_bytes())
+        assert leaked == [], f"{path.name} leaks {leaked}"
+        assert (
+            PERSON_FILE.encode() not in path.read_bytes() and PERSON_FOLDER.encode() not in path.read_bytes()
+        )
+
+
+def test_published_images_carry_no_metadata_but_their_orientation(leak_run):
+    for row in leak_run["safe"]:
+        if row["image"] is None:
+            continue
+        with Image.open(io.BytesIO(row["image"]["bytes"])) as img:
+            assert set(img.getexif()) <= {EXIF_ORIENTATION}  # an EXIF block, if any, holds only that
+            text_keys = {"xmp", "XML:com.adobe.xmp", "comment", "Comment", "Author", "Description"}
+            assert not text_keys & set(img.info), img.info.keys()
+        assert leak_run["corpus"].leaks(row["image"]["bytes"]) == []
+
+
+def test_the_sensitive_table_keeps_the_source_and_the_captions(leak_run):
+    sensitive = {r["source"]: r for r in leak_run["sensitive"]}
+    person = sensitive[str(leak_run["corpus"].person_named)]
+    assert PERSON_FOLDER in person["source"] and person["source"].endswith(PERSON_FILE)
+    assert person["private_caption"] == PRIVATE_CAPTION and person["categories"] == ["people"]
+    assert all(PRIVATE_CAPTION not in str(value) for row in leak_run["safe"] for value in row.values())
+
+
+def test_no_secret_in_rays_logs(leak_run):
+    from ray._private.worker import global_worker
+
+    logs = Path(global_worker.node.get_logs_dir_path())
+    for log in logs.rglob("*"):
+        if log.is_file() and log.suffix in (".out", ".err", ".log"):
+            content = log.read_bytes()
+            assert leak_run["corpus"].leaks(content) == [], log.name
+            assert PRIVATE_CAPTION.encode() not in content and PERSON_FILE.encode() not in content, log.name
