@@ -102,6 +102,24 @@ def stage1_calls(cfg: JobConfig) -> list[str]:
     return calls + ["instruct"] + (["combine"] if s1.combine else [])
 
 
+def stage_pools(cfg: JobConfig) -> dict[str, Resources]:
+    """Every pool this config runs, in plan order, with the Ray resources of one of its actors or tasks.
+
+    Model stages are actor pools (``inspect``, ``describe``, ``instruct``, ``combine``, ``edit``); ``decode``
+    and ``write`` are tasks. The values are the config's own `Resources` objects where the config has one
+    (``write`` has only a CPU count). The one place that maps a config to its pools: ``u2s plan`` and the
+    cluster-config consistency tests read it.
+    """
+    s1 = cfg.stage1
+    stage1 = {"inspect": s1.inspect, "describe": s1.describe, "instruct": s1.instruct,
+              "combine": s1.combine_resources}  # fmt: skip
+    pools: dict[str, Resources] = {"decode": cfg.ray.decode}
+    pools.update({call: stage1[call] for call in stage1_calls(cfg)})
+    pools["edit"] = cfg.stage2.resources
+    pools["write"] = Resources(num_cpus=cfg.ray.write_num_cpus)
+    return pools
+
+
 def uses_checkpoints(cfg: JobConfig) -> bool:
     """Whether the plan runs as checkpointed passes (some stage-1 call on vLLM)."""
     return any(cfg.stage1.engine_for(call) == "vllm" for call in stage1_calls(cfg))
