@@ -159,7 +159,13 @@ def plan(
     hours: Annotated[
         float, typer.Option(min=0.01, help="Target wall hours, when --gpus is not given.")
     ] = 24.0,
-    price: Annotated[float | None, typer.Option(help="USD per GPU-hour (default: a list price).")] = None,
+    price: Annotated[
+        float | None, typer.Option(help="USD per GPU-hour of --gpu (default: a list price).")
+    ] = None,
+    pool_gpu: Annotated[
+        list[str] | None,
+        typer.Option(metavar="POOL=TYPE", help="Another GPU type for one pool, e.g. edit=L40S (repeatable)."),
+    ] = None,
     cluster: Annotated[
         Path | None, typer.Option(help="Cluster config (cluster/aws.yaml, a KubeRay manifest): check fits.")
     ] = None,
@@ -170,19 +176,24 @@ def plan(
     cfg = resolve_config(preset or (None if config else "paper"), config, set_ or [])
     try:
         card = card_for(gpu)
-        result = make_plan(cfg, images, card, read_bench(bench or []), flagged, gpus, hours, price)
+        pairs = [item.split("=", 1) for item in pool_gpu or []]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError("--pool-gpu takes POOL=TYPE, e.g. edit=L40S")
+        pool_cards = {pool: card_for(name) for pool, name in pairs}
+        result = make_plan(
+            cfg, images, card, read_bench(bench or []), flagged, gpus, hours, price, pool_cards
+        )
     except ValueError as e:
         typer.echo(f"plan: {e}", err=True)
         raise typer.Exit(2) from None
-    placement = None
+    groups = None
     if cluster is not None:
-        from u2s.cluster import load_node_groups
-        from u2s.cluster import placement as fit
+        from u2s.cluster import load_node_groups, placement
         from u2s.pipeline import stage_pools
 
-        placement = fit(stage_pools(cfg), load_node_groups(cluster))
-    typer.echo(format_plan(result, placement))
-    if placement is not None and not all(placement.values()):
+        groups = load_node_groups(cluster)
+    typer.echo(format_plan(result, groups))
+    if groups is not None and not all(placement(stage_pools(cfg), groups).values()):
         raise typer.Exit(1)
 
 

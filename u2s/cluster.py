@@ -99,6 +99,8 @@ def launcher_groups(config: dict[str, Any], source: str = "") -> list[NodeGroup]
     for name, node_type in config["available_node_types"].items():
         resources = {k: float(v) for k, v in (node_type.get("resources") or {}).items()}
         low, high = int(node_type.get("min_workers", 0)), int(node_type.get("max_workers", 0))
+        if name == head:
+            low = high = 1
         groups.append(NodeGroup(name, resources, low, high, head=name == head, source=source))
     return groups
 

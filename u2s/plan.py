@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from u2s.cluster import NodeGroup
 from u2s.config import JobConfig, Resources
 
 
@@ -72,7 +73,7 @@ class BenchStage(BaseModel):
         ..., description="Pool name, as `u2s.pipeline.stage_pools` names it (edit, instruct...)."
     )
     rows_per_s: float = Field(..., gt=0, description="Rows per second of one replica.")
-    gpus: float = Field(1.0, gt=0, description="GPUs the replica used.")
+    gpus: float = Field(1.0, ge=0, description="GPUs the replica used; 0: measured on the CPU.")
     card: str = Field(..., description="Device name, e.g. 'NVIDIA H100 80GB HBM3'.")
     engine: str | None = Field(None, description="Stage 1: the engine measured.")
     editor: str | None = Field(None, description="Stage 2: the editor measured.")
@@ -95,6 +96,8 @@ class PoolPlan:
     request: Resources
     rows: float
     rate: Rate | None  # None: a CPU pool (not sized here)
+    card: Card | None = None
+    price: float = 0.0  # USD per GPU-hour
     gpu_hours: float = 0.0
     gpus: float = 0.0
 
@@ -126,7 +129,7 @@ class Plan:
     @property
     def cost(self) -> float:
         """Every GPU held for the whole run (pools stream side by side)."""
-        return self.gpus * self.wall_hours * self.price
+        return self.wall_hours * sum(p.gpus * p.price for p in self.gpu_pools)
 
 
 def card_for(name: str) -> Card:
@@ -213,7 +216,9 @@ def measured_rate(
         if m.pool != pool:
             continue
         why = None
-        if not same_card(m.card, card):
+        if m.gpus == 0:
+            why = f"measured on the CPU ({m.card})"
+        elif not same_card(m.card, card):
             why = f"measured on {m.card}, not {card.name}"
         elif pool == "edit" and m.editor != cfg.stage2.editor:
             why = f"editor {m.editor}, config uses {cfg.stage2.editor}"
@@ -272,21 +277,28 @@ def make_plan(
     gpus: int | None = None,
     hours: float = 24.0,
     price: float | None = None,
+    pool_cards: dict[str, Card] | None = None,
 ) -> Plan:
-    """Size every GPU pool of ``cfg`` for ``images`` images on ``card`` (see the module docstring)."""
+    """Size every GPU pool of ``cfg`` for ``images`` images on ``card`` (``pool_cards``: other GPU types
+    for some pools, e.g. the editor on L40S; ``price`` applies to ``card``). See the module docstring."""
     from u2s.pipeline import stage_pools
 
     ignored: list[str] = []
     pools, paths = [], {}
+    unknown = set(pool_cards or {}) - set(stage_pools(cfg))
+    if unknown:
+        raise ValueError(f"no pool named {', '.join(sorted(unknown))} in this config")
     for name, request in stage_pools(cfg).items():
         rate = None
+        pool_card = (pool_cards or {}).get(name, card)
         if request.num_gpus > 0:
-            rate = measured_rate(cfg, name, card, bench or [], ignored) or estimate_rate(
-                cfg, name, card, flagged
+            rate = measured_rate(cfg, name, pool_card, bench or [], ignored) or estimate_rate(
+                cfg, name, pool_card, flagged
             )
             if rate is None:
                 raise ValueError(f"pool {name!r} asks for a GPU but has no figure (measured or estimated)")
-        plan = PoolPlan(name, request, pool_rows(name, images, flagged), rate)
+        pool_price = price if price is not None and pool_card is card else pool_card.usd_per_hour
+        plan = PoolPlan(name, request, pool_rows(name, images, flagged), rate, pool_card, pool_price)
         if rate is not None:
             plan.gpu_hours = plan.rows / rate.rows_per_s / 3600
         pools.append(plan)
@@ -309,20 +321,40 @@ def make_plan(
                 ignored, paths)  # fmt: skip
 
 
-def format_plan(plan: Plan, placement: dict[str, list[str]] | None = None) -> str:
-    """The plan as a table, totals, and the pool sizes to put in the config."""
+def group_shortfalls(plan: Plan, groups: list[NodeGroup]) -> list[str]:
+    """Groups too small for the GPUs the plan gives the pools pinned to them (pools that fit one group)."""
+    from u2s.cluster import placement
+
+    fits = placement({p.name: p.request for p in plan.pools}, groups)
+    wanted: dict[str, float] = {}
+    for p in plan.gpu_pools:
+        if len(fits[p.name]) == 1:
+            wanted[fits[p.name][0]] = wanted.get(fits[p.name][0], 0.0) + p.gpus
+    short = []
+    for g in groups:
+        have = g.max_workers * g.resources.get("GPU", 0)
+        if g.name in wanted and wanted[g.name] > have:
+            nodes = math.ceil(wanted[g.name] / g.resources["GPU"])
+            short.append(f"{g.name} needs {nodes} nodes for {wanted[g.name]:g} GPUs, it allows "
+                         f"{g.max_workers} (raise max_workers / maxReplicas or plan fewer GPUs)")  # fmt: skip
+    return short
+
+
+def format_plan(plan: Plan, groups: list[NodeGroup] | None = None) -> str:
+    """The plan as a table, totals, and the pool sizes to put in the config; with a cluster config's
+    ``groups``, which groups each pool fits and whether they are large enough."""
     lines = [
         f"u2s plan: {plan.images:,} images on {plan.card.name} (${plan.price:.2f}/GPU-hour), "
         f"{plan.flagged:.0%} of them flagged (assumed; --flagged)",
         "",
-        f"{'pool':<9}{'rows':>12}  {'per GPU':>13}  {'GPU-h':>9}  {'share':>6}  {'GPUs':>5}  source",
+        f"{'pool':<9}{'rows':>12}  {'per GPU':>13}  {'GPU-h':>9}  {'share':>6}  {'GPUs':>5} type  source",
     ]
     for p in plan.gpu_pools:
-        assert p.rate is not None
+        assert p.rate is not None and p.card is not None
         share = p.gpus / plan.gpus if plan.gpus else 0.0
         rate, source = p.rate.rows_per_s, p.rate.source
         lines.append(f"{p.name:<9}{p.rows:>12,.0f}  {rate:>8.3f} /s  {p.gpu_hours:>9,.1f}  {share:>6.1%}  "
-                     f"{p.gpus:>5g}  {source}")  # fmt: skip
+                     f"{p.gpus:>5g} {p.card.name:<5} {source}")  # fmt: skip
     cpu = [p for p in plan.pools if p.rate is None]
     if cpu:
         listed = ", ".join(f"{p.name} ({p.request.num_cpus:g} CPU each)" for p in cpu)
@@ -330,7 +362,7 @@ def format_plan(plan: Plan, placement: dict[str, list[str]] | None = None) -> st
     lines += [
         "",
         f"total: {plan.gpu_hours:,.1f} GPU-hours; {plan.gpus:g} GPUs -> {plan.wall_hours:,.1f} h wall; "
-        f"cost ~${plan.cost:,.0f} ({plan.gpus:g} GPUs x {plan.wall_hours:,.1f} h x ${plan.price:.2f})",
+        f"cost ~${plan.cost:,.0f} (every GPU held for the whole run, at its $/GPU-hour)",
     ]
     if plan.ignored:
         lines += ["measurements not used:", *(f"  {reason}" for reason in plan.ignored)]
@@ -338,12 +370,16 @@ def format_plan(plan: Plan, placement: dict[str, list[str]] | None = None) -> st
     for p in plan.gpu_pools:
         where = plan.paths.get(p.name, p.name)
         lines.append(f"  --set '{where}.pool_size=[1,{p.replicas}]'   # {p.request.num_gpus:g} GPU per actor")
-    if placement is not None:
+    if groups is not None:
+        from u2s.cluster import placement as fit
+
+        placement = fit({p.name: p.request for p in plan.pools}, groups)
         lines += ["", "worker groups each pool fits (one actor per node):"]
-        for name, groups in placement.items():
-            lines.append(f"  {name:<9}{', '.join(groups) if groups else 'NONE: no group can run it'}")
+        for name, names in placement.items():
+            lines.append(f"  {name:<9}{', '.join(names) if names else 'NONE: no group can run it'}")
         loose = [p.name for p in plan.gpu_pools if len(placement.get(p.name, [])) > 1]
         if loose:
             lines.append(f"  ({', '.join(loose)}: no accelerator_type, so any of those groups; set "
                          "<pool>.accelerator_type to pin a pool to its group)")  # fmt: skip
+        lines += [f"  too small: {line}" for line in group_shortfalls(plan, groups)]
     return "\n".join(lines)

@@ -73,7 +73,6 @@ def check_job_args(job_args: list[str]) -> None:
     """``job_args`` must parse as options of ``u2s run`` (what ``jobs/anonymize.py`` accepts)."""
     if not job_args:
         return
-    import click
     import typer.main
 
     from u2s.cli import app
@@ -81,8 +80,9 @@ def check_job_args(job_args: list[str]) -> None:
     run = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
     try:
         run.make_context("run", ["--config", CONFIG_NAME, *job_args])
-    except click.ClickException as e:
-        raise SubmitError(f"job options {shlex.join(job_args)}: {e.format_message()}") from None
+    except Exception as e:  # a click usage error (typer vendors its own click: no stable class to name)
+        reason = e.format_message() if hasattr(e, "format_message") else type(e).__name__
+        raise SubmitError(f"job options {shlex.join(job_args)}: {reason}") from None
 
 
 def _ignore(excludes: tuple[str, ...]):
