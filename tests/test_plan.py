@@ -144,3 +144,18 @@ def test_cluster_check_names_the_group_of_each_pool_and_fails_on_none():
 def test_unknown_gpu_type_exits_2():
     result = run_plan("--images", "10", "--gpu", "Z9000")
     assert result.exit_code == 2 and "Z9000" in result.output
+
+
+def test_cluster_check_says_when_a_group_is_too_small_for_the_plan():
+    pins = pool_overrides("edit", accelerator_type="L40S") + pool_overrides(
+        "inspect", accelerator_type="H100"
+    )
+    args = ["--images", "10000000", "--gpu", "H100", "--pool-gpu", "edit=L40S", "--gpus", "200"]
+    result = run_plan(
+        *args, "--cluster", str(REPO / "cluster" / "aws.yaml"), *[a for o in pins for a in ("--set", o)]
+    )
+    assert result.exit_code == 0, result.output
+    match = re.search(r"too small: gpu-stage2 needs (\d+) nodes for (\d+) GPUs, it allows 16", result.output)
+    assert match and int(match[1]) > 16
+    edit_line = next(line for line in result.output.splitlines() if line.startswith("edit "))
+    assert f" {match[2]} L40S " in edit_line
