@@ -115,26 +115,14 @@ def submit(
     cfg = resolve_config(
         preset, config, io_overrides(input, input_format, output, sensitive_output) + (set_ or [])
     )
-    from ray.job_submission import JobSubmissionClient
-
-    from u2s.submit import SubmitError, build_submission, follow, job_commands
-    from u2s.submit import submit as submit_job
+    from u2s.submit import SubmitError, submit_job
 
     try:
-        submission = build_submission(cfg, working_dir=working_dir, image=image, job_args=job_args)
+        status = submit_job(cfg, address, working_dir, image, job_args, submission_id, wait, echo=typer.echo)
     except SubmitError as e:
         typer.echo(f"submit: {e}", err=True)
         raise typer.Exit(2) from None
-    try:
-        client = JobSubmissionClient(address)
-    except BaseException:
-        submission.cleanup()
-        raise
-    job_id = submit_job(client, submission, submission_id)
-    typer.echo(f"submitted {job_id} to {client.get_address()}\n{job_commands(client.get_address(), job_id)}")
-    if wait:
-        status = follow(client, job_id)
-        typer.echo(f"job {job_id}: {status}")
+    if status is not None:
         raise typer.Exit(0 if status == "SUCCEEDED" else 1)
 
 
@@ -171,17 +159,13 @@ def plan(
     ] = None,
 ) -> None:
     """Size a run: GPUs per stage pool, pool ratios, hours and cost; prints the pool sizes to configure."""
-    from u2s.plan import card_for, format_plan, make_plan, read_bench
+    from u2s.plan import card_for, format_plan, make_plan, parse_pool_cards, read_bench
 
     cfg = resolve_config(preset or (None if config else "paper"), config, set_ or [])
     try:
-        card = card_for(gpu)
-        pairs = [item.split("=", 1) for item in pool_gpu or []]
-        if any(len(pair) != 2 for pair in pairs):
-            raise ValueError("--pool-gpu takes POOL=TYPE, e.g. edit=L40S")
-        pool_cards = {pool: card_for(name) for pool, name in pairs}
+        cards = parse_pool_cards(pool_gpu or [])
         result = make_plan(
-            cfg, images, card, read_bench(bench or []), flagged, gpus, hours, price, pool_cards
+            cfg, images, card_for(gpu), read_bench(bench or []), flagged, gpus, hours, price, cards
         )
     except ValueError as e:
         typer.echo(f"plan: {e}", err=True)

@@ -139,6 +139,17 @@ def card_for(name: str) -> Card:
     raise ValueError(f"unknown GPU type {name!r}; known: {', '.join(CARDS)}")
 
 
+def parse_pool_cards(items: list[str]) -> dict[str, Card]:
+    """``["edit=L40S"]`` → ``{"edit": CARDS["L40S"]}`` (``--pool-gpu``)."""
+    cards = {}
+    for item in items:
+        pool, sep, name = item.partition("=")
+        if not sep:
+            raise ValueError(f"--pool-gpu {item!r}: expected POOL=TYPE, e.g. edit=L40S")
+        cards[pool.strip()] = card_for(name.strip())
+    return cards
+
+
 def same_card(device_name: str, card: Card) -> bool:
     """Whether a device name (``torch.cuda.get_device_name()``) is this card type."""
     tokens = device_name.upper().replace("-", " ").split()

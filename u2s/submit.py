@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -170,4 +171,33 @@ def follow(client: JobSubmissionClient, submission_id: str, out: TextIO = sys.st
     while status not in TERMINAL:  # the log stream can close a moment before the status is final
         time.sleep(0.5)
         status = str(client.get_job_status(submission_id).value)
+    return status
+
+
+def submit_job(
+    cfg: JobConfig,
+    address: str | None = None,
+    working_dir: Path | None = None,
+    image: str | None = None,
+    job_args: list[str] | None = None,
+    submission_id: str | None = None,
+    wait: bool = False,
+    echo: Callable[[str], Any] = print,
+) -> str | None:
+    """Submit ``cfg`` to the cluster at ``address`` (dashboard URL; default $RAY_ADDRESS, else local) and
+    print the id and the `ray job` commands; with ``wait``, follow the logs and return the final status."""
+    from ray.job_submission import JobSubmissionClient
+
+    submission = build_submission(cfg, working_dir=working_dir, image=image, job_args=job_args)
+    try:
+        client = JobSubmissionClient(address)
+    except BaseException:
+        submission.cleanup()
+        raise
+    job_id = submit(client, submission, submission_id)
+    echo(f"submitted {job_id} to {client.get_address()}\n{job_commands(client.get_address(), job_id)}")
+    if not wait:
+        return None
+    status = follow(client, job_id)
+    echo(f"job {job_id}: {status}")
     return status

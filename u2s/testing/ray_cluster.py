@@ -178,7 +178,7 @@ class RayHead:
                     found.append(proc)
         return found
 
-    def stop(self, grace_s: float = 10) -> None:
+    def stop(self, grace_s: float = 5) -> None:
         """End this cluster's processes only (SIGTERM, SIGKILL after ``grace_s``); remove its temp dir."""
         import psutil
 
