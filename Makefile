@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.u2s-installed
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= u2s:$(VERSION)
 
 export U2S_TINY_MODELS ?= $(CURDIR)/.cache/tiny-models
 export HF_HUB_OFFLINE ?= 1
@@ -14,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # pip warns once per package about find-links folders this machine does not have; keep logs readable.
 QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: venv test lint demo lock clean
+.PHONY: venv test lint demo image lock clean
 
 venv: $(STAMP)
 
@@ -33,14 +35,22 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Tests that start their own Ray clusters (`ray start --head`, Ray's fake autoscaler: tests/cluster/) run
+# in a pytest process of their own, after the main run and its in-process Ray are gone.
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra -m cluster tests/cluster
 
 demo: venv
 	$(BIN)/u2s tiny-models $(U2S_TINY_MODELS)
 	$(BIN)/u2s sample-data demo-data/images
 	$(BIN)/u2s run --preset cpu-tiny
+
+# The cluster image (Dockerfile): every node of a GPU Ray cluster runs it. Needs Docker; push it to a
+# registry the cluster can pull from and name it in cluster/ (docs/scaling.md).
+image:
+	docker build -t $(IMAGE) .
 
 # Refresh the lock from the current venv (after changing pinned versions on purpose).
 lock: venv

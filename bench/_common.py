@@ -58,10 +58,20 @@ def markdown_table(headers: list[str], cells: list[list[str]]) -> str:
 
 
 def write_json(
-    path: str, mode: str, info: dict[str, Any], key: str, records: list[Any], quiet: bool = False
+    path: str,
+    mode: str,
+    info: dict[str, Any],
+    key: str,
+    records: list[Any],
+    quiet: bool = False,
+    stages: list[Any] | None = None,
 ) -> None:
-    """The figures as JSON: ``{"mode", "info", key: [record.to_json() ...]}``."""
-    payload = {"mode": mode, "info": info, key: [record.to_json() for record in records]}
+    """The figures as JSON: ``{"mode", "info", key: [record.to_json() ...], "stages": [...]}``.
+
+    ``stages`` are `u2s.plan.BenchStage` records, the per-pool figures `u2s plan --bench` reads.
+    """
+    payload = {"mode": mode, "info": info, key: [record.to_json() for record in records],
+               "stages": [stage.model_dump(mode="json") for stage in stages or []]}  # fmt: skip
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
     if not quiet:
         print(f"\nwrote {path}")

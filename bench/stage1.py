@@ -625,6 +625,34 @@ def bench_gpu_line(engine: Any, conversations: list[list[dict]], batch: int, arg
     return result
 
 
+def stage_figures(results: list[Result], info: dict[str, Any], args: argparse.Namespace) -> list[Any]:
+    """Per-call figures for `u2s plan --bench`: the best line of each engine and call, with its settings.
+
+    GPU mode times only schema-constrained lines as the engine runs them (the free lines are a ceiling).
+    """
+    from u2s.plan import BenchStage
+
+    cuda = args.gpu and not args.dry_run
+    card = info["device"] if cuda else f"{info['cpu']} (CPU{', GPU dry run' if args.gpu else ''})"
+    best: dict[tuple[str, str], Result] = {}
+    for r in results:
+        if r.ok and r.constrained and r.rows_per_s > 0:
+            key = (r.engine, r.call)
+            if key not in best or r.rows_per_s > best[key].rows_per_s:
+                best[key] = r
+    figures = []
+    for (engine, call), r in best.items():
+        settings: dict[str, Any] = {"batch": r.batch, "tokens_per_row": round(r.tokens_per_row, 1)}
+        if args.gpu:
+            settings |= {"model": "Qwen3-4B-shaped, random weights", "max_new_tokens": args.max_new_tokens,
+                         "prompt_tokens": r.prompt_tokens}  # fmt: skip
+        else:
+            settings |= {"model": "tiny random (u2s.testing.tiny_models)"}
+        figures.append(BenchStage(pool=call, rows_per_s=r.rows_per_s, gpus=1 if cuda else 0, card=card,
+                                  engine=engine, script="bench/stage1.py", settings=settings))  # fmt: skip
+    return figures
+
+
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
@@ -686,7 +714,8 @@ def main(argv: list[str] | None = None) -> None:
         if r.note:
             print(f"{r.engine} {r.call}: {r.note}")
     if args.json:
-        write_json(args.json, "gpu" if args.gpu else "cpu", info, "results", results)
+        stages = stage_figures(results, info, args)
+        write_json(args.json, "gpu" if args.gpu else "cpu", info, "results", results, stages=stages)
 
 
 if __name__ == "__main__":

@@ -760,8 +760,32 @@ def run_gpu(args: argparse.Namespace, editors: list[str]) -> tuple[list[Row], di
                 rows.append(Row(editor, 0, 0, math.nan, math.nan, status=f"error: {type(e).__name__}"))
                 free_memory()
             if args.json:  # after each editor, so a run cut short still leaves its figures
-                write_json(args.json, "gpu", info, "rows", rows, quiet=True)
+                write_json(
+                    args.json, "gpu", info, "rows", rows, quiet=True, stages=stage_figures(rows, info, args)
+                )
     return rows, info
+
+
+def stage_figures(rows: list[Row], info: dict[str, Any], args: argparse.Namespace) -> list[Any]:
+    """Per-editor figures for `u2s plan --bench`: the best batch size of each editor, with its settings."""
+    from u2s.plan import BenchStage
+    from u2s.stage2.editors import EDITORS
+
+    cuda = args.gpu and not args.dry_run
+    card = info["device"] if cuda else f"{info['cpu']} (CPU{', GPU dry run' if args.gpu else ''})"
+    figures = []
+    for editor in dict.fromkeys(r.editor for r in rows):
+        ok = [r for r in rows if r.editor == editor and r.status == "ok" and r.images_per_s > 0]
+        if not ok:
+            continue
+        best = max(ok, key=lambda r: r.images_per_s)
+        default = EDITORS[editor].config_class.model_fields.get("num_inference_steps")
+        steps = args.steps or (default.default if default else None)
+        settings = {"batch_size": best.batch_size, "size": args.size, "steps": steps,
+                    "dtype": info.get("dtype", "float32"), "tiny_models": not args.gpu}  # fmt: skip
+        figures.append(BenchStage(pool="edit", rows_per_s=best.images_per_s, gpus=1 if cuda else 0, card=card,
+                                  editor=editor, script="bench/stage2.py", settings=settings))  # fmt: skip
+    return figures
 
 
 # --------------------------------------------------------------------------------------------------
@@ -844,7 +868,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table)
     if args.json:
-        write_json(args.json, "gpu" if args.gpu else "cpu", info, "rows", rows)
+        stages = stage_figures(rows, info, args)
+        write_json(args.json, "gpu" if args.gpu else "cpu", info, "rows", rows, stages=stages)
 
 
 if __name__ == "__main__":

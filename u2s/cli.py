@@ -100,6 +100,110 @@ def run(
     typer.echo(format_summary(summary))
 
 
+@app.command()
+def submit(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    input: Annotated[str | None, typer.Option(help="Input URI (as the cluster sees it).")] = None,
+    input_format: Annotated[
+        str | None, typer.Option(help="image_folder, class_folders, coco or parquet.")
+    ] = None,
+    output: Annotated[str | None, typer.Option(help="Safe dataset URI.")] = None,
+    sensitive_output: Annotated[str | None, typer.Option(help="Sensitive triplets URI.")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray dashboard address, e.g. http://head:8265. Default: $RAY_ADDRESS, else local."),
+    ] = None,
+    working_dir: Annotated[
+        Path, typer.Option(help="u2s checkout uploaded as the job's working dir, with the config.")
+    ] = Path("."),
+    image: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the job in this u2s image (Ray's image_uri runtime env) instead of uploading "
+            "a working dir."
+        ),
+    ] = None,
+    submission_id: Annotated[str | None, typer.Option(help="Submission id (default: Ray picks one).")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the logs; exit with the job's status.")
+    ] = False,
+    job_args: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[-- RUN_OPTIONS]", help="More `u2s run` options for the job, after `--`."),
+    ] = None,
+) -> None:
+    """Submit the job to a Ray cluster (Ray Job Submission); the config is validated here first."""
+    cfg = resolve_config(
+        preset, config, io_overrides(input, input_format, output, sensitive_output) + (set_ or [])
+    )
+    from u2s.submit import SubmitError, submit_job
+
+    try:
+        status = submit_job(cfg, address, working_dir, image, job_args, submission_id, wait, echo=typer.echo)
+    except SubmitError as e:
+        typer.echo(f"submit: {e}", err=True)
+        raise typer.Exit(2) from None
+    if status is not None:
+        raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+
+
+@app.command()
+def plan(
+    images: Annotated[int, typer.Option(min=1, help="Images in the run.")],
+    gpu: Annotated[str, typer.Option(help="GPU type: H100, H200, A100, L40S, L4.")],
+    bench: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="bench/stage1.py or bench/stage2.py --json output with measured figures (repeatable)."
+        ),
+    ] = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    flagged: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Fraction of images stage 1 flags (the paper publishes none)."),
+    ] = 0.5,
+    gpus: Annotated[int | None, typer.Option(min=1, help="Total GPUs to split over the pools.")] = None,
+    hours: Annotated[
+        float, typer.Option(min=0.01, help="Target wall hours, when --gpus is not given.")
+    ] = 24.0,
+    price: Annotated[
+        float | None, typer.Option(help="USD per GPU-hour of --gpu (default: a list price).")
+    ] = None,
+    pool_gpu: Annotated[
+        list[str] | None,
+        typer.Option(metavar="POOL=TYPE", help="Another GPU type for one pool, e.g. edit=L40S (repeatable)."),
+    ] = None,
+    cluster: Annotated[
+        Path | None, typer.Option(help="Cluster config (cluster/aws.yaml, a KubeRay manifest): check fits.")
+    ] = None,
+) -> None:
+    """Size a run: GPUs per stage pool, pool ratios, hours and cost; prints the pool sizes to configure."""
+    from u2s.plan import card_for, format_plan, make_plan, parse_pool_cards, read_bench
+
+    cfg = resolve_config(preset or (None if config else "paper"), config, set_ or [])
+    try:
+        cards = parse_pool_cards(pool_gpu or [])
+        result = make_plan(
+            cfg, images, card_for(gpu), read_bench(bench or []), flagged, gpus, hours, price, cards
+        )
+    except ValueError as e:
+        typer.echo(f"plan: {e}", err=True)
+        raise typer.Exit(2) from None
+    groups = None
+    if cluster is not None:
+        from u2s.cluster import load_node_groups, placement
+        from u2s.pipeline import stage_pools
+
+        groups = load_node_groups(cluster)
+    typer.echo(format_plan(result, groups))
+    if groups is not None and not all(placement(stage_pools(cfg), groups).values()):
+        raise typer.Exit(1)
+
+
 @config_app.command("show")
 def config_show(
     preset: Annotated[str | None, typer.Argument(help=f"Preset: {', '.join(PRESETS)}.")] = None,

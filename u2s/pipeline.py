@@ -80,7 +80,13 @@ def thumbnail_side(cfg: JobConfig) -> int:
 
 
 def stage_pools(cfg: JobConfig) -> dict[str, Resources]:
-    """Every pool of the plan and its Ray resources: decode and write tasks, stage-1 pools, edit."""
+    """Every pool this config runs, in plan order, with the Ray resources of one of its actors or tasks.
+
+    Model stages are actor pools (the stage-1 pools, named by their calls, e.g. ``inspect+describe``, and
+    ``edit``); ``decode`` and ``write`` are tasks. The values are the config's own `Resources` objects
+    where the config has one (``write`` has only a CPU count). The one place that maps a config to its
+    pools: ``u2s plan`` and the cluster-config consistency tests read it.
+    """
     pools = {"decode": cfg.ray.decode}
     pools.update({pool.name: pool.resources for pool in cfg.stage1.pools()})
     pools["edit"] = cfg.stage2.resources

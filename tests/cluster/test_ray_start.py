@@ -1,0 +1,46 @@
+"""`u2s submit --wait` to a plain `ray start --head` cluster: the job succeeds and writes its outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from u2s.testing.cluster_job import tiny_model_overrides
+from u2s.testing.ray_cluster import RayHead
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_submit_wait_on_a_ray_start_head(tiny_models, few_images, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    out = tmp_path / "out"
+    head = RayHead(num_cpus=2)
+    with head:
+        cmd = [sys.executable, "-m", "u2s.cli", "submit", "--address", head.dashboard_url, "--wait",
+               "--working-dir", str(REPO), "--preset", "cpu-tiny", "--input", str(few_images),
+               "--output", str(out / "safe"), "--sensitive-output", str(out / "sensitive")]  # fmt: skip
+        for item in tiny_model_overrides(tiny_models):
+            cmd += ["--set", item]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        job_id = result.stdout.split()[1]
+        assert f"ray job logs --address {head.dashboard_url} {job_id} --follow" in result.stdout
+        info = JobSubmissionClient(head.dashboard_url).get_job_info(job_id)
+        assert str(info.status.value) == "SUCCEEDED"
+        assert info.entrypoint == "python jobs/anonymize.py --config u2s-job.yaml"
+    assert head.processes() == []  # stopped, and only its own processes were touched
+
+    rows = pq.read_table(out / "safe").to_pylist()
+    assert sorted(Path(r["source"]).name for r in rows) == sorted(p.name for p in few_images.iterdir())
+    record = json.loads((out / "safe" / "_run.json").read_text())
+    assert record["summary"]["rows"] == len(rows)
+    assert record["config"]["ray"]["address"] is None  # the job attached to its own cluster
+    assert (out / "sensitive").is_dir()
