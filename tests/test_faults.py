@@ -102,9 +102,11 @@ def test_a_write_task_dying_after_its_file_landed_duplicates_nothing(
 
 
 def _pool_actor_pids(class_fragment: str) -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    address = ray.get_runtime_context().gcs_address  # this session's cluster (others may run beside it)
+    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
     return [a.pid for a in actors if class_fragment in (a.class_name or "") and a.pid]
 
 

@@ -175,6 +175,9 @@ class Resources(_Model):
     batch_size: int = Field(8, ge=1, description="Rows per batch handed to the stage.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor/task.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
+    memory: int | None = Field(
+        None, ge=0, description="Bytes of RAM reserved per actor/task (Ray's `memory` resource). None: none."
+    )
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100', 'A10G'.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per actor. Default: max(1, num_cpus)."
@@ -203,6 +206,8 @@ class Resources(_Model):
             args["num_gpus"] = self.num_gpus
         if self.accelerator_type:
             args["accelerator_type"] = self.accelerator_type
+        if self.memory:
+            args["memory"] = self.memory
         return args
 
     def threads(self) -> int:
@@ -588,7 +593,10 @@ class RayConfig(_Model):
         None, ge=75 * 2**20, description="Local cluster object store bytes."
     )
     decode: Resources = Field(
-        default_factory=lambda: Resources(batch_size=32, num_cpus=0.25), description="Read + decode tasks."
+        default_factory=lambda: Resources(batch_size=32, num_cpus=0.25, memory=512 * 2**20),
+        description="Fetch + decode tasks. Their `memory` covers a full-size decode of a batch's largest "
+        "image; requests that differ from the model pools' also keep Ray from fusing these tasks into a "
+        "model actor (it fuses a task map into the next actor pool only when their requests are equal).",
     )
     write_num_cpus: float = Field(0.25, ge=0, description="CPUs per Parquet write task.")
 
