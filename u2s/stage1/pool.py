@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+
 from u2s.stage import StageChain
 
 if TYPE_CHECKING:
@@ -32,7 +34,10 @@ def call_stage_class(stage1: Stage1Config, call: str) -> type[ModelCallStage]:
 
 
 class CallPoolStage(StageChain):
-    """The actor of one stage-1 pool: loads the pool's model once and runs its calls on every batch."""
+    """The actor of one stage-1 pool: loads the pool's model once and runs its calls on every batch.
+
+    The last pool that reads thumbnails drops them: later hops carry only the bytes they need.
+    """
 
     def __init__(self, stage1: Stage1Config, pool: CallPool) -> None:
         from u2s.stage1.engines import build_engine
@@ -42,6 +47,15 @@ class CallPoolStage(StageChain):
         classes = [call_stage_class(stage1, call) for call in pool.calls]
         engine = build_engine(stage1, pool.engine, classes[0].model(stage1), vision=pool.vision)
         super().__init__([cls(stage1, engine) for cls in classes])
+        vision_pools = [p.name for p in stage1.pools() if p.vision]
+        self.drops_thumbnails = bool(vision_pools) and vision_pools[-1] == pool.name
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        batch = super().__call__(batch)
+        if self.drops_thumbnails:
+            index = batch.schema.get_field_index("thumbnail")
+            batch = batch.set_column(index, "thumbnail", pa.nulls(batch.num_rows, pa.binary()))
+        return batch
 
 
 class VisionCallPool(CallPoolStage):
