@@ -102,12 +102,21 @@ def test_a_write_task_dying_after_its_file_landed_duplicates_nothing(
 
 
 def _pool_actor_pids(class_fragment: str) -> list[int]:
-    import ray
-    from ray.util.state import list_actors
+    """PIDs of this session's actors of a pool, by their process title (``ray::MapWorker(...)``).
 
-    address = ray.get_runtime_context().gcs_address  # this session's cluster (others may run beside it)
-    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
-    return [a.pid for a in actors if class_fragment in (a.class_name or "") and a.pid]
+    Only descendants of this test process count (its local Ray cluster), never another cluster's.
+    """
+    import psutil
+
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if class_fragment in title and title.startswith("ray::"):
+            pids.append(proc.pid)
+    return pids
 
 
 def test_a_stage_actor_killed_mid_run_loses_and_doubles_nothing(ray_cluster, tiny_models, images, tmp_path):

@@ -181,15 +181,16 @@ class DecodeStage(Stage):
                 continue
             row["width"], row["height"] = img.size
             row["thumbnail"] = thumbnail(img, self.thumbnail_side)
-            img.close()
             if self.metadata == "strip":
                 from u2s.io.metadata import strip_metadata
 
-                stripped = strip_metadata(data, max_pixels=self.config.max_pixels)
+                # The decoded pixels are reused if the file must be re-encoded: still one full decode.
+                stripped = strip_metadata(data, max_pixels=self.config.max_pixels, decoded=img)
                 data, extension, row["metadata_removed"] = stripped.data, stripped.extension, stripped.removed
             else:
                 with Image.open(io.BytesIO(data)) as original:  # the header only: its format's extension
                     extension = _EXTENSIONS.get(original.format or "", "img")
+            img.close()
             row["image"] = {"bytes": data, "path": f"{row['id']}.{extension}"}
 
 

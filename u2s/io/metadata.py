@@ -51,13 +51,16 @@ class Stripped:
     """Whether anything was removed, or the image was re-encoded (``data`` differs from the input)."""
 
 
-def strip_metadata(data: bytes, *, max_pixels: int | None = None) -> Stripped:
+def strip_metadata(
+    data: bytes, *, max_pixels: int | None = None, decoded: Image.Image | None = None
+) -> Stripped:
     """``data`` without metadata; its pixels, as :func:`~u2s.io.decode.load_rgb` decodes them, unchanged.
 
     JPEG, PNG and WebP keep their format and pixel data byte for byte; anything else (GIF, TIFF, BMP...)
     and any container that cannot be parsed with certainty becomes a lossless PNG of the decoded, upright
-    RGB pixels. ``max_pixels`` bounds that decode. Raises :class:`~u2s.io.decode.DecodeError` when
-    ``data`` is not a decodable image.
+    RGB pixels: ``decoded`` when the caller already has them (``load_rgb(data)``), else decoded here,
+    bounded by ``max_pixels``. Raises :class:`~u2s.io.decode.DecodeError` when ``data`` is not a
+    decodable image.
     """
     for kind, (extension, strip) in _LOSSLESS.items():
         if _MAGIC[kind](data):
@@ -67,7 +70,8 @@ def strip_metadata(data: bytes, *, max_pixels: int | None = None) -> Stripped:
                 logger.debug("cannot strip %s losslessly (%s); re-encoding", kind, type(e).__name__)
                 break
             return Stripped(out, extension, out != data)
-    return Stripped(_reencode_png(data, max_pixels), "png", True)
+    img = decoded if decoded is not None else load_rgb(data, max_pixels=max_pixels)
+    return Stripped(_reencode_png(img), "png", True)
 
 
 # ------------------------------------------------------------------------------------------- shared
@@ -105,9 +109,8 @@ def _open(data: bytes, formats: tuple[str, ...]) -> Image.Image:
     return Image.open(io.BytesIO(data), formats=formats)
 
 
-def _reencode_png(data: bytes, max_pixels: int | None) -> bytes:
-    """A lossless PNG of ``load_rgb(data)``: upright 8-bit RGB, and nothing but the pixels."""
-    img = load_rgb(data, max_pixels=max_pixels)
+def _reencode_png(img: Image.Image) -> bytes:
+    """A lossless PNG of ``img`` (upright 8-bit RGB, as ``load_rgb`` gives it): nothing but the pixels."""
     clean = Image.frombytes("RGB", img.size, img.tobytes())  # no info dict: no ICC, EXIF, text, dpi
     buf = io.BytesIO()
     clean.save(buf, "PNG")
