@@ -182,7 +182,7 @@ def eval_utility(
 
     try:
         report = evaluate_utility(cfg)
-    except SplitError as e:
+    except (SplitError, ConfigError) as e:
         typer.echo(f"eval-utility: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(format_report(report))

@@ -317,10 +317,10 @@ def test_bad_splits_fail_before_training(tmp_path, tiny_vit, ray_cluster):
     no_label_column.mkdir()
     pq.write_table(pa.table({"image": [png((0, 0, 0), rng)]}), no_label_column / "x.parquet")
 
-    def run(original: str, method: str, test_uri: str = test) -> None:
+    def run(original: str, method: str, test_uri: str = test, workers: int = 1) -> None:
         splits = {"original": SplitSource(uri=original), "methods": {"u2s": SplitSource(uri=method)},
                   "test": SplitSource(uri=test_uri)}  # fmt: skip
-        evaluate_utility(_config(tiny_vit, tmp_path, **splits))
+        evaluate_utility(_config(tiny_vit, tmp_path, **splits).model_copy(update={"num_workers": workers}))
 
     with pytest.raises(SplitError, match=r"split 'u2s' .* 2 of 2 rows have no label"):
         run(good, unlabelled)
@@ -332,6 +332,11 @@ def test_bad_splits_fail_before_training(tmp_path, tiny_vit, ray_cluster):
         run(good, good, zebra)
     with pytest.raises(SplitError, match=r"label set mismatch: split 'u2s'"):
         run(test, zebra)
+    with pytest.raises(SplitError, match=r"split 'u2s': 1 training images cannot be split over 2 workers"):
+        run(good, safe_table(str(tmp_path / "one"), [("red", "kept", png((0, 0, 0), rng))]), workers=2)
+    args = ["eval-utility", "--original", good, "--anonymized", good, "--test", test, "--use-gpu"]
+    no_gpu = CliRunner().invoke(app, args)
+    assert no_gpu.exit_code == 2 and "the Ray cluster has no GPU" in no_gpu.output
     result = CliRunner().invoke(app, ["eval-utility", "--original", good, "--anonymized", all_errors,
                                       "--test", test, "--model", str(tiny_vit)])  # fmt: skip
     assert result.exit_code == 2

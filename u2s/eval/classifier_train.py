@@ -269,8 +269,6 @@ def fit_classifier(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if train_rows < workers:
-        raise ValueError(f"{train_rows} training images cannot be split over {workers} workers")
     run_config = RunConfig(name=f"{run_name}-{uuid.uuid4().hex[:8]}")
     if storage_path:
         from u2s.io.storage import arrow_filesystem, is_local

@@ -297,13 +297,16 @@ def init_ray(address: str | None) -> None:
 
 
 def scaling(cfg: UtilityConfig) -> tuple[int, bool]:
-    """(workers, use_gpu): one worker per GPU of the cluster by default, one CPU worker without GPUs."""
+    """(workers, use_gpu): one worker per GPU of the cluster by default, one CPU worker without GPUs.
+
+    Raises :class:`u2s.config.ConfigError` if GPUs are asked for and the cluster has none.
+    """
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 if cfg.use_gpu is None else cfg.use_gpu
     if use_gpu and not gpus:
-        raise ValueError("use_gpu is set but the Ray cluster has no GPU")
+        raise ConfigError("use_gpu is set but the Ray cluster has no GPU")
     workers = cfg.num_workers or (gpus if use_gpu else 1)
     return workers, use_gpu
 
@@ -312,12 +315,14 @@ def evaluate_utility(cfg: UtilityConfig) -> UtilityReport:
     """Train one classifier per training split on Ray Train and test each on the original test split.
 
     Raises :class:`u2s.eval.classifier_data.SplitError` before any training when a split is missing,
-    empty, unlabelled, or has labels the original training split lacks.
+    empty, unlabelled, or has labels the original training split lacks, and
+    :class:`u2s.config.ConfigError` when the cluster cannot run the configured workers.
     """
-    from u2s.eval.classifier_data import check_labels, eval_inputs, load_split, train_inputs
+    from u2s.eval.classifier_data import SplitError, check_labels, eval_inputs, load_split, train_inputs
     from u2s.eval.classifier_train import fit_classifier, model_inputs
 
     init_ray(cfg.ray_address)
+    workers, use_gpu = scaling(cfg)
     clf = cfg.classifier
     spec = model_inputs(clf)
     splits = {ORIGINAL: cfg.original, **cfg.methods}
@@ -330,7 +335,11 @@ def evaluate_utility(cfg: UtilityConfig) -> UtilityReport:
         if lacking:
             logger.warning("split %s has no training image for %d of %d classes", name, len(lacking),
                            len(classes))  # fmt: skip
-    workers, use_gpu = scaling(cfg)
+    for name, (_, stats) in loaded.items():
+        if stats.used < workers:
+            raise SplitError(
+                f"split '{name}': {stats.used} training images cannot be split over {workers} workers"
+            )
     test_inputs = eval_inputs(test_ds, classes, spec.size, clf.crop_pct, cfg.preprocess_cpus)
     results = []
     for name, (ds, stats) in loaded.items():
