@@ -306,6 +306,38 @@ def _config(tiny_vit: Path, tmp_path: Path, **splits) -> UtilityConfig:
 
 
 @pytest.mark.slow
+def test_load_split_reads_every_format_and_counts_exclusions(tmp_path, ray_cluster):
+    from u2s.eval.classifier_data import load_split
+
+    rng = np.random.default_rng(3)
+    folders = class_folders(str(tmp_path / "folders"), 2, {"a": (0, 0, 0), "b": (255, 255, 255)})
+    (tmp_path / "folders" / "b" / "broken.png").write_bytes(b"not a png")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    images = [{"bytes": png((0, 0, 0), rng), "path": None}, {"bytes": b"junk", "path": None}, None]
+    pq.write_table(pa.table({"image": images, "label": ["x", "y", "y"]}), plain / "data.parquet")
+    rows = [("a", "kept", png((0, 0, 0), rng)), ("b", "edited", png((9, 9, 9), rng)), ("a", "error", None)]
+    table = safe_table(str(tmp_path / "safe"), rows)
+
+    ds, stats = load_split("folders", SplitSource(uri=folders), LOCAL)
+    assert (stats.format, stats.rows, stats.used, stats.excluded) == (
+        "class_folders",
+        5,
+        4,
+        {"undecodable": 1},
+    )
+    assert stats.labels == {"a": 2, "b": 2}
+    assert sorted(r["label"] for r in ds.take_all()) == ["a", "a", "b", "b"]  # only usable rows remain
+    _, stats = load_split("plain", SplitSource(uri=str(plain)), LOCAL)
+    assert (stats.format, stats.used, stats.labels) == ("parquet", 1, {"x": 1})
+    assert stats.excluded == {"undecodable": 1, "unreadable": 1}  # junk bytes; a row without an image
+    ds, stats = load_split("safe", SplitSource(uri=table), LOCAL)
+    assert (stats.format, stats.used, stats.excluded, stats.labels) == ("table", 2, {"error row": 1},
+                                                                        {"a": 1, "b": 1})  # fmt: skip
+    assert {r["image"] for r in ds.take_all()} == {rows[0][2], rows[1][2]}  # the bytes, untouched
+
+
+@pytest.mark.slow
 def test_bad_splits_fail_before_training(tmp_path, tiny_vit, ray_cluster):
     rng = np.random.default_rng(2)
     good = class_folders(str(tmp_path / "train"), 2, COLOURS)

@@ -10,6 +10,7 @@ neither storage nor bad rows. Only counts and label names are brought to the dri
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,8 +55,6 @@ class SplitSource(BaseModel):
     @field_validator("uri")
     @classmethod
     def _absolute(cls, value: str) -> str:
-        import os
-
         return value if "://" in value else os.path.abspath(os.path.expanduser(value))
 
 
