@@ -62,7 +62,7 @@ def model_inputs(cfg: ClassifierConfig) -> ModelInputs:
     if cfg.image_size is None or cfg.image_mean is None or cfg.image_std is None:
         try:
             processor = AutoImageProcessor.from_pretrained(cfg.model, revision=cfg.revision)
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError):
             logger.warning("no image processor with the model; using ImageNet normalization")
     size = cfg.image_size
     if size is None:
@@ -189,10 +189,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     world, rank = context.get_world_size(), context.get_world_rank()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)
-    model = load_classifier(cfg, classes)
-    head_name = cfg.head
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(load_classifier(cfg, classes))
     core = getattr(model, "module", model)
     lr = cfg.base_lr * cfg.batch_size * cfg.accum_steps * world / 256
     optimizer = torch.optim.AdamW(param_groups(core, cfg.weight_decay), lr=lr)
@@ -209,7 +206,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         model.train()
         if cfg.mode == "linear_probe":  # frozen backbone: keep its norm statistics and dropout off
             core.eval()
-            _head(core, head_name).train()
+            _head(core, cfg.head).train()
         stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
         pending = 0
         batches = train_shard.iter_torch_batches(
@@ -229,8 +226,10 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 pending = 0
-            stats += torch.tensor([loss.item() * len(target), (logits.argmax(-1) == target).sum().item(),
-                                   len(target)], dtype=torch.float64, device=device)  # fmt: skip
+            with torch.no_grad():  # on the device: no host sync per step
+                stats[0] += loss.detach().double() * len(target)
+                stats[1] += (logits.argmax(-1) == target).sum()
+                stats[2] += len(target)
         if pending:  # fewer batches than planned (should not happen with an equal split)
             optimizer.zero_grad(set_to_none=True)
         _sum(stats)
