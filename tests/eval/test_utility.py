@@ -184,6 +184,7 @@ def test_rand_augment_draws_and_probability():
 # ------------------------------------------------------------------------------------------ model
 
 
+@pytest.mark.slow
 def test_mae_checkpoint_loads_into_vit_classifier(tmp_path):
     """MAE's checkpoint type has no classification class: its encoder loads into ViTForImageClassification
     with a new, seeded head over the dataset's classes."""

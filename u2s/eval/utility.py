@@ -299,14 +299,16 @@ def init_ray(address: str | None) -> None:
 def scaling(cfg: UtilityConfig) -> tuple[int, bool]:
     """(workers, use_gpu): one worker per GPU of the cluster by default, one CPU worker without GPUs.
 
-    Raises :class:`u2s.config.ConfigError` if GPUs are asked for and the cluster has none.
+    Raises :class:`u2s.config.ConfigError` if GPUs are asked for, the cluster has none now and no worker
+    count is given (with one, Ray Train waits for an autoscaling cluster to add GPU nodes).
     """
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 if cfg.use_gpu is None else cfg.use_gpu
-    if use_gpu and not gpus:
-        raise ConfigError("use_gpu is set but the Ray cluster has no GPU")
+    if use_gpu and not gpus and cfg.num_workers is None:
+        raise ConfigError("use_gpu is set but the Ray cluster has no GPU; on an autoscaling cluster, "
+                          "set num_workers too")  # fmt: skip
     workers = cfg.num_workers or (gpus if use_gpu else 1)
     return workers, use_gpu
 
