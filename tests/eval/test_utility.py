@@ -282,9 +282,8 @@ def test_split_formats_are_detected(tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     pq.write_table(pa.table({"image": [b"x"], "label": ["a"]}), plain / "data.parquet")
-    run_json = tmp_path / "run" / "_run.json"
-    run_json.parent.mkdir()
-    run_json.write_text(json.dumps({"summary": {"safe_uri": table}}))
+    run_json = Path(table) / "_run.json"  # a run's public record sits in its safe table's folder
+    run_json.write_text(json.dumps({"summary": {"rows": 1}}))
     storage = StorageConfig()
     assert resolve_source(SplitSource(uri=folders), storage).format == "class_folders"
     assert resolve_source(SplitSource(uri=table), storage).format == "table"

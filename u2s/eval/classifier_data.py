@@ -100,13 +100,13 @@ def _parquet_columns(uri: str, storage: StorageConfig) -> list[str]:
 
 
 def resolve_source(source: SplitSource, storage: StorageConfig) -> SplitSource:
-    """``source`` with ``format`` decided and a run's ``_run.json`` replaced by its safe table."""
-    from u2s.eval.flags import resolve_table_uri
+    """``source`` with ``format`` decided and a run's public ``_run.json`` replaced by the safe table it
+    sits in."""
     from u2s.io.storage import filesystem
 
     uri, fmt = source.uri, source.format
     if uri.rstrip("/").endswith("_run.json"):
-        uri, fmt = resolve_table_uri(uri, storage), "table"
+        uri, fmt = uri.rstrip("/").rsplit("/", 1)[0], "table"
     fs, path = filesystem(uri, storage)
     if not fs.exists(path):
         raise SplitError(f"split not found: {uri}")
