@@ -140,7 +140,7 @@ class EvalModels(_Model):
 
 
 def _small_pool() -> Resources:
-    return Resources(pool_size=1, batch_size=8, num_cpus=0.5)
+    return Resources(pool_size=1, batch_size=8, num_cpus=0.25, torch_threads=1)
 
 
 class EvalResources(_Model):
@@ -150,14 +150,14 @@ class EvalResources(_Model):
     ocr: Resources = Field(default_factory=_small_pool, description="TextSim (rapidocr).")
     clip: Resources = Field(default_factory=_small_pool, description="CLIP scores.")
     lpips: Resources = Field(default_factory=_small_pool, description="LPIPS.")
-    pixel: Resources = Field(
-        default_factory=lambda: Resources(batch_size=16, num_cpus=0.5), description="SSIM, pHash (tasks)."
-    )
+    pixel: Resources = Field(default_factory=_small_pool, description="SSIM, pHash.")
     vlm: Resources = Field(default_factory=_small_pool, description="VLM metrics.")
     io: Resources = Field(
         default_factory=lambda: Resources(batch_size=32, num_cpus=0.25),
-        description="Reading originals, joins, thumbnails.",
+        description="Reading tables and originals, the prepare step, the thumbnail actor.",
     )
+    join_partitions: int = Field(4, ge=1, description="Hash partitions of the joins on id.")
+    join_num_cpus: float = Field(0.05, gt=0, description="CPUs per join aggregator actor.")
 
 
 class ReportConfig(_Model):

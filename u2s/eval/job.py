@@ -118,7 +118,9 @@ def _table_columns(files: list[str], storage: StorageConfig) -> list[str]:
         return pq.read_schema(f).names
 
 
-def _read_table(uri: str, wanted: tuple[str, ...], required: tuple[str, ...], storage: StorageConfig):
+def _read_table(
+    uri: str, wanted: tuple[str, ...], required: tuple[str, ...], storage: StorageConfig, num_cpus: float
+):
     import ray.data
 
     from u2s.io.storage import arrow_filesystem
@@ -131,13 +133,14 @@ def _read_table(uri: str, wanted: tuple[str, ...], required: tuple[str, ...], st
     afs, _ = arrow_filesystem(files[0], storage)
     paths = [arrow_filesystem(f, storage)[1] for f in files]
     columns = [c for c in wanted if c in present]
-    return ray.data.read_parquet(paths, filesystem=afs, columns=columns), columns
+    ds = ray.data.read_parquet(paths, filesystem=afs, columns=columns, ray_remote_args={"num_cpus": num_cpus})
+    return ds, columns
 
 
 def read_method(name: str, uri: str, cfg: EvalConfig) -> ray.data.Dataset:
     """One method's safe table as ``id, method, status, error, privacy_flag, public_caption, editor,
     anon`` rows (columns a table lacks are null)."""
-    ds, _ = _read_table(uri, SAFE_COLUMNS, ("id", "image", "status"), cfg.storage)
+    ds, _ = _read_table(uri, SAFE_COLUMNS, ("id", "image", "status"), cfg.storage, cfg.resources.io.num_cpus)
     return ds.map_batches(
         _method_rows, fn_kwargs={"method": name}, batch_format="pyarrow", **cfg.resources.io.ray_remote_args()
     )
@@ -166,7 +169,7 @@ def _method_rows(batch: pa.Table, method: str) -> pa.Table:
 def read_sensitive(cfg: EvalConfig) -> ray.data.Dataset:
     """The sensitive table's texts by id (``private_caption``, ``edit_instruction``, ``combined_caption``)."""
     assert cfg.sensitive_uri
-    ds, _ = _read_table(cfg.sensitive_uri, SENSITIVE_COLUMNS, ("id",), cfg.storage)
+    ds, _ = _read_table(cfg.sensitive_uri, SENSITIVE_COLUMNS, ("id",), cfg.storage, cfg.resources.io.num_cpus)
     return ds.map_batches(_sensitive_rows, batch_format="pyarrow", **cfg.resources.io.ray_remote_args())
 
 
@@ -342,11 +345,10 @@ def _actor_stage(ds: ray.data.Dataset, cls: type, resources: Resources, **kwargs
 def build_plan(cfg: EvalConfig) -> ray.data.Dataset:
     """The lazy evaluation plan: one row per (image, method), metric columns, thumbnails."""
     io_args = cfg.resources.io.ray_remote_args()
-    partitions = max(1, min(16, len(cfg.methods) * 2))
-    join_args = {"num_cpus": cfg.resources.io.num_cpus}
     methods = [read_method(name, uri, cfg) for name, uri in cfg.methods.items()]
     ds = methods[0].union(*methods[1:]) if len(methods) > 1 else methods[0]
-    join = {"num_partitions": partitions, "on": ("id",), "aggregator_ray_remote_args": join_args}
+    join = {"num_partitions": cfg.resources.join_partitions, "on": ("id",),
+            "aggregator_ray_remote_args": {"num_cpus": cfg.resources.join_num_cpus}}  # fmt: skip
     ds = ds.join(read_originals(cfg), "full_outer", **join)
     if cfg.sensitive_uri:
         ds = ds.join(read_sensitive(cfg), "left_outer", **join)
