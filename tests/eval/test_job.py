@@ -168,10 +168,9 @@ def test_eval_job_on_ray_and_s3(ray_cluster, dataset, s3_endpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_cli_on_the_sensitive_side_shows_texts(ray_cluster, dataset, s3_endpoint, tmp_path, monkeypatch):
+def test_eval_cli_on_the_sensitive_side_shows_texts(ray_cluster, dataset, s3_endpoint, tmp_path):
     from u2s.cli import app
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     root = dataset["root"]
     out = root / "sensitive" / "eval"
     config = tmp_path / "eval.yaml"
@@ -180,6 +179,7 @@ def test_eval_cli_on_the_sensitive_side_shows_texts(ray_cluster, dataset, s3_end
         "eval", "--original", str(root / "originals.parquet"), "--config", str(config),
         "--anonymized", f"blur={root / 'blur'}", "--method", f"noop={dataset['noop']}",
         "--sensitive", str(root / "sensitive"), "--out", str(out), "--metrics", "ssim,phash",
+        "--endpoint-url", s3_endpoint,
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "SSIM" in result.output and "pHash distance" in result.output and "↓" in result.output
