@@ -140,7 +140,9 @@ class EvalModels(_Model):
 
 
 def _small_pool() -> Resources:
-    return Resources(pool_size=1, batch_size=8, num_cpus=0.25, torch_threads=1)
+    # Small CPU reservations: actors hold theirs for the whole job, and Ray Data's join tasks need a whole
+    # CPU each, which a 2-CPU machine must keep free. Give GPU families (clip, vlm) num_gpus on a cluster.
+    return Resources(pool_size=1, batch_size=8, num_cpus=0.1, torch_threads=1)
 
 
 class EvalResources(_Model):
@@ -153,7 +155,7 @@ class EvalResources(_Model):
     pixel: Resources = Field(default_factory=_small_pool, description="SSIM, pHash.")
     vlm: Resources = Field(default_factory=_small_pool, description="VLM metrics.")
     io: Resources = Field(
-        default_factory=lambda: Resources(batch_size=32, num_cpus=0.25),
+        default_factory=lambda: Resources(batch_size=32, num_cpus=0.1),
         description="Reading tables and originals, the prepare step, the thumbnail actor.",
     )
     join_partitions: int = Field(4, ge=1, description="Hash partitions of the joins on id.")

@@ -15,6 +15,7 @@ rows first, then a seeded hash of the id) and drops the image bytes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import io
@@ -119,30 +120,44 @@ def _table_columns(files: list[str], storage: StorageConfig) -> list[str]:
 
 
 def _read_table(
-    uri: str, wanted: tuple[str, ...], required: tuple[str, ...], storage: StorageConfig, num_cpus: float
-):
-    import ray.data
+    uri: str, columns: tuple[str, ...], required: tuple[str, ...], to_rows, cfg: EvalConfig
+) -> ray.data.Dataset:
+    """A table's files, read by Ray tasks (one per file, streamed in batches), through ``to_rows``.
 
-    from u2s.io.storage import arrow_filesystem
-
-    files = parquet_files(uri, storage)
-    present = _table_columns(files, storage)
+    Reading with plain tasks (not ``read_parquet``) keeps every task at ``resources.io.num_cpus``, so a
+    small cluster whose CPUs are mostly held by the metric actors still has room to read and join.
+    """
+    files = parquet_files(uri, cfg.storage)
+    present = _table_columns(files, cfg.storage)
     missing = [c for c in required if c not in present]
     if missing:
         raise EvalInputError(f"{uri}: not a u2s table (missing columns: {', '.join(missing)})")
-    afs, _ = arrow_filesystem(files[0], storage)
-    paths = [arrow_filesystem(f, storage)[1] for f in files]
-    columns = [c for c in wanted if c in present]
-    ds = ray.data.read_parquet(paths, filesystem=afs, columns=columns, ray_remote_args={"num_cpus": num_cpus})
-    return ds, columns
+    import ray.data
+
+    wanted = [c for c in columns if c in present]
+    return ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files)).map_batches(
+        _read_files, fn_kwargs={"columns": wanted, "to_rows": to_rows, "storage": cfg.storage},
+        batch_size=1, batch_format="pyarrow", **cfg.resources.io.ray_remote_args(),
+    )  # fmt: skip
+
+
+def _read_files(batch: pa.Table, columns: list[str], to_rows, storage: StorageConfig):
+    import pyarrow.parquet as pq
+
+    from u2s.io.storage import arrow_filesystem
+
+    for uri in batch.column("file").to_pylist():
+        afs, path = arrow_filesystem(uri, storage)
+        with afs.open_input_file(path) as f:
+            for part in pq.ParquetFile(f).iter_batches(batch_size=64, columns=columns):
+                yield to_rows(pa.Table.from_batches([part]))
 
 
 def read_method(name: str, uri: str, cfg: EvalConfig) -> ray.data.Dataset:
     """One method's safe table as ``id, method, status, error, privacy_flag, public_caption, editor,
     anon`` rows (columns a table lacks are null)."""
-    ds, _ = _read_table(uri, SAFE_COLUMNS, ("id", "image", "status"), cfg.storage, cfg.resources.io.num_cpus)
-    return ds.map_batches(
-        _method_rows, fn_kwargs={"method": name}, batch_format="pyarrow", **cfg.resources.io.ray_remote_args()
+    return _read_table(
+        uri, SAFE_COLUMNS, ("id", "image", "status"), functools.partial(_method_rows, method=name), cfg
     )
 
 
@@ -169,8 +184,7 @@ def _method_rows(batch: pa.Table, method: str) -> pa.Table:
 def read_sensitive(cfg: EvalConfig) -> ray.data.Dataset:
     """The sensitive table's texts by id (``private_caption``, ``edit_instruction``, ``combined_caption``)."""
     assert cfg.sensitive_uri
-    ds, _ = _read_table(cfg.sensitive_uri, SENSITIVE_COLUMNS, ("id",), cfg.storage, cfg.resources.io.num_cpus)
-    return ds.map_batches(_sensitive_rows, batch_format="pyarrow", **cfg.resources.io.ray_remote_args())
+    return _read_table(cfg.sensitive_uri, SENSITIVE_COLUMNS, ("id",), _sensitive_rows, cfg)
 
 
 def _sensitive_rows(batch: pa.Table) -> pa.Table:
