@@ -78,6 +78,10 @@ def metric_plot(label: str, arrow: str, values: dict[str, list[float]]) -> bytes
     rng = np.random.default_rng(0)
     for i, arr in enumerate(data, start=1):
         ax.scatter(arr, i + rng.uniform(-0.15, 0.15, len(arr)), s=8, alpha=0.5, color="#2b6cb0")
+    low, high = min(float(a.min()) for a in data), max(float(a.max()) for a in data)
+    if high - low < 1e-3:  # (nearly) constant values: a readable axis instead of float-noise ticks
+        ax.set_xlim(low - 0.05 * max(1.0, abs(low)), high + 0.05 * max(1.0, abs(high)))
+    ax.ticklabel_format(axis="x", useOffset=False)
     ax.set_title(f"{label} {arrow}", fontsize=11)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
