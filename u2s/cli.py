@@ -160,7 +160,10 @@ def eval_(
     clip_model: Annotated[str | None, typer.Option(help="CLIP HF id or path.")] = None,
     face_model: Annotated[str | None, typer.Option(help="InsightFace antelopev2 folder (else dlib).")] = None,
     vlm_model: Annotated[str | None, typer.Option(help="VLM HF id or path for the VLM metrics.")] = None,
-    config: ConfigOpt = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML eval config (u2s/eval/config.py); options win."),
+    ] = None,
     set_: SetOpt = None,
     endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS).")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
