@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import pytest
@@ -70,8 +71,12 @@ def test_report_is_self_contained_and_marks_directions_and_skips(report_parts):
     assert not re.search(r"""(src|href)=['"](?!data:)""", page)  # every resource is embedded
     assert page.count("data:image/jpeg;base64,") == 12  # 3 rows × 2 images × 2 methods
     assert page.count("data:image/png;base64,") == 2  # one plot per metric with values
-    # the best mean per metric is bold: lower FaceSim (u2s) and lower SSIM (u2s)
+    # the best mean per metric is bold: lower FaceSim (u2s) and lower SSIM (u2s); a tie has no winner
     assert page.count("class='best'") == 2
+    summary, values, samples = report_parts
+    tied = json.loads(json.dumps(summary))
+    tied["methods"]["blur"]["metrics"]["ssim"]["mean"] = tied["methods"]["u2s"]["metrics"]["ssim"]["mean"]
+    assert render_report(tied, values, samples).count("class='best'") == 1
 
 
 def test_default_report_shows_no_private_text(report_parts):

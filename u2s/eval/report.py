@@ -98,7 +98,9 @@ def _best(summary: dict[str, Any], metric: str) -> str | None:
     if len(means) < 2:
         return None
     pick = max if info["direction"] == "up" else min
-    return pick(means, key=means.__getitem__)
+    best = pick(means, key=means.__getitem__)
+    ties = [m for m, v in means.items() if abs(v - means[best]) <= 1e-9]
+    return best if len(ties) == 1 else None  # a tie has no winner
 
 
 def metrics_table(summary: dict[str, Any]) -> str:
