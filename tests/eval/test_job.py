@@ -169,7 +169,7 @@ def test_eval_job_on_ray_and_s3(ray_cluster, dataset, s3_endpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_cli_on_the_sensitive_side_shows_texts(ray_cluster, dataset, s3_endpoint, tmp_path):
+def test_eval_cli_on_the_sensitive_side_shows_texts(ray_cluster, dataset, s3_endpoint, tmp_path, tiny_models):
     from u2s.cli import app
 
     root = dataset["root"]
@@ -179,8 +179,9 @@ def test_eval_cli_on_the_sensitive_side_shows_texts(ray_cluster, dataset, s3_end
     result = CliRunner().invoke(app, [
         "eval", "--original", str(root / "originals.parquet"), "--config", str(config),
         "--anonymized", f"blur={root / 'blur'}", "--method", f"noop={dataset['noop']}",
-        "--sensitive", str(root / "sensitive"), "--out", str(out), "--metrics", "ssim,phash",
-        "--endpoint-url", s3_endpoint,
+        "--sensitive", str(root / "sensitive"), "--out", str(out), "--metrics", "ssim,phash,race_entropy",
+        "--vlm-model", str(tiny_models["vlm"]), "--set", "models.vlm.max_new_tokens=96",
+        "--set", "models.vlm.image_size=56", "--endpoint-url", s3_endpoint,
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "SSIM" in result.output and "pHash distance" in result.output and "↓" in result.output
@@ -188,7 +189,19 @@ def test_eval_cli_on_the_sensitive_side_shows_texts(ray_cluster, dataset, s3_end
     page = (out / "report.html").read_text()
     assert EDIT in page  # the report lives on the sensitive side: the run's edit instructions are shown
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["methods"]) == {"blur", "noop"} and list(summary["metrics"]) == ["ssim", "phash"]
+    assert set(summary["methods"]) == {"blur", "noop"}
+    assert list(summary["metrics"]) == ["race_entropy", "ssim", "phash"]
+    race = summary["methods"]["noop"]["metrics"]["race_entropy"]  # the tiny VLM's answers are noise:
+    assert race["n"] + race["skipped"] == 3  # every scored row has a value or a reason
+    assert set(race["skipped_reasons"]) <= {"no person", "invalid answer"}
+
+
+def test_method_name_defaults_to_the_runs_editor(tmp_path):
+    from u2s.eval.evaluate import run_editor
+
+    (tmp_path / "_run.json").write_text(json.dumps({"config": {"stage2": {"editor": "pixelate"}}}))
+    assert run_editor(str(tmp_path)) == run_editor(str(tmp_path / "_run.json")) == "pixelate"
+    assert run_editor(str(tmp_path / "nothing")) is None
 
 
 def test_eval_cli_rejects_a_bad_config(tmp_path):

@@ -6,7 +6,8 @@ given by a model is private content: it is compared here and dropped, never stor
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +48,24 @@ def text_similarity(original: str, anonymized: str) -> Score:
     return fuzz.token_set_ratio(original, anonymized) / 100.0
 
 
+class _OriginalCache:
+    """What a family derived from an original image (embeddings, OCR text), by row id: the same original
+    comes once per method, and the join on id delivers those rows together. Memory only, bounded."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self.items: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str, compute):
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = self.items[key] = compute()
+        if len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return value
+
+
 class FaceFamily(MetricFamily):
     """``face_sim`` and ``face_sim_strict``: both images resized to ``models.face.size``², then embedded."""
 
@@ -57,6 +76,7 @@ class FaceFamily(MetricFamily):
 
         super().__init__(config, metrics)
         self.embed = load_face_embedder(config.models.face)
+        self.originals = _OriginalCache()
 
     def score(self, pairs: list[Pair]) -> list[dict[str, Score]]:
         from u2s.eval.detectors import square
@@ -64,7 +84,7 @@ class FaceFamily(MetricFamily):
         size = self.config.models.face.size
         out = []
         for pair in pairs:
-            original = self.embed(square(pair.original, size))
+            original = self.originals.get(pair.id, lambda p=pair: self.embed(square(p.original, size)))
             anonymized = self.embed(square(pair.anonymized, size)) if len(original) else original
             scores = {
                 "face_sim": face_similarity(original, anonymized),
@@ -84,11 +104,12 @@ class OcrTextFamily(MetricFamily):
 
         super().__init__(config, metrics)
         self.read = OcrReader(config.models.ocr, threads=config.resources.ocr.threads())
+        self.originals = _OriginalCache()
 
     def score(self, pairs: list[Pair]) -> list[dict[str, Score]]:
         out = []
         for pair in pairs:
-            original = self.read(pair.original)
+            original = self.originals.get(pair.id, lambda p=pair: self.read(p.original))
             anonymized = self.read(pair.anonymized) if original.strip() else ""
             out.append({"text_sim": text_similarity(original, anonymized)})
         return out
