@@ -134,7 +134,8 @@ def _prepare_out(cfg: EvalConfig) -> dict[str, str]:
     fs.makedirs(path, exist_ok=True)
     if not cfg.overwrite:
         for uri in targets.values():
-            if filesystem(uri, cfg.storage)[0].exists(filesystem(uri, cfg.storage)[1]):
+            target_fs, target = filesystem(uri, cfg.storage)
+            if target_fs.exists(target):
                 raise FileExistsError(f"{uri} exists; set overwrite to replace it")
     return targets
 

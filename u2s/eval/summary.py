@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from u2s.eval.job import SKIP_SUFFIX
 from u2s.eval.metrics import METRICS
 
-SKIP_SUFFIX = "__skipped"
 #: eval_status values that are not scored, with the words the summary uses for them.
 NOT_SCORED = {
     "no_original": "no original with this id",
