@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from u2s.config import PRESETS, ConfigError, JobConfig, dump_config, load_config
+from u2s.config import PRESETS, ConfigError, JobConfig, StorageConfig, dump_config, load_config
 
 app = typer.Typer(
     help="Unsafe2Safe: turn image datasets with private content into privacy-safe datasets, on Ray.",
@@ -252,6 +252,103 @@ def eval_flags(
     if report.scored == 0:
         typer.echo("eval-flags: no labelled row could be scored", err=True)
         raise typer.Exit(1)
+
+
+def _named_uri(value: str, option: str) -> tuple[str | None, str]:
+    """``NAME=URI`` → (NAME, URI); a plain URI (``s3://...`` included) → (None, URI)."""
+    name, sep, uri = value.partition("=")
+    if sep and "://" not in name and "/" not in name:
+        return name, uri
+    if option == "--method":
+        raise typer.BadParameter(f"expected NAME=URI, got {value!r}", param_hint=option)
+    return None, value
+
+
+@app.command("eval")
+def eval_(
+    original: Annotated[str, typer.Option(help="The original images (local path or s3://).")],
+    anonymized: Annotated[
+        str, typer.Option(help="[NAME=]URI: a run's safe table (NAME default: the run's editor).")
+    ],
+    out: Annotated[str, typer.Option(help="Output folder: metrics.parquet, summary.json, report.html.")],
+    method: Annotated[
+        list[str] | None, typer.Option(help="NAME=URI: another safe table to compare (repeatable).")
+    ] = None,
+    original_format: Annotated[
+        str | None, typer.Option(help="image_folder, class_folders, coco or parquet.")
+    ] = None,
+    coco_annotations: Annotated[str | None, typer.Option(help="COCO originals: instances JSON.")] = None,
+    sensitive: Annotated[
+        str | None, typer.Option(help="The anonymized run's sensitive table (directional CLIP, texts).")
+    ] = None,
+    metrics: Annotated[
+        str | None, typer.Option(help="Comma-separated metrics (default: all but VLM).")
+    ] = None,
+    sample: Annotated[int | None, typer.Option(help="Evaluate only the first N originals.")] = None,
+    clip_model: Annotated[str | None, typer.Option(help="CLIP HF id or path.")] = None,
+    face_model: Annotated[str | None, typer.Option(help="InsightFace antelopev2 folder (else dlib).")] = None,
+    vlm_model: Annotated[str | None, typer.Option(help="VLM HF id or path for the VLM metrics.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML eval config (u2s/eval/config.py); options win."),
+    ] = None,
+    set_: SetOpt = None,
+    endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
+) -> None:
+    """Evaluate anonymized runs against the originals: Quality, Cheating and Privacy metrics per method."""
+    from u2s.eval.config import load_eval_config
+    from u2s.eval.evaluate import run_editor
+
+    storage = {"endpoint_url": endpoint_url} if endpoint_url else {}
+    name, uri = _named_uri(anonymized, "--anonymized")
+    methods = {name or run_editor(uri, StorageConfig(**storage)) or "anonymized": uri}
+    for item in method or []:
+        extra_name, extra_uri = _named_uri(item, "--method")
+        if extra_name in methods:
+            raise typer.BadParameter(f"method {extra_name!r} given twice", param_hint="--method")
+        methods[extra_name] = extra_uri  # type: ignore[index]  # _named_uri requires a name here
+    original_cfg: dict = {"uri": original}
+    for key, value in (
+        ("format", original_format),
+        ("coco_annotations", coco_annotations),
+        ("limit", sample),
+    ):
+        if value is not None:
+            original_cfg[key] = value
+    base: dict = {"original": original_cfg, "methods": methods, "out": out, "storage": storage}
+    if sensitive:
+        base["sensitive_uri"] = sensitive
+    if metrics:
+        base["metrics"] = [m.strip() for m in metrics.split(",") if m.strip()]
+    models: dict = {}
+    if clip_model:
+        models["clip"] = {"model": clip_model}
+    if face_model:
+        models["face"] = {"model_dir": face_model}
+    if vlm_model:
+        models["vlm"] = {"model": {"model": vlm_model}}
+    if models:
+        base["models"] = models
+    if ray_address:
+        base["ray"] = {"address": ray_address}
+    try:
+        cfg = load_eval_config(base, config, set_ or [])
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    from u2s.eval.evaluate import run_eval
+    from u2s.eval.job import EvalInputError
+    from u2s.eval.summary import format_summary
+    from u2s.io.readers import InputError
+
+    try:
+        result = run_eval(cfg)
+    except (EvalInputError, InputError, FileExistsError) as e:
+        typer.echo(f"eval: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_summary(result.summary))
+    typer.echo(f"metrics: {result.metrics_uri}\nsummary: {result.summary_uri}\nreport:  {result.report_uri}")
 
 
 @app.command("eval-utility")

@@ -167,18 +167,10 @@ def read_manifest(uri: str, storage: StorageConfig | None = None) -> list[Label]
 
 
 def resolve_table_uri(uri: str, storage: StorageConfig | None = None) -> str:
-    """The table behind ``uri``: a run's full `_run.json` (beside its sensitive table) points at that
-    table; anything else is the table itself (a Parquet file or folder)."""
-    from u2s.io.storage import filesystem
-
-    if uri.rstrip("/").endswith("_run.json"):
-        fs, path = filesystem(uri, storage)
-        with fs.open(path, "r") as f:
-            summary = json.load(f).get("summary") or {}
-        if "sensitive_uri" not in summary:
-            raise ValueError(f"{uri}: not a finished run's full record (the one beside its sensitive table)")
-        return summary["sensitive_uri"]
-    return uri
+    """The table behind ``uri``: a run's ``_run.json`` sits in its table's folder (the public record in
+    the safe table's, the full one in the sensitive table's); anything else is the table itself."""
+    stripped = uri.rstrip("/")
+    return stripped.rsplit("/", 1)[0] if stripped.endswith("_run.json") else uri
 
 
 def read_predictions(uri: str, storage: StorageConfig | None = None) -> list[dict]:

@@ -30,11 +30,12 @@ TINY_MODELS = {
     "instruct_pix2pix": "build_tiny_instruct_pix2pix",
     "sd3": "build_tiny_sd3",
     "flux_kontext": "build_tiny_flux_kontext",
+    "clip": "build_tiny_clip",
 }
 
 #: Default weight seeds. A random VLM's greedy flag is often the same for every image; with seed 10
 #: the demo samples get a mix of flagged and unflagged rows, so both paths of the pipeline run.
-DEFAULT_SEEDS = {"vlm": 10, "llm": 0, "instruct_pix2pix": 0, "sd3": 0, "flux_kontext": 0}
+DEFAULT_SEEDS = {"vlm": 10, "llm": 0, "instruct_pix2pix": 0, "sd3": 0, "flux_kontext": 0, "clip": 0}
 
 
 def _byte_unicode() -> list[str]:
@@ -278,6 +279,95 @@ def build_tiny_flux_kontext(out: str | Path, seed: int = 0) -> Path:
         tokenizer=tok, text_encoder_2=_tiny_t5(t5_tok, 32), tokenizer_2=t5_tok, transformer=transformer,
     )  # fmt: skip
     pipe.save_pretrained(out)
+    return out
+
+
+def build_tiny_clip(out: str | Path, seed: int = 0) -> Path:
+    """CLIP (`CLIPModel`, 32 px ViT + byte-level text tower) with a `CLIPProcessor`, saved to ``out``: the
+    evaluation's CLIP scores load it exactly as they load ``openai/clip-vit-large-patch14``."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPVisionConfig
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    image_size = 32
+    config = CLIPConfig(
+        text_config=_tiny_clip_text_config(tok).to_dict(),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            image_size=image_size, patch_size=8, projection_dim=32,
+        ).to_dict(),
+        projection_dim=32,
+    )  # fmt: skip
+    CLIPModel(config).eval().save_pretrained(out)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(out)
+    return out
+
+
+#: Keypoints of the tiny SCRFD detector, in strides from its anchor: eyes, nose, mouth corners.
+TINY_SCRFD_KPS = ((-0.3, -0.2), (0.3, -0.2), (0.0, 0.1), (-0.25, 0.4), (0.25, 0.4))
+
+
+def build_tiny_antelopev2(out: str | Path, seed: int = 0, embedding_dim: int = 64) -> Path:
+    """An InsightFace ``antelopev2``-shaped folder of two tiny ONNX models, exported with torch.onnx.
+
+    ``scrfd_10g_bnkps.onnx`` has SCRFD's signature (input 1×3×H×W normalised as ``(x - 127.5) / 128``;
+    nine outputs: scores, box distances and keypoint offsets for strides 8, 16, 32, two anchors each) and
+    fixed weights that make it a bright-square detector: a stride-32 cell whose mean is near white scores
+    ~0.99 with a box one stride around its anchor and keypoints :data:`TINY_SCRFD_KPS`; finer strides
+    never fire. ``glintr100.onnx`` has ArcFace's signature (N×3×112×112 → N×``embedding_dim``) and
+    random weights (``seed``).
+    """
+    import torch
+    from torch import nn
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    class Scrfd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = nn.ModuleList(
+                nn.ModuleList([nn.Conv2d(3, 2, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(3, 20, 1)]) for _ in range(3)
+            )
+            with torch.no_grad():
+                for level, (score, box, kps) in enumerate(self.heads):
+                    for conv in (score, box, kps):
+                        conv.weight.zero_()
+                    fires = level == 2
+                    score.weight.fill_(10 / 3 if fires else 0.0)
+                    score.bias.fill_(-5.0 if fires else -20.0)
+                    box.bias.fill_(1.0)
+                    kps.bias.copy_(torch.tensor(TINY_SCRFD_KPS).flatten().repeat(2))
+
+        def forward(self, x):
+            scores, boxes, kpss = [], [], []
+            for stride, (score, box, kps) in zip((8, 16, 32), self.heads, strict=True):
+                f = nn.functional.avg_pool2d(x, stride)
+                scores.append(torch.sigmoid(score(f)).permute(0, 2, 3, 1).reshape(1, -1, 1))
+                boxes.append(box(f).permute(0, 2, 3, 1).reshape(1, -1, 4))
+                kpss.append(kps(f).permute(0, 2, 3, 1).reshape(1, -1, 10))
+            return (*scores, *boxes, *kpss)
+
+    torch.manual_seed(seed)
+    recognizer = nn.Sequential(
+        nn.Conv2d(3, 8, 8, stride=8), nn.ReLU(), nn.AvgPool2d(7), nn.Flatten(), nn.Linear(32, embedding_dim)
+    ).eval()  # fmt: skip
+    names = [f"{kind}_{stride}" for kind in ("score", "bbox", "kps") for stride in (8, 16, 32)]
+    torch.onnx.export(
+        Scrfd().eval(), (torch.zeros(1, 3, 64, 64),), str(out / "scrfd_10g_bnkps.onnx"), dynamo=False,
+        input_names=["input.1"], output_names=names, dynamic_axes={"input.1": {2: "h", 3: "w"}},
+    )  # fmt: skip
+    torch.onnx.export(
+        recognizer, (torch.zeros(1, 3, 112, 112),), str(out / "glintr100.onnx"), dynamo=False,
+        input_names=["input.1"], output_names=["embedding"],
+        dynamic_axes={"input.1": {0: "n"}, "embedding": {0: "n"}},
+    )  # fmt: skip
     return out
 
 
