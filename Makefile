@@ -39,6 +39,7 @@ lint: venv
 # in a pytest process of their own, after the main run and its in-process Ray are gone.
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q -ra
 	$(BIN)/pytest -q -ra -m cluster tests/cluster
 
