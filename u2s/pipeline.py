@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-    from u2s.routing import WorkDir
     from u2s.stage import Stage
     from u2s.stage1.call import ModelCallStage
 
@@ -57,63 +56,43 @@ def _stateless(batch: pa.Table, stage: Stage) -> pa.Table:
 
 
 def _actor_stage(
-    ds: ray.data.Dataset, stage_cls: type, resources: Resources, **kwargs: Any
-) -> ray.data.Dataset:
+    ds: ray.data.Dataset, stage_cls: type, resources: Resources, pool: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> ray.data.Dataset:  # fmt: skip
+    """``stage_cls`` as an actor pool; ``pool``: its `map_batches` arguments (default: from ``resources``)."""
     import ray.data
 
-    return ds.map_batches(
-        stage_cls,
-        fn_constructor_kwargs=kwargs,
-        batch_size=resources.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(**resources.actor_pool_kwargs()),
-        **resources.ray_remote_args(),
-    )
+    from u2s.stage1.engines.vllm_pool import map_pool
+
+    if pool is None:
+        pool = {
+            "batch_size": resources.batch_size,
+            "compute": ray.data.ActorPoolStrategy(**resources.actor_pool_kwargs()),
+            **resources.ray_remote_args(),
+        }
+    return map_pool(ds, stage_cls, pool, fn_constructor_kwargs=kwargs, batch_format="pyarrow")
 
 
-def _stage1_call(
-    ds: ray.data.Dataset, cfg: JobConfig, work: WorkDir | None, stage_cls: type[ModelCallStage]
-) -> ray.data.Dataset:
-    """One stage-1 call on its engine (`stage1.<call>_engine`, else `stage1.engine`), in its pool.
+def _stage1_call(ds: ray.data.Dataset, cfg: JobConfig, stage_cls: type[ModelCallStage]) -> ray.data.Dataset:
+    """One stage-1 call on its engine (`stage1.<call>_engine`, else `stage1.engine`), in its actor pool.
 
-    transformers/http: an actor pool in the stream. vllm: a ray.data.llm processor fed only the rows
-    the call wants, which needs a checkpoint first (see :mod:`u2s.routing`): the stream so far runs now.
+    Every engine runs in the stream; a vLLM call's pool holds one async engine per actor and runs
+    several batches per actor at once (:mod:`u2s.stage1.engines.vllm_pool`).
     """
     s1 = cfg.stage1
-    call, resources = stage_cls.name, stage_cls.resources(s1)
-    engine = s1.engine_for(call)
-    if engine != "vllm":
-        stage1 = s1 if engine == s1.engine else s1.model_copy(update={"engine": engine})
-        return _actor_stage(ds, stage_cls, resources, stage1=stage1)
-    from u2s.stage1.engines.vllm import apply_call, stage1_call
+    resources = stage_cls.resources(s1)
+    engine = s1.engine_for(stage_cls.name)
+    stage1 = s1 if engine == s1.engine else s1.model_copy(update={"engine": engine})
+    pool = None
+    if engine == "vllm":
+        from u2s.stage1.engines.vllm_pool import pool_kwargs
 
-    if work is None:
-        raise ValueError("a vLLM stage needs a WorkDir for its checkpoints")
-    spec = stage1_call(s1, stage_cls)
-    return work.route(
-        ds, call, spec.wants, lambda wanted: apply_call(wanted, s1, spec, resources), resources.batch_size
-    )
+        pool = pool_kwargs(resources, s1.vllm_for(stage_cls.vision))
+    return _actor_stage(ds, stage_cls, resources, pool, stage1=stage1)
 
 
-def stage1_calls(cfg: JobConfig) -> list[str]:
-    """The stage-1 calls this config runs, in order."""
-    s1 = cfg.stage1
-    calls = ["inspect"] if s1.mode == "fused" else ["inspect", "describe"]
-    return calls + ["instruct"] + (["combine"] if s1.combine else [])
-
-
-def uses_checkpoints(cfg: JobConfig) -> bool:
-    """Whether the plan runs as checkpointed passes (some stage-1 call on vLLM)."""
-    return any(cfg.stage1.engine_for(call) == "vllm" for call in stage1_calls(cfg))
-
-
-def build_dataset(cfg: JobConfig, work: WorkDir | None = None) -> ray.data.Dataset:
-    """The whole anonymization plan as a lazy Dataset in the working schema.
-
-    Nothing runs yet, except with vLLM stage-1 calls: each needs a checkpoint of the stream before it,
-    so the passes up to the last vLLM call run here, writing into ``work`` (default: a new
-    :class:`~u2s.routing.WorkDir` under the sensitive output, which the caller then owns and removes).
-    """
+def build_dataset(cfg: JobConfig) -> ray.data.Dataset:
+    """The whole anonymization plan as a lazy Dataset in the working schema (nothing runs yet)."""
     from u2s.io.decode import DecodeStage
     from u2s.io.readers import read_source
     from u2s.stage1.combine import CombineStage
@@ -131,19 +110,14 @@ def build_dataset(cfg: JobConfig, work: WorkDir | None = None) -> ray.data.Datas
         batch_format="pyarrow",
         **cfg.ray.decode.ray_remote_args(),
     )
-    s1 = cfg.stage1
-    if work is None and uses_checkpoints(cfg):
-        from u2s.routing import WorkDir
-
-        work = WorkDir(cfg.output, cfg.storage, cfg.ray.write_num_cpus)
-    if s1.mode == "fused":  # calls A + B in one VLM call per row, in the inspect pool; no describe pool
-        ds = _stage1_call(ds, cfg, work, FusedInspectStage)
+    if cfg.stage1.mode == "fused":  # calls A + B in one VLM call per row (inspect pool), no describe pool
+        ds = _stage1_call(ds, cfg, FusedInspectStage)
     else:
-        ds = _stage1_call(ds, cfg, work, InspectStage)
-        ds = _stage1_call(ds, cfg, work, DescribeStage)
-    ds = _stage1_call(ds, cfg, work, InstructStage)
-    if s1.combine:
-        ds = _stage1_call(ds, cfg, work, CombineStage)
+        ds = _stage1_call(ds, cfg, InspectStage)
+        ds = _stage1_call(ds, cfg, DescribeStage)
+    ds = _stage1_call(ds, cfg, InstructStage)
+    if cfg.stage1.combine:
+        ds = _stage1_call(ds, cfg, CombineStage)
     return _actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2)
 
 
@@ -177,20 +151,17 @@ def run(cfg: JobConfig) -> RunSummary:
     """Run one anonymization job end to end and write both tables and `_run.json`."""
     from u2s.io.storage import uri_join
     from u2s.io.writers import SafeAndTripletsDatasink, prepare_outputs, write_run_record
+    from u2s.stage1.engines.vllm_pool import remove_placement_groups
 
     started = datetime.now(timezone.utc)
     start = time.perf_counter()
     prepare_outputs(cfg.output, cfg.storage)
     init_ray(cfg)
     sink = SafeAndTripletsDatasink(cfg.output, cfg.storage)
-    work = None
-    if uses_checkpoints(cfg):
-        from u2s.routing import WorkDir
-
-        work = WorkDir(cfg.output, cfg.storage, cfg.ray.write_num_cpus)
-    build_dataset(cfg, work).write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.write_num_cpus})
-    if work is not None and not cfg.output.keep_work:
-        work.remove()
+    try:
+        build_dataset(cfg).write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.write_num_cpus})
+    finally:
+        remove_placement_groups()  # vLLM engine actors' (Ray Data leaves them reserved)
     wall = time.perf_counter() - start
     written = sink.summary
     summary = RunSummary(

@@ -3,9 +3,8 @@
 A call declares, per subclass of :class:`ModelCallStage`, its pool (:meth:`~ModelCallStage.resources`),
 whether it sees the image (``vision``), its result model and generation budget, how a row becomes a
 conversation (:meth:`~ModelCallStage.messages`) and how a validated result lands in the row
-(:meth:`~ModelCallStage.apply`). Those are static, so the vLLM path (:mod:`u2s.stage1.engines.vllm`)
-reads the very same definitions without building a stage or loading a model; the transformers and
-HTTP engines run them through :meth:`ModelCallStage.process`.
+(:meth:`~ModelCallStage.apply`). :meth:`ModelCallStage.process` runs them on whichever engine the call
+uses (transformers, HTTP or vLLM): only the rows the stage ``wants`` reach the engine.
 """
 
 from __future__ import annotations
@@ -71,12 +70,6 @@ class ModelCallStage(Stage):
         """Write a validated ``result`` into ``row``'s columns (status changes such as ``kept`` included)."""
         raise NotImplementedError
 
-    @classmethod
-    def single_call(cls, stage1: Stage1Config) -> bool:
-        """Whether each row is exactly one :meth:`messages` → :meth:`apply` call under ``stage1``
-        (what the vLLM path runs); a stage whose :meth:`process` asks more questions says False."""
-        return True
-
     # -- derived -------------------------------------------------------------------------------------
 
     @classmethod
@@ -88,15 +81,7 @@ class ModelCallStage(Stage):
         """:meth:`messages` with ``stage1.system_prompt`` applied: what every engine sends for ``row``."""
         return apply_system_prompt([cls.messages(stage1, row)], stage1.system_prompt)[0]
 
-    @classmethod
-    def unloaded(cls, stage1: Stage1Config) -> ModelCallStage:
-        """An instance without an engine: its ``wants`` routes rows (one rule for every engine)."""
-        stage = cls.__new__(cls)
-        stage.config = stage1
-        stage.engine = None
-        return stage
-
-    # -- running on a transformers / HTTP engine -----------------------------------------------------
+    # -- running ----------------------------------------------------------------------------------------
 
     def process(self, rows: list[dict]) -> None:
         ready, images = self.load(rows)

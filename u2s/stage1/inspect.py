@@ -49,12 +49,8 @@ class InspectStage(ModelCallStage):
     def apply(row: dict, result: InspectResult) -> None:
         _flag(row, [c.value for c in result.categories], result.privacy_flag)
 
-    @classmethod
-    def single_call(cls, stage1: Stage1Config) -> bool:
-        return stage1.inspect_mode != "per_criterion"
-
     def process(self, rows: list[dict]) -> None:
-        if self.single_call(self.config):
+        if self.config.inspect_mode != "per_criterion":
             super().process(rows)
             return
         ready, images = self.load(rows)

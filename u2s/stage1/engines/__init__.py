@@ -35,4 +35,15 @@ def build_engine(stage1: Stage1Config, model: ModelConfig, vision: bool) -> Engi
             image_size=stage1.image_size,
             system_prompt=stage1.system_prompt,
         )
+    if stage1.engine == "vllm":
+        from u2s.stage1.engines.vllm import VLLMEngine
+
+        vllm = stage1.vllm_for(vision)
+        return VLLMEngine(
+            model,
+            vllm,
+            vision=vision,
+            image_size=vllm.max_image_side or stage1.image_size,
+            system_prompt=stage1.system_prompt,
+        )
     raise ValueError(f"unknown stage-1 engine {stage1.engine!r}")
