@@ -121,17 +121,22 @@ def test_configured_placement_group_is_used_as_it_is_and_must_hold_the_actor():
         load_config(preset="cpu-tiny", overrides=["stage1.vllm.placement_group_config={bundles: []}"])
 
 
-def test_map_pool_uses_no_deprecated_api(ray_cluster):
+def test_map_pool_uses_no_deprecated_api_and_no_detector_that_mints_groups(ray_cluster):
+    """A per-actor group needs `ray_remote_args_fn`; Ray's high-memory detector would call it and leave a
+    group per call (ray-project/ray#64012), so a dataset with such a pool runs without that detector."""
     import ray.data
+    from ray.data._internal.issue_detection.detectors.high_memory_detector import HighMemoryIssueDetector
     from ray.util.annotations import RayDeprecationWarning
 
-    ds = ray.data.range(4)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RayDeprecationWarning)
-        vllm_pool.map_pool(
-            ds, _Echo, vllm_pool.pool_kwargs(CPU_POOL, VLLMEngineConfig()), batch_format="pyarrow"
-        )
-        vllm_pool.map_pool(ds, _Echo, vllm_pool.pool_kwargs(GPU_POOL, _tp(2)), batch_format="pyarrow")
+        ds = ray.data.range(4)
+        one = vllm_pool.map_pool(ds, _Echo, vllm_pool.pool_kwargs(CPU_POOL, VLLMEngineConfig()))
+        assert HighMemoryIssueDetector in one.context.issue_detectors_config.detectors
+        ds = ray.data.range(4)
+        tp = vllm_pool.map_pool(ds, _Echo, vllm_pool.pool_kwargs(GPU_POOL, _tp(2)), batch_format="pyarrow")
+        assert HighMemoryIssueDetector not in tp.context.issue_detectors_config.detectors
+    assert HighMemoryIssueDetector in ray.data.DataContext.get_current().issue_detectors_config.detectors
 
 
 class _Echo:

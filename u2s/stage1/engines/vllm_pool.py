@@ -10,10 +10,14 @@ per actor, several batches in flight per actor, placement as ray.data.llm's engi
 * A configured ``placement_group_config`` is used as it is, also for one worker (e.g. CPU bundles that
   reserve a whole core for the engine next to lighter pools).
 
-Ray Data never removes an actor's placement group (nor does ray.data.llm): each keeps its bundles
-reserved until the driver exits. :func:`remove_placement_groups` removes those this process created,
-once the dataset has run (``u2s.pipeline.run`` calls it); an autoscaling pool that shrinks keeps its
-stopped actors' groups until then.
+Two known Ray 2.60 flaws of per-actor groups made by ``ray_remote_args_fn`` (which ray.data.llm shares)
+are worked around here: the groups belong to the driver and outlive their actors (ray-project/ray#64035),
+so :func:`remove_placement_groups` removes those this process created once the dataset has run
+(``u2s.pipeline.run`` calls it; a shrinking autoscaling pool keeps its stopped actors' groups until
+then); and Ray Data's high-memory issue detector calls every operator's ``ray_remote_args_fn`` at the
+start of execution and on each detection interval, minting groups nothing uses (ray-project/ray#64012),
+so :func:`map_pool` turns that advisory detector off for a dataset with such a pool. Ray's planned
+per-actor placement-group parameters of `map_batches` (ray-project/ray#64090) will replace both.
 
 Batches overlap inside an actor through ``ActorPoolStrategy(max_concurrent_calls_per_actor=k,
 enable_true_multi_threading=True)``: k threads run the stage's ``__call__`` and share the actor's engine.
@@ -133,5 +137,17 @@ def map_pool(ds: ray.data.Dataset, fn: Any, pool: dict[str, Any], **kwargs: Any)
     ``map_batches_internal`` for the same reason. Every other pool uses the public API.
     """
     if REMOTE_ARGS_FN in pool:
+        _without_high_memory_detector(ds.context)
         return ds.map_batches_internal(fn, **pool, **kwargs)
     return ds.map_batches(fn, **pool, **kwargs)
+
+
+def _without_high_memory_detector(context: Any) -> None:
+    """Drop Ray Data's high-memory issue detector (advice in the logs) from ``context``: it calls every
+    operator's ``ray_remote_args_fn``, and each call here makes a placement group (ray-project/ray#64012)."""
+    try:
+        from ray.data._internal.issue_detection.detectors.high_memory_detector import HighMemoryIssueDetector
+    except ImportError:  # moved or gone in a later Ray
+        return
+    config = context.issue_detectors_config
+    config.detectors = [d for d in config.detectors if d is not HighMemoryIssueDetector]
