@@ -273,9 +273,9 @@ class VLLMEngineConfig(_Model):
         {}, description="Extra chat template arguments, e.g. {enable_thinking: false} for Qwen3."
     )
     placement_group_config: PlacementGroupConfig | None = Field(
-        None, description="The placement group each engine actor is scheduled into. None: none for one "
-        "worker; one bundle per worker ({GPU: 1, CPU: 1}, or {CPU: 1} when the call asks for no GPU) for "
-        "tensor/pipeline parallelism.",
+        None, description="The placement group each engine actor is scheduled into (the actor's own CPUs "
+        "and GPUs must fit one bundle). None: none for one worker; one bundle per worker ({GPU: 1, CPU: 1}, "
+        "or {CPU: 1} when the call asks for no GPU) for tensor/pipeline parallelism.",
     )  # fmt: skip
     max_concurrent_batches: int = Field(
         8, ge=1, description="Batches in flight per engine actor (threads feeding one engine); keep "

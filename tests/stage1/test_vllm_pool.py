@@ -116,7 +116,10 @@ def test_configured_placement_group_is_used_as_it_is_and_must_hold_the_actor():
     cpu_tp = vllm_pool.placement_bundles(CPU_POOL, _tp(2))  # a CPU pool asks for no GPU bundle
     assert cpu_tp == ([{"CPU": 1.0}, {"CPU": 1.0}], "PACK")
     with pytest.raises(ValueError, match="never start"):
-        vllm_pool.pool_kwargs(GPU_POOL, cfg)  # 4 CPUs per actor, 2 per bundle
+        vllm_pool.pool_kwargs(GPU_POOL, cfg)  # 4 CPUs and a GPU per actor, 2 CPUs per bundle
+    gpu = VLLMEngineConfig(placement_group_config=PlacementGroupConfig(bundles=[{"GPU": 1, "CPU": 4}]))
+    one = vllm_pool.pool_kwargs(GPU_POOL, gpu)  # one worker in the actor: the bundle's GPU is the actor's
+    assert one["num_gpus"] == 1 and vllm_pool.REMOTE_ARGS_FN in one
     with pytest.raises(ConfigError, match="placement_group_config"):
         load_config(preset="cpu-tiny", overrides=["stage1.vllm.placement_group_config={bundles: []}"])
 

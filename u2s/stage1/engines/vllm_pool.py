@@ -7,8 +7,11 @@ per actor, several batches in flight per actor, placement as ray.data.llm's engi
   ``{GPU: 1, CPU: 1}``, the first bundle holding the actor's CPUs too), created when Ray Data starts the
   actor, and is scheduled into it with ``placement_group_capture_child_tasks``; vLLM's "ray" executor
   then starts its workers inside that group. The actor itself reserves no GPU (its workers hold them).
+  (With ``engine_kwargs: {distributed_executor_backend: mp}`` the actor instead reserves every worker's
+  GPUs on one node, and vLLM starts the workers as its own processes.)
 * A configured ``placement_group_config`` is used as it is, also for one worker (e.g. CPU bundles that
-  reserve a whole core for the engine next to lighter pools).
+  reserve a whole core for the engine next to lighter pools); the actor's own CPUs and GPUs must fit
+  in one of its bundles.
 
 Two known Ray 2.60 flaws of per-actor groups made by ``ray_remote_args_fn`` (which ray.data.llm shares)
 are worked around here: the groups belong to the driver and outlive their actors (ray-project/ray#64035),
@@ -44,6 +47,13 @@ _groups: list[Any] = []
 _groups_lock = threading.Lock()
 
 
+def actor_gpus(resources: Resources, vllm: VLLMEngineConfig) -> float:
+    """GPUs the engine actor itself reserves: none for vLLM's "ray" executor (its workers hold them, in
+    the actor's placement group); else every worker's ("uni": one; "mp": all, in the actor's process tree).
+    """
+    return 0.0 if executor_backend(vllm) == "ray" else resources.num_gpus * world_size(vllm)
+
+
 def placement_bundles(
     resources: Resources, vllm: VLLMEngineConfig
 ) -> tuple[list[dict[str, float]], str] | None:
@@ -61,10 +71,11 @@ def placement_bundles(
     if resources.accelerator_type:  # as ray.data.llm: a sliver of the accelerator label pins the node type
         for bundle in bundles:
             bundle[f"accelerator_type:{resources.accelerator_type}"] = 0.001
-    if not any(b.get("CPU", 0.0) >= resources.num_cpus for b in bundles):
+    gpus = actor_gpus(resources, vllm)
+    if not any(b.get("CPU", 0.0) >= resources.num_cpus and b.get("GPU", 0.0) >= gpus for b in bundles):
         raise ValueError(
-            f"no placement group bundle holds the engine actor's {resources.num_cpus} CPUs: the actor would "
-            "never start (raise a bundle's CPU or lower the call's num_cpus)"
+            f"no placement group bundle holds the engine actor's {resources.num_cpus} CPUs and {gpus} GPUs: "
+            "the actor would never start (enlarge a bundle or lower the call's num_cpus/num_gpus)"
         )
     return bundles, strategy
 
@@ -114,12 +125,11 @@ def pool_kwargs(resources: Resources, vllm: VLLMEngineConfig) -> dict[str, Any]:
     )
     kwargs: dict[str, Any] = {"batch_size": resources.batch_size, "compute": compute,
                               "num_cpus": resources.num_cpus}  # fmt: skip
+    gpus = actor_gpus(resources, vllm)
+    if gpus:
+        kwargs["num_gpus"] = gpus
     placement = placement_bundles(resources, vllm)
-    if placement is None:
-        gpus = resources.num_gpus * world_size(vllm)  # "mp" backend: every worker in the actor's share
-        if gpus:
-            kwargs["num_gpus"] = gpus
-    else:
+    if placement is not None:
         kwargs[REMOTE_ARGS_FN] = partial(placement_group_strategy, *placement)
     if resources.accelerator_type:
         kwargs["accelerator_type"] = resources.accelerator_type
