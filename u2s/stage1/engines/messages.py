@@ -39,16 +39,23 @@ def with_parts(conversation: list[dict]) -> list[dict]:
     ]
 
 
-def with_image_url(conversation: list[dict], url: str | None) -> list[dict]:
-    """``{"type": "image"}`` parts become OpenAI ``image_url`` parts holding ``url`` (dropped when None)."""
-    image = [] if url is None else [{"type": "image_url", "image_url": {"url": url}}]
+def with_image_part(conversation: list[dict], part: dict | None) -> list[dict]:
+    """``{"type": "image"}`` parts become ``part`` (an engine's image content part; dropped when None)."""
+    image = [] if part is None else [part]
     out = []
     for message in conversation:
         content = message["content"]
         if isinstance(content, list):
-            content = [new for part in content for new in (image if part.get("type") == "image" else [part])]
+            content = [new for p in content for new in (image if p.get("type") == "image" else [p])]
         out.append({**message, "content": content})
     return out
+
+
+def with_image_url(conversation: list[dict], url: str | None) -> list[dict]:
+    """``{"type": "image"}`` parts become OpenAI ``image_url`` parts holding ``url`` (dropped when None)."""
+    return with_image_part(
+        conversation, None if url is None else {"type": "image_url", "image_url": {"url": url}}
+    )
 
 
 def has_system(conversation: list[dict]) -> bool:

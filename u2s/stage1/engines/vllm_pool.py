@@ -1,0 +1,163 @@
+"""The Ray Data actor pool of a stage-1 call on vLLM: one :class:`~u2s.stage1.engines.vllm.VLLMEngine`
+per actor, several batches in flight per actor, placement as ray.data.llm's engine stage does it.
+
+* One worker per engine (tensor × pipeline parallelism = 1): the actor reserves the call's
+  ``num_gpus`` (1 on GPU pools, 0 on CPU) and vLLM runs the model in its own engine process ("uni").
+* Several workers: each actor gets a placement group of one bundle per worker (``PACK``; default
+  ``{GPU: 1, CPU: 1}``, the first bundle holding the actor's CPUs too), created when Ray Data starts the
+  actor, and is scheduled into it with ``placement_group_capture_child_tasks``; vLLM's "ray" executor
+  then starts its workers inside that group. The actor itself reserves no GPU (its workers hold them).
+  (With ``engine_kwargs: {distributed_executor_backend: mp}`` the actor instead reserves every worker's
+  GPUs on one node, and vLLM starts the workers as its own processes.)
+* A configured ``placement_group_config`` is used as it is, also for one worker (e.g. CPU bundles that
+  reserve a whole core for the engine next to lighter pools); the actor's own CPUs and GPUs must fit
+  in one of its bundles.
+
+Two known Ray 2.60 flaws of per-actor groups made by ``ray_remote_args_fn`` (which ray.data.llm shares)
+are worked around here: the groups belong to the driver and outlive their actors (ray-project/ray#64035),
+so :func:`remove_placement_groups` removes those this process created once the dataset has run
+(``u2s.pipeline.run`` calls it; a shrinking autoscaling pool keeps its stopped actors' groups until
+then); and Ray Data's high-memory issue detector calls every operator's ``ray_remote_args_fn`` at the
+start of execution and on each detection interval, minting groups nothing uses (ray-project/ray#64012),
+so :func:`map_pool` turns that advisory detector off for a dataset with such a pool. Ray's planned
+per-actor placement-group parameters of `map_batches` (ray-project/ray#64090) will replace both.
+
+Batches overlap inside an actor through ``ActorPoolStrategy(max_concurrent_calls_per_actor=k,
+enable_true_multi_threading=True)``: k threads run the stage's ``__call__`` and share the actor's engine.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from u2s.stage1.engines.vllm import executor_backend, world_size
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from u2s.config import Resources, VLLMEngineConfig
+
+#: The key of the per-actor scheduling function in the keyword arguments `pool_kwargs` returns.
+REMOTE_ARGS_FN = "ray_remote_args_fn"
+
+#: Placement groups created in this process for engine actors (see :func:`remove_placement_groups`).
+_groups: list[Any] = []
+_groups_lock = threading.Lock()
+
+
+def actor_gpus(resources: Resources, vllm: VLLMEngineConfig) -> float:
+    """GPUs the engine actor itself reserves: none for vLLM's "ray" executor (its workers hold them, in
+    the actor's placement group); else every worker's ("uni": one; "mp": all, in the actor's process tree).
+    """
+    return 0.0 if executor_backend(vllm) == "ray" else resources.num_gpus * world_size(vllm)
+
+
+def placement_bundles(
+    resources: Resources, vllm: VLLMEngineConfig
+) -> tuple[list[dict[str, float]], str] | None:
+    """(bundles, strategy) of each actor's placement group, or None when the actor needs none."""
+    if vllm.placement_group_config is not None:
+        bundles = [dict(b) for b in vllm.placement_group_config.bundles]
+        strategy = vllm.placement_group_config.strategy
+    elif executor_backend(vllm) == "ray":
+        device = {"GPU": 1.0} if resources.num_gpus > 0 else {}
+        bundles = [{**device, "CPU": 1.0} for _ in range(world_size(vllm))]
+        bundles[0]["CPU"] = max(1.0, resources.num_cpus)  # the actor runs there too
+        strategy = "PACK"
+    else:
+        return None
+    if resources.accelerator_type:  # as ray.data.llm: a sliver of the accelerator label pins the node type
+        for bundle in bundles:
+            bundle[f"accelerator_type:{resources.accelerator_type}"] = 0.001
+    gpus = actor_gpus(resources, vllm)
+    if not any(b.get("CPU", 0.0) >= resources.num_cpus and b.get("GPU", 0.0) >= gpus for b in bundles):
+        raise ValueError(
+            f"no placement group bundle holds the engine actor's {resources.num_cpus} CPUs and {gpus} GPUs: "
+            "the actor would never start (enlarge a bundle or lower the call's num_cpus/num_gpus)"
+        )
+    return bundles, strategy
+
+
+def placement_group_strategy(bundles: list[dict[str, float]], strategy: str) -> dict[str, Any]:
+    """Remote args of one new engine actor: a new placement group, the actor and its children inside.
+
+    Ray Data calls this each time it starts an actor of the pool (``ray_remote_args_fn``).
+    """
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = ray.util.placement_group([dict(b) for b in bundles], strategy=strategy)
+    with _groups_lock:
+        _groups.append(group)
+    inside = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+    return {"scheduling_strategy": inside}
+
+
+def remove_placement_groups() -> int:
+    """Remove every engine actor's placement group created in this process (their actors die with
+    them: call it once the dataset has run). Returns how many were removed."""
+    with _groups_lock:
+        groups = list(_groups)
+        _groups.clear()
+    if groups:
+        from ray.util import remove_placement_group
+
+        for group in groups:
+            remove_placement_group(group)
+    return len(groups)
+
+
+def pool_kwargs(resources: Resources, vllm: VLLMEngineConfig) -> dict[str, Any]:
+    """`map_batches` keyword arguments of one vLLM call's actor pool (see the module docstring).
+
+    Pass them with :func:`map_pool` (a per-actor placement group needs ``ray_remote_args_fn``).
+    """
+    import ray.data
+
+    k = vllm.max_concurrent_batches
+    compute = ray.data.ActorPoolStrategy(
+        **resources.actor_pool_kwargs(),
+        max_concurrent_calls_per_actor=k,
+        max_tasks_in_flight_per_actor=2 * k,  # the next batches wait at the actor, not at the scheduler
+        enable_true_multi_threading=True,
+    )
+    kwargs: dict[str, Any] = {"batch_size": resources.batch_size, "compute": compute,
+                              "num_cpus": resources.num_cpus}  # fmt: skip
+    gpus = actor_gpus(resources, vllm)
+    if gpus:
+        kwargs["num_gpus"] = gpus
+    placement = placement_bundles(resources, vllm)
+    if placement is not None:
+        kwargs[REMOTE_ARGS_FN] = partial(placement_group_strategy, *placement)
+    if resources.accelerator_type:
+        kwargs["accelerator_type"] = resources.accelerator_type
+    if vllm.env_vars:
+        kwargs["runtime_env"] = {"env_vars": dict(vllm.env_vars)}
+    return kwargs
+
+
+def map_pool(ds: ray.data.Dataset, fn: Any, pool: dict[str, Any], **kwargs: Any) -> ray.data.Dataset:
+    """``ds.map_batches(fn, **pool, **kwargs)``, through the DeveloperAPI ``map_batches_internal`` when
+    the pool starts a placement group per actor.
+
+    Ray 2.60 deprecates ``ray_remote_args_fn`` on the public `map_batches` (removal in 2.64) and has no
+    named replacement for per-actor scheduling; ray.data.llm's own engine stage goes through
+    ``map_batches_internal`` for the same reason. Every other pool uses the public API.
+    """
+    if REMOTE_ARGS_FN in pool:
+        _without_high_memory_detector(ds.context)
+        return ds.map_batches_internal(fn, **pool, **kwargs)
+    return ds.map_batches(fn, **pool, **kwargs)
+
+
+def _without_high_memory_detector(context: Any) -> None:
+    """Drop Ray Data's high-memory issue detector (advice in the logs) from ``context``: it calls every
+    operator's ``ray_remote_args_fn``, and each call here makes a placement group (ray-project/ray#64012)."""
+    try:
+        from ray.data._internal.issue_detection.detectors.high_memory_detector import HighMemoryIssueDetector
+    except ImportError:  # moved or gone in a later Ray
+        return
+    config = context.issue_detectors_config
+    config.detectors = [d for d in config.detectors if d is not HighMemoryIssueDetector]
