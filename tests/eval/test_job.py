@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from u2s.config import BaselineConfig
 from u2s.demo_data import write_sample_dataset
 from u2s.eval.job import ROW_SCHEMA, prepare
-from u2s.schema import SAFE_SCHEMA, TRIPLETS_SCHEMA
+from u2s.schema import SAFE_SCHEMA, SENSITIVE_SCHEMA
 from u2s.stage2.baselines import blur_regions
 from u2s.stage2.detectors import RegionDetector
+from u2s.stage2.editors.baselines import BlurConfig
 from u2s.testing.browser import check_page, is_blank
 from u2s.testing.tiny_models import build_tiny_clip
 
@@ -42,7 +42,7 @@ def dataset(tmp_path_factory, s3_endpoint):
                  "empty": samples["empty"]}  # fmt: skip
     images = [{"bytes": b, "path": None} for b in originals.values()]
     pq.write_table(pa.table({"id": list(originals), "image": images}), root / "originals.parquet")
-    detector = RegionDetector(BaselineConfig())
+    detector = RegionDetector(BlurConfig())
 
     def safe_row(row_id, status, image=None, caption=None, flag=None, error=None):
         cell = None if image is None else {"bytes": image, "path": None}
@@ -51,7 +51,7 @@ def dataset(tmp_path_factory, s3_endpoint):
 
     def blurred(data: bytes) -> bytes:
         img = Image.open(io.BytesIO(data)).convert("RGB")
-        return _png(blur_regions(img, detector(img), BaselineConfig().blur_radius))
+        return _png(blur_regions(img, detector(img), BlurConfig().blur_radius))
 
     blur_rows = [
         safe_row("face", "edited", blurred(originals["face"]), "a person in a space suit", True),
@@ -72,12 +72,12 @@ def dataset(tmp_path_factory, s3_endpoint):
     with fs.open(f"{bucket}/noop/part-0.parquet", "wb") as f:
         pq.write_table(pa.Table.from_pylist(noop_rows, schema=SAFE_SCHEMA), f)
     private = (("face", "an astronaut named on his suit"), ("badge", "a badge reading Jane Doe"))
-    empty = dict.fromkeys(TRIPLETS_SCHEMA.names)
+    empty = dict.fromkeys(SENSITIVE_SCHEMA.names)
     sensitive = [empty | {"id": i, "private_caption": c, "edit_instruction": EDIT, "status": "edited"}
                  for i, c in private]  # fmt: skip
     (root / "sensitive").mkdir()
     pq.write_table(
-        pa.Table.from_pylist(sensitive, schema=TRIPLETS_SCHEMA), root / "sensitive" / "part-0.parquet"
+        pa.Table.from_pylist(sensitive, schema=SENSITIVE_SCHEMA), root / "sensitive" / "part-0.parquet"
     )
     return {"root": root, "noop": f"s3://{bucket}/noop", "bucket": bucket, "fs": fs,
             "clip": build_tiny_clip(root / "clip")}  # fmt: skip

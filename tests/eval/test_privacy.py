@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from u2s.config import BaselineConfig
 from u2s.demo_data import write_sample_dataset
 from u2s.eval.config import EvalConfig, FaceConfig, OcrConfig
 from u2s.eval.detectors import DlibFaceEmbedder, OcrReader, square
@@ -20,6 +19,7 @@ from u2s.eval.vlm import race_entropy
 from u2s.io.decode import load_rgb
 from u2s.stage2.baselines import blur_regions, mask_regions
 from u2s.stage2.detectors import RegionDetector
+from u2s.stage2.editors.baselines import BlurConfig
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +140,9 @@ def test_facesim_of_different_people_is_below_identical(embedder, lfw_faces):
 
 @pytest.mark.slow
 def test_face_blur_baseline_lowers_facesim(face_family, astronaut):
-    boxes = RegionDetector(BaselineConfig(regions=["faces"]))(astronaut)
+    boxes = RegionDetector(BlurConfig(regions=["faces"]))(astronaut)
     assert boxes
-    blurred = blur_regions(astronaut, boxes, BaselineConfig().blur_radius)  # the baseline's own setting
+    blurred = blur_regions(astronaut, boxes, BlurConfig().blur_radius)  # the baseline's own setting
     light = blur_regions(astronaut, boxes, 0.02)  # light enough that dlib still finds the face
     # one row id: the three pairs are the same original under three methods (embedded once)
     pairs = [_pair(astronaut, anonymized, "astronaut") for anonymized in (astronaut, blurred, light)]
@@ -170,7 +170,7 @@ def test_textsim_identical_text_gives_one(ocr_family, text_images):
 
 @pytest.mark.slow
 def test_text_mask_baseline_lowers_textsim(ocr_family, text_images):
-    detector = RegionDetector(BaselineConfig(regions=["text"]))
+    detector = RegionDetector(BlurConfig(regions=["text"]))
     masked = [mask_regions(img, detector(img)) for img in text_images.values()]
     scores = ocr_family.score([_pair(o, m) for o, m in zip(text_images.values(), masked, strict=True)])
     for s in scores:

@@ -106,11 +106,11 @@ def test_texture_carries_nothing(corpus):
 
 def test_texture_has_no_face_and_no_text_for_the_baseline_detectors(corpus):
     """The corpus's "flagged, but the baseline finds nothing" image: the real detectors find no region."""
-    from u2s.config import BaselineConfig
     from u2s.io.decode import load_rgb
     from u2s.stage2.detectors import detect_regions
+    from u2s.stage2.editors.baselines import BlurConfig
 
     texture = load_rgb(corpus.texture.read_bytes())
-    assert detect_regions(texture, BaselineConfig(regions=["faces", "text"])) == []
+    assert detect_regions(texture, BlurConfig(regions=["faces", "text"])) == []
     astronaut = load_rgb(corpus.person_named.read_bytes())  # the detectors do work on this corpus
-    assert detect_regions(astronaut, BaselineConfig(regions=["faces"]))
+    assert detect_regions(astronaut, BlurConfig(regions=["faces"]))
