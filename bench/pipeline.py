@@ -105,7 +105,7 @@ def ray_job(folder: str, out: str, engine: str) -> dict:
 
     cfg = config(folder, out, engine)
     start = time.perf_counter()
-    init_ray(cfg)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
     ray.data.DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
     summary = run(cfg)

@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from u2s.config_base import ConfigModel as _Model
 from u2s.config_base import ModelConfig
@@ -24,6 +24,8 @@ from u2s.config_base import absolute_path as _absolute
 from u2s.stage2.editors import EDITORS, EditorConfig
 
 PRESETS = ("cpu-tiny", "paper")
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 class StorageConfig(_Model):
@@ -709,32 +711,45 @@ def preset_text(name: str) -> str:
     return resources.files("u2s.presets").joinpath(f"{name}.yaml").read_text()
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; :class:`ConfigError` when it cannot be read or is not one."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping")
+    return tree
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``key.path=value`` overrides (values parsed as YAML) applied to ``tree`` in place; returns it."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), raw)
+    return tree
+
+
+def validate_config(model: type[ConfigT], tree: dict[str, Any]) -> ConfigT:
+    """``tree`` (${ENV} expanded) validated as ``model``; :class:`ConfigError` names every bad field."""
+    try:
+        return model.model_validate(_expand(tree))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
 def load_config(
     preset: str | None = None,
     path: str | Path | None = None,
     overrides: list[str] | None = None,
 ) -> JobConfig:
     """Preset, then YAML file, then `key.path=value` overrides (values parsed as YAML), validated."""
-    tree: dict[str, Any] = {}
-    if preset:
-        tree = yaml.safe_load(preset_text(preset)) or {}
+    tree: dict[str, Any] = yaml.safe_load(preset_text(preset)) or {} if preset else {}
     if path:
-        try:
-            user = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
-        if not isinstance(user, dict):
-            raise ConfigError(f"config {path} must be a YAML mapping")
-        tree = _deep_merge(tree, user)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
-        key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), raw)
-    try:
-        return JobConfig.model_validate(_expand(tree))
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+        tree = _deep_merge(tree, read_yaml_mapping(path))
+    return validate_config(JobConfig, apply_overrides(tree, overrides))
 
 
 def format_validation_error(e: ValidationError) -> str:

@@ -128,20 +128,22 @@ def build_dataset(cfg: JobConfig, listing: Listing, done: Any = None) -> ray.dat
     return _actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2)
 
 
-def init_ray(cfg: JobConfig) -> None:
-    """Attach to a running cluster (address, RAY_ADDRESS or `ray job submit`) or start a local one."""
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None
+) -> None:
+    """Attach to a running cluster (``address``, RAY_ADDRESS or `ray job submit`) or start a local one
+    with ``num_cpus`` and ``object_store_memory`` (every u2s command starts Ray this way)."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
         # A private, throwaway local cluster: Ray 2.60's default token auth only gets in the way here.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
-                 include_dashboard=False)  # fmt: skip
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False)
 
 
 class _Records:
@@ -164,8 +166,7 @@ class _Records:
         self.full["attempts"].append(self.attempt)
 
     def save(self, summary: RunSummary | None = None) -> None:
-        from u2s.io.storage import uri_join
-        from u2s.io.writers import write_json
+        from u2s.io.storage import uri_join, write_json
         from u2s.run_record import public_config
 
         storage = self.cfg.storage
@@ -228,15 +229,15 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary
     import ray
 
     from u2s.io.listing import list_input
-    from u2s.io.storage import retry_transient_errors, uri_join
-    from u2s.io.writers import SafeAndSensitiveDatasink, prepare_outputs, read_json
+    from u2s.io.storage import read_json, retry_transient_errors, uri_join
+    from u2s.io.writers import SafeAndSensitiveDatasink, prepare_outputs
     from u2s.resume import reconcile
     from u2s.run_record import check_resumable
     from u2s.stage1.engines.vllm_pool import remove_placement_groups
 
     start = time.perf_counter()
     resuming = prepare_outputs(cfg.output, cfg.storage, resume=resume)
-    init_ray(cfg)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
     listing = list_input(cfg.input, cfg.storage, cfg.ray.decode)
     previous = read_json(uri_join(cfg.output.sensitive_uri, "_run.json"), cfg.storage) if resuming else None
     done = None

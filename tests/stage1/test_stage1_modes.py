@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from u2s.config import GenerationConfig, ModelConfig, Resources, Stage1Config
+from u2s.config import GenerationConfig, ModelConfig, Stage1Config
 from u2s.schema import Category, mark_error, new_row
 from u2s.stage1.combine import CombineStage
 from u2s.stage1.engines import generate_validated
@@ -35,7 +35,7 @@ from u2s.stage1.schemas import (
     json_schema,
 )
 from u2s.testing.rows import decoded_rows, run_stage
-from u2s.testing.tiny_models import CHATML_TEMPLATE, find_tiny_vlm
+from u2s.testing.tiny_models import CHATML_TEMPLATE, find_tiny_vlm, tiny_stage1_config
 
 #: ChatML, but raising on a system message, as some Gemma/Mistral templates do.
 NO_SYSTEM_TEMPLATE = (
@@ -66,17 +66,8 @@ def _flagged(rows: list[dict]) -> list[dict]:
 
 
 def _config(vlm, llm, **generation: GenerationConfig) -> Stage1Config:
-    pool = Resources(batch_size=4, torch_threads=1)
-    budgets = {"inspect": 256, "describe": 4096, "instruct": 1024, "combine": 1024}
-    calls = {
-        call: {"generation": generation.get(call, GenerationConfig(max_new_tokens=budget)), "resources": pool}
-        for call, budget in budgets.items()
-    }
-    return Stage1Config.model_validate({
-        "vlm": ModelConfig(model=str(vlm), dtype="float32", device="cpu"),
-        "llm": ModelConfig(model=str(llm), dtype="float32", device="cpu"),
-        "image_size": 56, "default_class_hint": "photo", "calls": calls,
-    })  # fmt: skip
+    budgets = {**{"inspect": 256, "describe": 4096, "instruct": 1024, "combine": 1024}, **generation}
+    return tiny_stage1_config(vlm, llm, image_size=56, budgets=budgets, default_class_hint="photo")
 
 
 def _run(stage, rows: list[dict]) -> list[dict]:

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from u2s.config import GenerationConfig, ModelConfig, Resources, Stage1Config
+from u2s.config import GenerationConfig, Stage1Config
 from u2s.schema import Category, mark_error, new_row
 from u2s.stage1.describe import DescribeStage
 from u2s.stage1.inspect import InspectStage
 from u2s.stage1.instruct import InstructStage
 from u2s.stage1.schemas import DescribeResult, InstructResult
 from u2s.testing.rows import decoded_rows, run_stage
+from u2s.testing.tiny_models import tiny_stage1_config
 
 CATEGORY_VALUES = {c.value for c in Category}
 SIZES = [(64, 48), (30, 90), (120, 120), (17, 23)]
@@ -40,17 +41,8 @@ def _rows(n: int, labels: list[str | None] | None = None) -> list[dict]:
 
 
 def _config(vlm, llm, **generation: GenerationConfig) -> Stage1Config:
-    pool = Resources(batch_size=4, torch_threads=1)
-    budgets = {"inspect": 256, "describe": 4096, "instruct": 1024}
-    calls = {
-        call: {"generation": generation.get(call, GenerationConfig(max_new_tokens=budget)), "resources": pool}
-        for call, budget in budgets.items()
-    }
-    return Stage1Config.model_validate({
-        "vlm": ModelConfig(model=str(vlm), dtype="float32", device="cpu"),
-        "llm": ModelConfig(model=str(llm), dtype="float32", device="cpu"),
-        "image_size": 56, "default_class_hint": "photo", "calls": calls,
-    })  # fmt: skip
+    budgets = {**{"inspect": 256, "describe": 4096, "instruct": 1024}, **generation}
+    return tiny_stage1_config(vlm, llm, image_size=56, budgets=budgets, default_class_hint="photo")
 
 
 def _run(stage, rows: list[dict]) -> list[dict]:

@@ -12,21 +12,19 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The YAML/override helpers are the job config's own (one syntax for `u2s run` and `u2s eval`).
 from u2s.config import (
-    ConfigError,
     HttpEngineConfig,
     InputConfig,
     ModelConfig,
     Resources,
     StorageConfig,
     _deep_merge,
-    _expand,
-    _set_path,
-    format_validation_error,
+    apply_overrides,
+    read_yaml_mapping,
+    validate_config,
 )
 
 MetricName = Literal[
@@ -232,23 +230,7 @@ class EvalConfig(_Model):
 def load_eval_config(
     base: dict[str, Any] | None = None, path: str | Path | None = None, overrides: list[str] | None = None
 ) -> EvalConfig:
-    """``base`` (e.g. from command-line options), then a YAML file, then ``key.path=value`` overrides."""
-    tree: dict[str, Any] = {}
-    if path:
-        try:
-            user = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
-        if not isinstance(user, dict):
-            raise ConfigError(f"config {path} must be a YAML mapping")
-        tree = user
-    tree = _deep_merge(tree, base or {})
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
-        key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), raw)
-    try:
-        return EvalConfig.model_validate(_expand(tree))
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+    """A YAML file, then ``base`` (e.g. from command-line options) over it, then ``key.path=value``
+    overrides; :class:`~u2s.config.ConfigError` names each bad field."""
+    tree = read_yaml_mapping(path) if path else {}
+    return validate_config(EvalConfig, apply_overrides(_deep_merge(tree, base or {}), overrides))

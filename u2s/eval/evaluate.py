@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,21 +65,6 @@ def private_text_allowed(cfg: EvalConfig) -> bool:
     if cfg.report.private_text == "never" or not cfg.sensitive_uri:
         return False
     return cfg.out.rstrip("/").startswith(cfg.sensitive_uri.rstrip("/") + "/")
-
-
-def init_ray(cfg: EvalConfig) -> None:
-    """Attach to a running cluster (``ray.address``, RAY_ADDRESS) or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
-                 include_dashboard=False)  # fmt: skip
 
 
 class _Samples:
@@ -142,9 +126,11 @@ def _prepare_out(cfg: EvalConfig) -> dict[str, str]:
 
 def run_eval(cfg: EvalConfig) -> EvalResult:
     """Evaluate every method of ``cfg`` against the originals and write the three outputs."""
+    from u2s.pipeline import init_ray
+
     start = time.perf_counter()
     targets = _prepare_out(cfg)
-    init_ray(cfg)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
     metrics = metric_names(cfg)
     schema = pa.schema([*ROW_COLUMNS, *metric_fields(metrics)])
     accumulator = Accumulator(list(cfg.methods), metrics)

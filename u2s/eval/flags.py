@@ -332,11 +332,6 @@ def format_report(report: FlagReport) -> str:
 
 def write_report(report: FlagReport, uri: str, storage: StorageConfig | None = None) -> None:
     """Write the report as JSON to a local path or ``s3://`` URI."""
-    from u2s.io.storage import filesystem
+    from u2s.io.storage import write_json
 
-    fs, path = filesystem(uri, storage)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(report.to_dict(), f, indent=2)
+    write_json(uri, storage, report.to_dict())

@@ -19,16 +19,14 @@ RandomResizedCrop(0.08–1) + flip, evaluation at resize 256 + centre crop 224. 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import posixpath
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from u2s.config import ConfigError, StorageConfig
 from u2s.eval.classifier_data import SplitSource, SplitStats
@@ -172,28 +170,10 @@ def load_utility_config(
 
     Raises :class:`u2s.config.ConfigError` naming each bad field.
     """
-    import yaml
+    from u2s.config import _deep_merge, apply_overrides, read_yaml_mapping, validate_config
 
-    from u2s.config import _deep_merge, _expand, _set_path, format_validation_error
-
-    tree: dict[str, Any] = {}
-    if path:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config {path} must be a YAML mapping")
-    tree = _deep_merge(tree, values or {})
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
-        key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), raw)
-    try:
-        return UtilityConfig.model_validate(_expand(tree))
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+    tree = read_yaml_mapping(path) if path else {}
+    return validate_config(UtilityConfig, apply_overrides(_deep_merge(tree, values or {}), overrides))
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -269,31 +249,12 @@ def format_report(report: UtilityReport) -> str:
 
 def write_report(report: UtilityReport, uri: str, storage: StorageConfig | None = None) -> None:
     """Write the report as JSON to a local path or ``s3://`` URI."""
-    from u2s.io.storage import filesystem
+    from u2s.io.storage import write_json
 
-    fs, path = filesystem(uri, storage)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(report.to_dict(), f, indent=2)
+    write_json(uri, storage, report.to_dict())
 
 
 # ------------------------------------------------------------------------------------------ facade
-
-
-def init_ray(address: str | None) -> None:
-    """Attach to a running cluster (address, RAY_ADDRESS or `ray job submit`) or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token auth
-        ray.init(include_dashboard=False)
 
 
 def scaling(cfg: UtilityConfig) -> tuple[int, bool]:
@@ -322,6 +283,7 @@ def evaluate_utility(cfg: UtilityConfig) -> UtilityReport:
     """
     from u2s.eval.classifier_data import SplitError, check_labels, eval_inputs, load_split, train_inputs
     from u2s.eval.classifier_train import fit_classifier, model_inputs
+    from u2s.pipeline import init_ray
 
     init_ray(cfg.ray_address)
     workers, use_gpu = scaling(cfg)

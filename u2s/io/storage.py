@@ -144,3 +144,28 @@ def uri_join(uri: str, *parts: str) -> str:
     scheme, rest = split_uri(uri)
     joined = posixpath.join(rest, *(p.lstrip("/") for p in parts if p))
     return f"{scheme}://{joined}" if scheme else joined
+
+
+def write_json(uri: str, storage: StorageConfig | None, record: dict[str, Any]) -> str:
+    """Write ``record`` as indented JSON at ``uri`` (local or s3://, parent folders made); returns ``uri``."""
+    import json
+
+    fs, path = filesystem(uri, storage)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=False, default=str)
+    return uri
+
+
+def read_json(uri: str, storage: StorageConfig | None) -> dict[str, Any] | None:
+    """The JSON object at ``uri``, or None when there is none."""
+    import json
+
+    fs, path = filesystem(uri, storage)
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None

@@ -21,7 +21,6 @@ Exactly once, whatever Ray retries:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -286,24 +285,6 @@ class SafeAndSensitiveDatasink(Datasink[dict]):
     def on_write_complete(self, write_result) -> None:
         for returned in write_result.write_returns:
             self.summary.add(returned)
-
-
-def write_json(uri: str, storage: StorageConfig, record: dict[str, Any]) -> str:
-    """Write ``record`` as JSON at ``uri`` (local or s3://); returns ``uri``."""
-    fs, path = filesystem(uri, storage)
-    with fs.open(path, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=False, default=str)
-    return uri
-
-
-def read_json(uri: str, storage: StorageConfig) -> dict[str, Any] | None:
-    """The JSON object at ``uri``, or None when there is none."""
-    fs, path = filesystem(uri, storage)
-    try:
-        with fs.open(path, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
 
 
 def parquet_files(uri: str, storage: StorageConfig) -> list[str]:

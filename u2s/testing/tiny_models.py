@@ -396,18 +396,28 @@ def find_tiny_vlm(out: str | Path, accept: Callable[[Path], bool], seeds: range 
     raise RuntimeError(f"no weight seed in {seeds} gives a tiny VLM with the wanted answers")
 
 
-def inspect_config(vlm: str | Path, image_size: int = 112, max_new_tokens: int = 512, **fields: Any) -> Any:
-    """A stage-1 config running the tiny VLM at ``vlm`` on CPU, one thread (call A's budget as given)."""
+def tiny_stage1_config(
+    vlm: str | Path,
+    llm: str | Path | None = None,
+    image_size: int = 112,
+    budgets: dict[str, Any] | None = None,
+    **fields: Any,
+) -> Any:
+    """A stage-1 config running tiny models on CPU, one thread per call: ``budgets`` maps a call to its
+    ``max_new_tokens`` or to a `GenerationConfig`; every call gets its own one-thread pool."""
     from u2s.config import GenerationConfig, ModelConfig, Resources, Stage1Config
 
     vlm = Path(vlm)
+    pool = Resources(batch_size=4, torch_threads=1)
+    calls = {
+        call: {"generation": budget if isinstance(budget, GenerationConfig) else
+               GenerationConfig(max_new_tokens=budget), "resources": pool}
+        for call, budget in (budgets or {"inspect": 512}).items()
+    }  # fmt: skip
     return Stage1Config.model_validate({
         "vlm": ModelConfig(model=str(vlm), dtype="float32", device="cpu"),
-        "llm": ModelConfig(model=str(vlm.parent / "llm-unused"), dtype="float32", device="cpu"),
-        "image_size": image_size,
-        "calls": {"inspect": {"generation": GenerationConfig(max_new_tokens=max_new_tokens),
-                              "resources": Resources(torch_threads=1)}},
-        **fields,
+        "llm": ModelConfig(model=str(llm or vlm.parent / "llm-unused"), dtype="float32", device="cpu"),
+        "image_size": image_size, "calls": calls, **fields,
     })  # fmt: skip
 
 
@@ -423,7 +433,9 @@ def build_tiny_vlm_flagging_some(
     flags: list[bool | None] = []
 
     def splits(vlm: Path) -> bool:
-        stage = InspectStage(inspect_config(vlm, image_size, max_new_tokens))
+        stage = InspectStage(
+            tiny_stage1_config(vlm, image_size=image_size, budgets={"inspect": max_new_tokens})
+        )
         rows = run_stage(stage, decoded_rows(probes, thumbnail_side=image_size))
         flags[:] = [row["privacy_flag"] for row in rows]
         return flags.count(True) >= at_least and flags.count(False) >= at_least
