@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from u2s.config import JobConfig, dump_config, load_config
-from u2s.io.writers import FAULT_EXIT_AFTER_COMMIT, parquet_files, read_columns
+from u2s.io.writers import FAULT_AFTER_COMMIT, parquet_files, read_columns
 from u2s.pipeline import run
 from u2s.testing.images import noise_image
 
@@ -93,7 +93,7 @@ def test_a_write_task_dying_after_its_file_landed_duplicates_nothing(
     ray_cluster, tiny_models, images, tmp_path, monkeypatch
 ):
     marker = tmp_path / "fault-fired"
-    monkeypatch.setenv(FAULT_EXIT_AFTER_COMMIT, str(marker))
+    monkeypatch.setenv(FAULT_AFTER_COMMIT, f"exit:{marker}")
     cfg = _config(tiny_models, images, tmp_path / "out")
     summary = run(cfg)
     assert marker.exists(), "the fault hook never fired"
@@ -139,8 +139,10 @@ def test_a_stage_actor_killed_mid_run_loses_and_doubles_nothing(ray_cluster, tin
     assert_exactly_once(cfg)
 
 
-def _driver(cfg_path: Path, address: str, *extra: str) -> subprocess.Popen:
+def _driver(cfg_path: Path, address: str, *extra: str, hang_after: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": address}
+    if hang_after is not None:  # writes stop after the first committed file pair, until the kill
+        env[FAULT_AFTER_COMMIT] = f"hang:{hang_after}"
     command = [sys.executable, "-m", "u2s.cli", "run", "--config", str(cfg_path), *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -152,9 +154,10 @@ def test_a_killed_driver_resumes_where_its_files_end(ray_cluster, tiny_models, i
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(dump_config(cfg))
     address = ray.get_runtime_context().gcs_address
-    driver = _driver(cfg_path, address)
+    marker = tmp_path / "first-commit"
+    driver = _driver(cfg_path, address, hang_after=marker)
     deadline = time.monotonic() + 300
-    while not parquet_files(cfg.output.uri, cfg.storage) and driver.poll() is None:
+    while not marker.exists() and driver.poll() is None:
         assert time.monotonic() < deadline, "no file was ever committed"
         time.sleep(0.2)
     driver.send_signal(signal.SIGKILL)

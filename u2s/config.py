@@ -545,12 +545,14 @@ class _Stage2Shared(_Model):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode when `compile` is on."
     )
-    output_format: Literal["JPEG", "PNG", "WEBP"] = Field(
-        "JPEG",
-        description="Encoding of edited images, at the original size. JPEG (quality 95, the default): about "
-        "a quarter of PNG's bytes and ~60x faster to encode at 12 MP, PSNR ~50 dB against the editor's "
-        "pixels (docs/benchmarks.md, 'Edited-image format'); PNG: the exact pixels; WEBP: lossless, "
-        "5-13% smaller than PNG.",
+    output_format: Literal["auto", "JPEG", "PNG", "WEBP"] = Field(
+        "auto",
+        description="Encoding of edited images, at the original size. auto: the editor's own choice, JPEG "
+        "for editors that rewrite the whole image (diffusion, whole-image blur), PNG for the region "
+        "baselines (pixels outside the regions stay exact). JPEG (quality 95): about a quarter of PNG's "
+        "bytes and ~60x faster to encode at 12 MP, PSNR ~50 dB against the editor's pixels "
+        "(docs/benchmarks.md, 'Edited-image format'); PNG: the exact pixels; WEBP: lossless, 5-13% "
+        "smaller than PNG.",
     )
     resources: Resources = Field(default_factory=Resources, description="Editor pool.")
 

@@ -165,6 +165,7 @@ def test_paper_plan_on_vllm_is_one_lazy_stream_of_engine_pools(tmp_path, ray_clu
     """Building the plan runs nothing (no checkpoint pass, no engine, no placement group)."""
     from ray.util import placement_group_table
 
+    from u2s.io.listing import list_input
     from u2s.pipeline import build_dataset
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
@@ -172,14 +173,15 @@ def test_paper_plan_on_vllm_is_one_lazy_stream_of_engine_pools(tmp_path, ray_clu
         f"input.uri={tmp_path}", f"output.uri={tmp_path}/safe", f"output.sensitive_uri={tmp_path}/sensitive",
         "stage1.vllm_llm.tensor_parallel_size=2",
     ])  # fmt: skip
+    listing = list_input(cfg.input, cfg.storage, cfg.ray.decode)
     groups = len(placement_group_table())
-    ops = _map_operators(build_dataset(cfg))
-    assert list(ops)[:5] == ["EditStage", "InstructStage", "DescribeStage", "InspectStage", "_stateless"]
-    for name in ("InspectStage", "DescribeStage", "InstructStage"):
+    ops = _map_operators(build_dataset(cfg, listing))
+    assert list(ops)[:4] == ["EditStage", "TextCallPool", "VisionCallPool", "_stateless"]
+    for name in ("VisionCallPool", "TextCallPool"):
         op = ops[name]
         assert op.compute.max_concurrent_calls_per_actor == cfg.stage1.vllm.max_concurrent_batches
-        assert op.fn_constructor_kwargs["stage1"].engine == "vllm"
-    inspect, instruct = ops["InspectStage"], ops["InstructStage"]
+        assert op.fn_constructor_kwargs["pool"].engine == "vllm"
+    inspect, instruct = ops["VisionCallPool"], ops["TextCallPool"]
     assert inspect.ray_remote_args["num_gpus"] == 1 and inspect.ray_remote_args_fn is None
     assert "num_gpus" not in instruct.ray_remote_args and instruct.ray_remote_args_fn is not None
     assert len(placement_group_table()) == groups  # created only when Ray Data starts an actor

@@ -162,10 +162,10 @@ def test_edit_stage_edits_flagged_rows_only(stage):
         assert row["status"] == "edited" and row["error"] is None, rid
         assert row["editor"] == "instruct_pix2pix"
         assert row["seed"] == row_seed(42, rid)
-        assert row["image"]["path"] == f"{rid}.png"
+        assert row["image"]["path"] == f"{rid}.jpg"  # a diffusion editor's outputs: JPEG q95 (auto)
         assert row["image"]["bytes"] != before["image"]["bytes"]
         decoded = Image.open(io.BytesIO(row["image"]["bytes"]))
-        assert decoded.format == "PNG" and decoded.mode == "RGB"
+        assert decoded.format == "JPEG" and decoded.mode == "RGB"
         original = Image.open(io.BytesIO(before["image"]["bytes"]))
         upright = (50, 77) if rid == "exif" else original.size
         assert decoded.size == upright == (row["width"], row["height"]), rid
@@ -215,13 +215,13 @@ def test_edit_stage_buckets_chunks_and_isolates_failures(stage, monkeypatch):
         assert out[rid]["status"] == "edited"
 
 
-def test_edit_stage_jpeg_output(tiny_models):
-    jpeg_stage = EditStage(_config(tiny_models, output_format="JPEG"))
+def test_edit_stage_lossless_output(tiny_models):
+    png_stage = EditStage(_config(tiny_models, output_format="PNG"))
     row = _flagged("one", _encode(noise_image(90, 60, 0)), (90, 60))
-    (out,) = jpeg_stage(rows_to_table([copy.deepcopy(row)])).to_pylist()
-    assert out["status"] == "edited" and out["image"]["path"] == "one.jpg"
+    (out,) = png_stage(rows_to_table([copy.deepcopy(row)])).to_pylist()
+    assert out["status"] == "edited" and out["image"]["path"] == "one.png"
     decoded = Image.open(io.BytesIO(out["image"]["bytes"]))
-    assert decoded.format == "JPEG" and decoded.size == (90, 60)
+    assert decoded.format == "PNG" and decoded.size == (90, 60)
 
 
 def test_unchanged_output_is_an_error_row_not_a_published_image(stage, monkeypatch):

@@ -221,4 +221,4 @@ def build_vlm_engine(config: VlmMetricsConfig, model: ModelConfig) -> Engine:
         engine=config.engine, vlm=model, llm=model, http=config.http, image_size=2 * config.image_size,
         vlm_processor_kwargs=config.processor_kwargs,
     )  # fmt: skip
-    return build_engine(stage1, model, vision=True)
+    return build_engine(stage1, config.engine, model, vision=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,9 +40,12 @@ from u2s.schema import SENSITIVE_SCHEMA, STAGES, WORKING_SCHEMA, Status, safe_sc
 
 logger = logging.getLogger(__name__)
 
-#: Test-only fault hook: a marker file path. The first write task to commit a file pair creates the
-#: marker and exits its worker at once (``os._exit``), as a spot preemption would; Ray re-runs the task.
-FAULT_EXIT_AFTER_COMMIT = "U2S_FAULT_EXIT_AFTER_COMMIT"
+#: Test-only fault hook, ``exit:<marker>`` or ``hang:<marker>``: the first write task to commit a file
+#: pair creates the marker file, then ``exit`` ends its worker at once (``os._exit``, as a spot preemption
+#: would; Ray re-runs the task) and ``hang`` stops it, and every write task after it, before writing more
+#: (so a test can kill the driver with exactly one file pair committed).
+FAULT_AFTER_COMMIT = "U2S_FAULT_AFTER_COMMIT"
+_HANG_SECONDS = 3600
 
 UNFINISHED = "pipeline: row left every stage without a final status"
 PUBLISHED = (Status.KEPT.value, Status.EDITED.value)
@@ -240,7 +244,8 @@ class SafeAndSensitiveDatasink(Datasink[dict]):
         self.storage = storage
         self.safe_schema = safe_schema(output.publish)
         self.summary = WriteSummary()
-        self._fault_marker = os.environ.get(FAULT_EXIT_AFTER_COMMIT)  # read on the driver, travels along
+        # The fault hook is read on the driver and travels with the sink to the write tasks.
+        self._fault_mode, _, self._fault_marker = os.environ.get(FAULT_AFTER_COMMIT, "").partition(":")
 
     @property
     def min_bytes_per_write(self) -> int:
@@ -255,6 +260,8 @@ class SafeAndSensitiveDatasink(Datasink[dict]):
         # The same write id and task index on every retry of this task: the same file names.
         writer = _PairWriter(self, f"part-{ctx.kwargs[WRITE_UUID_KWARG_NAME]}-{ctx.task_idx:06d}")
         summary = WriteSummary()
+        if self._fault_mode == "hang" and os.path.exists(self._fault_marker):
+            time.sleep(_HANG_SECONDS)
         try:
             for block in blocks:
                 table = BlockAccessor.for_block(block).to_arrow()
@@ -271,16 +278,19 @@ class SafeAndSensitiveDatasink(Datasink[dict]):
         return asdict(summary)
 
     def fault_after_commit(self) -> None:
-        """The test-only fault hook (see :data:`FAULT_EXIT_AFTER_COMMIT`)."""
+        """The test-only fault hook (see :data:`FAULT_AFTER_COMMIT`)."""
         if not self._fault_marker:
             return
         try:
-            fd = os.open(self._fault_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.close(os.open(self._fault_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            first = True
         except FileExistsError:
-            return
-        os.close(fd)
-        logger.warning("fault hook: exiting this write task's worker after a commit")
-        os._exit(1)
+            first = False
+        if self._fault_mode == "exit" and first:
+            logger.warning("fault hook: exiting this write task's worker after a commit")
+            os._exit(1)
+        if self._fault_mode == "hang":
+            time.sleep(_HANG_SECONDS)
 
     def on_write_complete(self, write_result) -> None:
         for returned in write_result.write_returns:

@@ -140,7 +140,8 @@ class EditStage(Stage):
                 continue
             if out.size != original:
                 out = out.resize(original, Image.Resampling.LANCZOS)
-            data, ext = encode_image(out.convert("RGB"), cfg.output_format)
+            fmt = self.editor.output_format if cfg.output_format == "auto" else cfg.output_format
+            data, ext = encode_image(out.convert("RGB"), fmt)
             row["image"] = {"bytes": data, "path": f"{row['id']}.{ext}"}
             row["width"], row["height"] = original
             row["status"] = Status.EDITED.value

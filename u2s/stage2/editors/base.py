@@ -63,6 +63,9 @@ class Editor(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[EditorConfig]]
+    #: Encoding of this editor's outputs under ``stage2.output_format: auto``: JPEG (q95) for an editor
+    #: that rewrites every pixel anyway; a lossless one where untouched pixels must stay exact.
+    output_format: ClassVar[str] = "JPEG"
 
     def __init__(self, stage2: Stage2Config) -> None:
         self.stage2 = stage2

@@ -10,7 +10,7 @@ reaches the output untouched. An image in which nothing is detected is never pub
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field
 
@@ -88,6 +88,7 @@ class _RegionEditor(Editor):
     """Detects the configured regions of each image and applies :meth:`apply` to them."""
 
     config: RegionConfig
+    output_format: ClassVar[str] = "PNG"  # lossless: every pixel outside the regions stays exact
 
     def __init__(self, stage2: Stage2Config) -> None:
         from u2s.stage2.detectors import RegionDetector
