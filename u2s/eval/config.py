@@ -188,7 +188,7 @@ class EvalConfig(_Model):
         "or a Parquet file/folder), local or s3://.",
     )  # fmt: skip
     sensitive_uri: str | None = Field(
-        None, description="The sensitive triplets table of a run (private caption, edit instruction): "
+        None, description="The sensitive table of a run (private caption, edit instruction): "
         "enables directional CLIP and, on the sensitive side, captions in the report.",
     )  # fmt: skip
     out: str = Field(..., description="Output folder: metrics.parquet, summary.json, report.html.")
