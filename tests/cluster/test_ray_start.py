@@ -38,9 +38,9 @@ def test_submit_wait_on_a_ray_start_head(tiny_models, few_images, tmp_path):
         assert info.entrypoint == "python jobs/anonymize.py --config u2s-job.yaml"
     assert head.processes() == []  # stopped, and only its own processes were touched
 
-    rows = pq.read_table(out / "safe").to_pylist()
+    rows = pq.read_table(out / "sensitive").to_pylist()  # the safe table publishes no paths
     assert sorted(Path(r["source"]).name for r in rows) == sorted(p.name for p in few_images.iterdir())
-    record = json.loads((out / "safe" / "_run.json").read_text())
+    assert pq.read_table(out / "safe").num_rows == len(rows)
+    record = json.loads((out / "sensitive" / "_run.json").read_text())  # the full record
     assert record["summary"]["rows"] == len(rows)
     assert record["config"]["ray"]["address"] is None  # the job attached to its own cluster
-    assert (out / "sensitive").is_dir()
