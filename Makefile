@@ -35,14 +35,12 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Two pytest workers, a test file each at a time (each with its own local Ray, S3 server and tiny models):
-# much of the suite waits on process and model start-ups. Tests that start their own Ray clusters
-# (`ray start --head`, Ray's fake autoscaler: tests/cluster/) run in a pytest process of their own,
-# after the main run and its in-process Rays are gone.
+# Tests that start their own Ray clusters (`ray start --head`, Ray's fake autoscaler: tests/cluster/) run
+# in a pytest process of their own, after the main run and its in-process Ray are gone.
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q -ra -n 2 --dist loadfile
+	$(BIN)/pytest -q -ra
 	$(BIN)/pytest -q -ra -m cluster tests/cluster
 
 demo: venv
