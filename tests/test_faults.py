@@ -31,7 +31,7 @@ from u2s.testing.images import noise_image
 
 pytestmark = pytest.mark.slow
 
-IMAGES = 24
+IMAGES = 16
 
 
 @pytest.fixture(scope="module")

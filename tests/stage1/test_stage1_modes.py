@@ -74,7 +74,7 @@ def _run(stage, rows: list[dict]) -> list[dict]:
     return run_stage(stage, rows)
 
 
-FUSED_LABELS = ["golden retriever", None, None, None]
+FUSED_LABELS = ["golden retriever", None, None]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def fused_vlm(tiny_models, tmp_path_factory):
     def both_outcomes(vlm) -> bool:
         config = _config(vlm, tiny_models["llm"]).model_copy(update={"mode": "fused"})
         stage = FusedInspectStage(config)
-        rows = _rows(4, FUSED_LABELS)
+        rows = _rows(len(FUSED_LABELS), FUSED_LABELS)
         # Cheap screen first: the first greedy tokens already say which branch each answer takes.
         ready, images = stage.load(copy.deepcopy(rows))
         starts = stage.engine.generate(
@@ -127,9 +127,10 @@ def test_fused_unflagged_rows_kept_without_captions_flagged_rows_described(fused
     stage = FusedInspectStage(_config(fused_vlm, tiny_models["llm"]).model_copy(update={"mode": "fused"}))
     broken = new_row("broken", "mem://broken.png", None, b"not an image")  # never decoded: no thumbnail
     done = _rows(1)[0] | {"id": "done", "status": "kept", "privacy_flag": False, "categories": []}
-    out = _run(stage, [*_rows(4, FUSED_LABELS), broken, done])
+    out = _run(stage, [*_rows(len(FUSED_LABELS), FUSED_LABELS), broken, done])
+    n = len(FUSED_LABELS)
 
-    for row in out[:4]:
+    for row in out[:n]:
         assert isinstance(row["privacy_flag"], bool) or row["error"].startswith("inspect: invalid output")
         assert row["timings"]["inspect"] > 0 and row["timings"]["describe"] is None
         assert row["edit_instruction"] is None
@@ -141,16 +142,17 @@ def test_fused_unflagged_rows_kept_without_captions_flagged_rows_described(fused
         elif row["privacy_flag"] is False:
             assert row["status"] == "kept" and row["categories"] == []
             assert all(row[k] is None for k in CAPTIONS)
-    assert {row["privacy_flag"] for row in out[:4]} >= {True, False}
-    assert out[4]["status"] == "error" and out[4]["error"].startswith("inspect: image: ")
-    assert out[5] == done
+    assert {row["privacy_flag"] for row in out[:n]} >= {True, False}
+    assert out[n]["status"] == "error" and out[n]["error"].startswith("inspect: image: ")
+    assert out[n + 1] == done
 
 
 def test_fused_unflagged_answer_fits_a_budget_that_cuts_flagged_ones(fused_vlm, tiny_models):
     full = FusedInspectStage(_config(fused_vlm, tiny_models["llm"]).model_copy(update={"mode": "fused"}))
-    flags = [row["privacy_flag"] for row in _run(full, _rows(4, FUSED_LABELS))]
+    rows = _rows(len(FUSED_LABELS), FUSED_LABELS)
+    flags = [row["privacy_flag"] for row in _run(full, copy.deepcopy(rows))]
     config = _config(fused_vlm, tiny_models["llm"], describe=GenerationConfig(max_new_tokens=40))
-    out = _run(FusedInspectStage(config.model_copy(update={"mode": "fused"})), _rows(4, FUSED_LABELS))
+    out = _run(FusedInspectStage(config.model_copy(update={"mode": "fused"})), rows)
     for flag, row in zip(flags, out, strict=True):
         if flag is False:  # '{"privacy_flag":false}' is 22 byte tokens: the greedy answer still fits
             assert row["status"] == "kept" and row["privacy_flag"] is False and row["error"] is None
