@@ -384,3 +384,23 @@ def test_read_then_decode_through_ray(tmp_path, ray_cluster) -> None:
     assert rows["broken.jpg"]["image"]["bytes"] == b"not really a jpeg"
     assert rows["gone.png"]["error"] == "read: FileNotFoundError"  # the first failure is the one kept
     assert rows["gone.png"]["timings"]["decode"] is None
+
+
+# --------------------------------------------------------------------------------------- block sizes
+
+
+@pytest.mark.parametrize("fmt", ["image_folder", "parquet"])
+def test_rows_reach_the_pools_in_blocks_of_one_batch(tmp_path, ray_cluster, fmt) -> None:
+    """A shard (one folder, one Parquet file) is many blocks of `batch_size` rows downstream: a pool
+    actor takes a block per task, so a single block would keep every pool at one actor."""
+    if fmt == "parquet":
+        pq.write_table(hf_table(0, 10), tmp_path / "all.parquet")
+        cfg = InputConfig(uri=str(tmp_path / "all.parquet"), format="parquet", image_column="pic")
+    else:
+        write_files(tmp_path / "ds", [f"{i:02d}.png" for i in range(10)])
+        cfg = InputConfig(uri=str(tmp_path / "ds"), format="image_folder")
+    listing = list_input(cfg, LOCAL, RESOURCES)
+    assert listing.dataset.materialize().num_blocks() == 1  # the whole shard in one listing block
+    blocks = read_listing(listing, cfg, LOCAL, RESOURCES).materialize()
+    sizes = sorted(meta.num_rows for bundle in blocks.iter_internal_ref_bundles() for meta in bundle.metadata)
+    assert sizes == [1, 3, 3, 3]

@@ -218,13 +218,20 @@ def fetch(
     if input.format == "parquet":
         # Whole blocks (a listing task emits one file's records per block): one pass per file.
         kwargs = {"input": input, "storage": storage, "batch_size": resources.batch_size}
-        return manifest.map_batches(
+        rows = manifest.map_batches(
             _fetch_records, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", **remote_args
         )
-    return manifest.map_batches(
-        _fetch_uris, fn_kwargs={"storage": storage}, batch_size=resources.batch_size, batch_format="pyarrow",
-        udf_modifying_row_count=False, **remote_args,
-    )  # fmt: skip
+    else:
+        # A listing block holds a whole shard (e.g. every file of a folder): streamed into blocks of
+        # one fetch batch first, so fetch and decode run as many tasks.
+        rows = manifest.repartition(target_num_rows_per_block=resources.batch_size).map_batches(
+            _fetch_uris, fn_kwargs={"storage": storage}, batch_size=resources.batch_size,
+            batch_format="pyarrow", udf_modifying_row_count=False, **remote_args,
+        )  # fmt: skip
+    # Blocks of one batch: the unit Ray Data hands to a pool actor. A block holding a whole shard would
+    # be one task, and a pool never grows past the one actor that has it (Ray Data scales a pool on
+    # tasks in flight per actor).
+    return rows.repartition(target_num_rows_per_block=resources.batch_size)
 
 
 def read_source(input: InputConfig, storage: StorageConfig, resources: Resources) -> ray.data.Dataset:
