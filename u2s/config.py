@@ -624,8 +624,9 @@ class RayConfig(_Model):
         description="Fetch + decode tasks. Their `batch_size` is also the rows per block that flows into "
         "the model pools: an actor takes a block per task, and Ray Data grows a pool on the tasks queued at "
         "its actors, so keep it near the pools' batch sizes. Their `memory` covers a full-size decode of a "
-        "batch's largest image; requests that differ from the model pools' also keep Ray from fusing these tasks into a "
-        "model actor (it fuses a task map into the next actor pool only when their requests are equal).",
+        "batch's largest image; requests that differ from the model pools' also keep Ray from fusing these "
+        "tasks into a model actor (it fuses a task map into the next actor pool only when their requests "
+        "are equal).",
     )
     write_num_cpus: float = Field(0.25, ge=0, description="CPUs per Parquet write task.")
 
