@@ -389,18 +389,24 @@ def test_read_then_decode_through_ray(tmp_path, ray_cluster) -> None:
 # --------------------------------------------------------------------------------------- block sizes
 
 
-@pytest.mark.parametrize("fmt", ["image_folder", "parquet"])
-def test_rows_reach_the_pools_in_blocks_of_one_batch(tmp_path, ray_cluster, fmt) -> None:
-    """A shard (one folder, one Parquet file) is many blocks of `batch_size` rows downstream: a pool
-    actor takes a block per task, so a single block would keep every pool at one actor."""
-    if fmt == "parquet":
-        pq.write_table(hf_table(0, 10), tmp_path / "all.parquet")
-        cfg = InputConfig(uri=str(tmp_path / "all.parquet"), format="parquet", image_column="pic")
-    else:
-        write_files(tmp_path / "ds", [f"{i:02d}.png" for i in range(10)])
-        cfg = InputConfig(uri=str(tmp_path / "ds"), format="image_folder")
+def test_rows_reach_the_pools_in_blocks_of_one_batch(tmp_path, ray_cluster) -> None:
+    """A folder is one listing shard, but many blocks of `batch_size` rows downstream: a pool actor takes
+    a block per task, so a single block would keep every pool at one actor."""
+    write_files(tmp_path / "ds", [f"{i:02d}.png" for i in range(10)])
+    cfg = InputConfig(uri=str(tmp_path / "ds"), format="image_folder")
     listing = list_input(cfg, LOCAL, RESOURCES)
     assert listing.dataset.materialize().num_blocks() == 1  # the whole shard in one listing block
     blocks = read_listing(listing, cfg, LOCAL, RESOURCES).materialize()
     sizes = sorted(meta.num_rows for bundle in blocks.iter_internal_ref_bundles() for meta in bundle.metadata)
     assert sizes == [1, 3, 3, 3]
+
+
+def test_parquet_rows_come_in_a_block_per_file(tmp_path, ray_cluster) -> None:
+    """Parquet records are read in one pass per file: the pools scale across files."""
+    (tmp_path / "pq").mkdir()
+    for k in range(3):
+        pq.write_table(hf_table(4 * k, 4), tmp_path / "pq" / f"part-{k}.parquet")
+    cfg = InputConfig(uri=str(tmp_path / "pq"), format="parquet", image_column="pic")
+    blocks = read_source(cfg, LOCAL, RESOURCES).materialize()
+    sizes = sorted(meta.num_rows for bundle in blocks.iter_internal_ref_bundles() for meta in bundle.metadata)
+    assert sizes == [4, 4, 4]

@@ -216,22 +216,22 @@ def fetch(
             drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", batch_size=None, num_cpus=0.1
         )
     if input.format == "parquet":
-        # Whole blocks (a listing task emits one file's records per block): one pass per file.
+        # Whole blocks (a listing task emits one file's records per block): one pass per file. Its
+        # output is a block per file, so pools scale across files.
         kwargs = {"input": input, "storage": storage, "batch_size": resources.batch_size}
-        rows = manifest.map_batches(
+        return manifest.map_batches(
             _fetch_records, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", **remote_args
         )
-    else:
-        # A listing block holds a whole shard (e.g. every file of a folder): streamed into blocks of
-        # one fetch batch first, so fetch and decode run as many tasks.
-        rows = manifest.repartition(target_num_rows_per_block=resources.batch_size).map_batches(
-            _fetch_uris, fn_kwargs={"storage": storage}, batch_size=resources.batch_size,
-            batch_format="pyarrow", udf_modifying_row_count=False, **remote_args,
-        )  # fmt: skip
-    # Blocks of one batch: the unit Ray Data hands to a pool actor. A block holding a whole shard would
-    # be one task, and a pool never grows past the one actor that has it (Ray Data scales a pool on
-    # tasks in flight per actor).
-    return rows.repartition(target_num_rows_per_block=resources.batch_size)
+    # A listing block holds a whole shard (e.g. every file of one folder). Streamed into blocks of one
+    # fetch batch first: fetch and decode keep that size, so they run as many tasks, and the model pools
+    # get a block per batch. A pool actor takes a block per task and Ray Data grows a pool on the tasks
+    # queued at its actors: one block for the whole shard would keep every pool at one actor. (The
+    # split runs on the small manifest rows; a split after fetch would hold a whole CPU for as long as
+    # fetch feeds it, which starves the pools' scale-up on a small machine.)
+    return manifest.repartition(target_num_rows_per_block=resources.batch_size).map_batches(
+        _fetch_uris, fn_kwargs={"storage": storage}, batch_size=resources.batch_size, batch_format="pyarrow",
+        udf_modifying_row_count=False, **remote_args,
+    )  # fmt: skip
 
 
 def read_source(input: InputConfig, storage: StorageConfig, resources: Resources) -> ray.data.Dataset:
