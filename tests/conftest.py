@@ -16,6 +16,10 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth on by default
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Pools keep their minimum size here: a test's few rows never need a second actor, and each one loads a
+# model again. (Ray Data reads this when it is imported; `tests/io/test_readers.py` checks the block
+# sizes that let pools grow, and `bench/pipeline.py` measures the growth.)
+os.environ.setdefault("RAY_DATA_DEFAULT_ACTOR_POOL_UTIL_UPSCALING_THRESHOLD", "1000")
 
 
 @pytest.fixture(scope="session")
