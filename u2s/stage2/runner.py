@@ -91,6 +91,10 @@ class EditStage(Stage):
         self.config = stage2
         set_threads(stage2.resources.threads())
         self.editor = load_editor(stage2)
+        #: Encoding of edited images: the config's, or under ``auto`` the editor's own.
+        self.output_format = (
+            self.editor.output_format if stage2.output_format == "auto" else stage2.output_format
+        )
 
     def wanted(self, batch: pa.Table) -> pa.ChunkedArray:
         return pc.and_(flagged(batch), pc.is_valid(batch.column("edit_instruction")))
@@ -140,8 +144,7 @@ class EditStage(Stage):
                 continue
             if out.size != original:
                 out = out.resize(original, Image.Resampling.LANCZOS)
-            fmt = self.editor.output_format if cfg.output_format == "auto" else cfg.output_format
-            data, ext = encode_image(out.convert("RGB"), fmt)
+            data, ext = encode_image(out.convert("RGB"), self.output_format)
             row["image"] = {"bytes": data, "path": f"{row['id']}.{ext}"}
             row["width"], row["height"] = original
             row["status"] = Status.EDITED.value
