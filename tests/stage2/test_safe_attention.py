@@ -257,7 +257,9 @@ def test_untrained_editor_equals_plain_instruct_pix2pix(plain, safe_editors, var
     assert out.dtype == np.float32 and out.shape == ref.shape
     max_abs = float(np.abs(out - ref).max())
     print(f"{variant}: max |SafeAttention - IP2P| = {max_abs:.3g}")
-    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)  # measured: 0.0 (bit-identical)
+    # Float32 reordering only: 0.0 on one CPU, 1.8e-6 on another; a processor that changed the
+    # attention would differ by orders of magnitude more.
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
     # Through `edit` (PIL, uint8) too, and the public caption does not matter while λ = 0.
     other = [EditPrompt(p.edit_instruction, "something else entirely") for p in PROMPTS]
     plain_imgs = plain.edit(IMAGES, PROMPTS, SEEDS)
