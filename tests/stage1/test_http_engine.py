@@ -170,7 +170,7 @@ def test_request_is_portable_openai_json_without_auth_by_default(scripted, monke
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     engine = HttpEngine(HttpEngineConfig(base_url=scripted.url + "/"), "served-llm", vision=False)
     parts = [{"role": "user", "content": [{"type": "text", "text": "row-"}, {"type": "text", "text": "1"}]}]
-    assert engine.generate([parts], None, SCHEMA, max_new_tokens=99, temperature=0.0, seed=7) == [VALID]
+    assert engine.generate([parts], None, SCHEMA, max_new_tokens=99, temperature=0.0, seeds=[7]) == [VALID]
     engine.generate([_conversation("row-2")], None, SCHEMA, max_new_tokens=5, temperature=0.7)
     engine.close()
 
@@ -324,13 +324,51 @@ def test_generate_validated_keeps_transport_errors_and_retries_invalid_output(sc
     engine = _engine(scripted.url)
     keys = ["bad", "garbled", "fine"]
     generation = GenerationConfig(max_new_tokens=64, retry_temperature=0.7)
-    out = generate_validated(engine, [_conversation(k) for k in keys], None, InstructResult, generation, 11)
+    conversations = [_conversation(k) for k in keys]
+    out = generate_validated(engine, conversations, None, InstructResult, generation, seeds=[11, 12, 13])
     engine.close()
     assert isinstance(out[0], OutputError) and str(out[0]) == "request failed: HTTP 400"
     assert isinstance(out[1], InstructResult) and isinstance(out[2], InstructResult)
     assert [len(scripted.calls[k]) for k in keys] == [1, 2, 1]  # the failed request is not sent again
     retry = scripted.calls["garbled"][1].body
-    assert retry["temperature"] == 0.7 and retry["seed"] == 11
+    assert retry["temperature"] == 0.7 and retry["seed"] == 12  # the garbled row's own seed
+
+
+def test_a_rows_retry_seed_follows_the_row_not_its_batch(scripted):
+    """Streaming changes which rows share a batch: a row's sampled retry is seeded from its own id."""
+    # Every greedy answer about a "garbled" caption is cut short; each retry (odd attempt) is valid.
+    cut = Reply(content='{"edit_instruction":')
+    scripted.plan = lambda key, attempt: cut if "garbled" in key and attempt % 2 == 0 else Reply()
+    stage1 = Stage1Config(
+        engine="http", http=_config(scripted.url, llm_model="served-llm"),
+        vlm=ModelConfig(model="unused-vlm"), llm=ModelConfig(model="unused-llm"),
+    )  # fmt: skip
+    stage = InstructStage(stage1)
+
+    def flagged(name: str, caption: str) -> dict:
+        row = new_row(name, f"mem://{name}.png", None, b"")
+        row.update(privacy_flag=True, categories=["people"], public_caption=caption)
+        return row
+
+    def retry_seeds(rows: list[dict]) -> dict[str, int]:
+        out = run_stage(stage, rows)
+        assert all(row["status"] is None and row["edit_instruction"] for row in out)
+        return {
+            row["id"]: scripted.calls[k][-1].body["seed"]
+            for row in out
+            for k in scripted.calls
+            if row["public_caption"] in k and len(scripted.calls[k]) % 2 == 0
+        }
+
+    first = retry_seeds(
+        [flagged("a", "A garbled kite."), flagged("b", "A garbled tent."), flagged("c", "A cat.")]
+    )
+    second = retry_seeds(
+        [flagged("d", "A dog."), flagged("b", "A garbled tent."), flagged("a", "A garbled kite.")]
+    )
+    stage.engine.close()
+    assert set(first) == set(second) == {"a", "b"}  # only the cut rows retried
+    assert first == second and first["a"] != first["b"]
 
 
 def test_system_messages_are_merged_when_the_server_rejects_them(scripted):

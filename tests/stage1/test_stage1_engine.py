@@ -89,15 +89,39 @@ def test_llm_batch_is_schema_valid_deterministic_and_padding_safe(llm):
     assert first == [llm.generate([c], None, schema, max_new_tokens=1024)[0] for c in conversations]
 
 
-def test_sampling_is_seeded(llm):
+def test_sampling_is_seeded_per_row(llm):
     schema = json_schema(InstructResult)
-    conversations = [instruct_messages(c) for c in CAPTIONS]
-    a = llm.generate(conversations, None, schema, 1024, temperature=0.9, seed=1)
-    assert a == llm.generate(conversations, None, schema, 1024, temperature=0.9, seed=1)
-    assert a != llm.generate(conversations, None, schema, 1024, temperature=0.9, seed=2)
+    conversations = [instruct_messages(c) for c in CAPTIONS[:3]]
+    a = llm.generate(conversations, None, schema, 1024, temperature=0.9, seeds=[1, 2, 3])
+    assert a == llm.generate(conversations, None, schema, 1024, temperature=0.9, seeds=[1, 2, 3])
+    assert a != llm.generate(conversations, None, schema, 1024, temperature=0.9, seeds=[4, 5, 6])
     assert a != llm.generate(conversations, None, schema, 1024)
     for text in a:
         jsonschema.validate(json.loads(text, strict=False), schema)
+    # A row's sample depends on its own seed, not on the rows that share its batch or their order.
+    assert llm.generate(conversations[1:2], None, schema, 1024, temperature=0.9, seeds=[2]) == a[1:2]
+    swapped = llm.generate(conversations[2::-2], None, schema, 1024, temperature=0.9, seeds=[3, 1])
+    assert swapped == [a[2], a[0]]
+    with pytest.raises(ValueError, match="2 seeds for 3 conversations"):
+        llm.generate(conversations, None, schema, 1024, temperature=0.9, seeds=[1, 2])
+
+
+def test_row_seeded_sampling_draws_from_the_tempered_softmax():
+    """The Gumbel-max sampler's token frequencies over many seeds match softmax(logits / T); masked
+    tokens never come up."""
+    import torch
+
+    from u2s.stage1.engines.transformers import RowSeededSampling
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -float("inf"), 0.5])
+    temperature, draws = 0.7, 4000
+    sampler = RowSeededSampling(tuple(range(draws)), temperature, "cpu")
+    picks = sampler(None, logits.expand(draws, -1).clone()).argmax(dim=-1)
+    frequencies = torch.bincount(picks, minlength=5).double() / draws
+    expected = torch.softmax(logits.double() / temperature, dim=0)
+    assert frequencies[3] == 0
+    # Binomial standard error ≤ 0.008 at 4000 draws: 0.035 is more than four of them.
+    assert torch.allclose(frequencies, expected, atol=0.035), (frequencies, expected)
 
 
 def test_grammar_never_allows_special_tokens_inside_strings(llm):
@@ -123,11 +147,11 @@ def test_grammar_never_allows_special_tokens_inside_strings(llm):
 def test_generate_validated_retries_then_reports_content_free(llm):
     conversations = [instruct_messages(c) for c in CAPTIONS[:2]]
     ok = generate_validated(
-        llm, conversations, None, InstructResult, GenerationConfig(max_new_tokens=1024), seed=3
+        llm, conversations, None, InstructResult, GenerationConfig(max_new_tokens=1024), seeds=[3, 4]
     )
     assert all(isinstance(r, InstructResult) for r in ok)
     short = GenerationConfig(max_new_tokens=6, retry_temperature=0.8)
-    failed = generate_validated(llm, conversations, None, InstructResult, short, seed=3)
+    failed = generate_validated(llm, conversations, None, InstructResult, short, seeds=[3, 4])
     assert all(isinstance(r, OutputError) for r in failed)
     for error in failed:
         assert str(error).startswith("invalid output after retry: incomplete JSON")

@@ -86,11 +86,20 @@ def test_an_invalid_answer_gets_exactly_one_sampled_retry(engine, monkeypatch):
     monkeypatch.setattr(engine, "_generate", spy)
     before = engine.stats.requests
     generation = GenerationConfig(max_new_tokens=2, retry_temperature=0.7)
-    results = generate_validated(engine, _conversations(2), None, InstructResult, generation, seed=11)
+    results = generate_validated(engine, _conversations(2), None, InstructResult, generation, seeds=[11, 12])
     assert all(isinstance(r, OutputError) for r in results)
     assert all(str(r).startswith("invalid output after retry: ") for r in results)
-    assert [(d.temperature, d.seed, d.max_new_tokens) for d in calls] == [(0.0, None, 2), (0.7, 11, 2)]
+    assert [(d.temperature, d.seeds, d.max_new_tokens) for d in calls] == [(0.0, None, 2), (0.7, (11, 12), 2)]
     assert engine.stats.requests - before == 4  # both rows went to vLLM twice
+
+
+def test_a_sampled_row_depends_on_its_own_seed_only(engine, stage1):
+    """Each request samples under its row's seed: alone or next to another row, the same answer."""
+    budget = stage1.generation_for("instruct").max_new_tokens
+    pair = engine.generate(_conversations(2), None, SCHEMA, budget, temperature=0.9, seeds=[5, 6])
+    alone = engine.generate(_conversations(2)[1:], None, SCHEMA, budget, temperature=0.9, seeds=[6])
+    assert alone == pair[1:]
+    assert engine.generate(_conversations(2), None, SCHEMA, budget, temperature=0.9, seeds=[7, 8]) != pair
 
 
 def test_calls_from_several_threads_share_the_engine(engine, stage1):

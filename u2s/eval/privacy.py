@@ -146,27 +146,30 @@ class VlmFamily(MetricFamily):
                 else build_vlm_engine(vlm, vlm.judge or vlm.model)
             )
 
-    def _ask(self, engine, prompt: str, system: str, images: list, answer: type, seed: int) -> list:
+    def _ask(self, engine, prompt: str, system: str, images: list, answer: type, keys: list[str]) -> list:
+        """One validated answer per image; a retry samples under a seed of the image's key."""
         from u2s.eval.vlm import conversation
         from u2s.stage1.engines import generate_validated
+        from u2s.stage1.rows import sampling_seeds
 
         conversations = [conversation(prompt, system)] * len(images)
-        return generate_validated(engine, conversations, images, answer, self.generation, seed=seed)
+        seeds = sampling_seeds(keys)
+        return generate_validated(engine, conversations, images, answer, self.generation, seeds=seeds)
 
     def score(self, pairs: list[Pair]) -> list[dict[str, Score]]:
         from u2s.eval import vlm
         from u2s.stage1.engines.messages import fit_image
-        from u2s.stage1.rows import batch_seed
         from u2s.stage1.schemas import OutputError
 
         size = self.settings.image_size
-        seed = batch_seed([{"id": f"{p.method}/{p.id}"} for p in pairs])
+        keys = [f"{p.method}/{p.id}" for p in pairs]
         out: list[dict[str, Score]] = [{} for _ in pairs]
         invalid = Skip("invalid answer")
         if "text_sim_vlm" in self.metrics:
             images = [fit_image(img, size) for p in pairs for img in (p.original, p.anonymized)]
+            sides = [f"{key}/{side}" for key in keys for side in ("original", "anonymized")]
             answers = self._ask(
-                self.reader, vlm.TEXT_PROMPT, vlm.ANALYST_SYSTEM, images, vlm.TextAnswer, seed
+                self.reader, vlm.TEXT_PROMPT, vlm.ANALYST_SYSTEM, images, vlm.TextAnswer, sides
             )
             for i, (original, anonymized) in enumerate(zip(answers[::2], answers[1::2], strict=True)):
                 if isinstance(original, OutputError) or isinstance(anonymized, OutputError):
@@ -176,7 +179,7 @@ class VlmFamily(MetricFamily):
         if "race_entropy" in self.metrics:
             images = [fit_image(p.anonymized, size) for p in pairs]
             answers = self._ask(
-                self.reader, vlm.DEMOGRAPHICS_PROMPT, vlm.ANALYST_SYSTEM, images, vlm.DemographicsAnswer, seed
+                self.reader, vlm.DEMOGRAPHICS_PROMPT, vlm.ANALYST_SYSTEM, images, vlm.DemographicsAnswer, keys
             )
             for i, answer in enumerate(answers):
                 if isinstance(answer, OutputError):
@@ -187,7 +190,7 @@ class VlmFamily(MetricFamily):
                     out[i]["race_entropy"] = vlm.race_entropy(answer.RACE, self.settings.race_labels)
         if "vlm_score" in self.metrics:
             images = [vlm.side_by_side(p.original, p.anonymized, size) for p in pairs]
-            answers = self._ask(self.judge, vlm.JUDGE_PROMPT, vlm.JUDGE_SYSTEM, images, vlm.JudgeAnswer, seed)
+            answers = self._ask(self.judge, vlm.JUDGE_PROMPT, vlm.JUDGE_SYSTEM, images, vlm.JudgeAnswer, keys)
             for i, answer in enumerate(answers):
                 ok = not isinstance(answer, OutputError)
                 out[i]["vlm_score"] = float(answer.ANONYMIZATION_SCORE) if ok else invalid

@@ -17,7 +17,7 @@ from u2s.schema import Status, mark_error
 from u2s.stage import Stage
 from u2s.stage1.engines import Engine, build_engine, generate_validated
 from u2s.stage1.prompts import apply_system_prompt
-from u2s.stage1.rows import batch_seed, load_thumbnails
+from u2s.stage1.rows import load_thumbnails, sampling_seeds
 from u2s.stage1.schemas import OutputError
 
 if TYPE_CHECKING:
@@ -100,8 +100,11 @@ class ModelCallStage(Stage):
         self, rows: list[dict], conversations: list[list[dict]], images: list[Image.Image] | None,
         result_model: type[BaseModel] | None = None,
     ) -> list[Any]:  # fmt: skip
-        """Validated results (or :class:`OutputError`) of ``conversations``, seeded from ``rows``."""
+        """Validated results (or :class:`OutputError`) of ``conversations``: ``k`` per row, row-major,
+        each retried under a seed of its row's id (and its index among the row's ``k``)."""
+        k = len(conversations) // len(rows)
+        keys = [str(row["id"]) if k == 1 else f"{row['id']}#{j}" for row in rows for j in range(k)]
         return generate_validated(
             self.engine, conversations, images, result_model or self.result_model, self.generation,
-            seed=batch_seed(rows),
+            seeds=sampling_seeds(keys),
         )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Row helpers shared by the stage-1 stages: thumbnails with per-row errors, batch seeds."""
+"""Row helpers shared by the stage-1 stages: thumbnails with per-row errors, sampling seeds."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from PIL import Image
 from u2s.schema import mark_error
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from PIL.Image import Image as PILImage
 
 
@@ -35,7 +37,7 @@ def load_thumbnails(rows: list[dict], stage: str) -> tuple[list[dict], list[PILI
     return ready, images
 
 
-def batch_seed(rows: list[dict]) -> int:
-    """A 63-bit seed from the rows' ids (the same batch always retries the same way)."""
-    digest = hashlib.sha256("\n".join(str(row["id"]) for row in rows).encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+def sampling_seeds(keys: Iterable[str]) -> list[int]:
+    """A 63-bit sampling seed per key (a row's id, or id and question): a row retries the same way
+    whichever rows share its batch, in any run."""
+    return [int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") & (2**63 - 1) for key in keys]

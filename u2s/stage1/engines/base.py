@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from u2s.stage1.schemas import OutputError, Result, json_schema, parse_output
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from PIL import Image
 
     from u2s.config import GenerationConfig
@@ -28,12 +30,15 @@ class EngineError(Exception):
 
 @dataclass(frozen=True)
 class Decoding:
-    """How one :meth:`Engine.generate` call decodes: JSON schema, token budget, temperature, seed."""
+    """How one :meth:`Engine.generate` call decodes: JSON schema, token budget, temperature, seeds.
+
+    ``seeds`` holds one sampling seed per conversation (None: unseeded); greedy decoding ignores it.
+    """
 
     schema: dict
     max_new_tokens: int
     temperature: float = 0.0
-    seed: int | None = None
+    seeds: tuple[int, ...] | None = None
 
 
 class Engine(ABC):
@@ -57,19 +62,23 @@ class Engine(ABC):
         schema: dict,
         max_new_tokens: int,
         temperature: float = 0.0,
-        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[str | EngineError]:
         """Raw output texts, one per conversation; an :class:`EngineError` where that row's request failed.
 
         ``conversations`` are OpenAI-style message lists (see :mod:`u2s.stage1.prompts`); ``images``
         holds one image per conversation for vision models (None for text models). Temperature 0
-        decodes greedily; otherwise sampling is seeded with ``seed`` when given.
+        decodes greedily; otherwise conversation ``i`` samples under ``seeds[i]`` when given, so its
+        answer does not depend on which other conversations share the batch.
         """
         if not conversations:
             return []
         if self.vision and (images is None or len(images) != len(conversations)):
             raise ValueError("a vision engine needs one image per conversation")
-        return self._generate(conversations, images, Decoding(schema, max_new_tokens, temperature, seed))
+        if seeds is not None and len(seeds) != len(conversations):
+            raise ValueError(f"{len(seeds)} seeds for {len(conversations)} conversations")
+        decoding = Decoding(schema, max_new_tokens, temperature, None if seeds is None else tuple(seeds))
+        return self._generate(conversations, images, decoding)
 
     @abstractmethod
     def _generate(
@@ -84,9 +93,12 @@ def generate_validated(
     images: list[Image.Image] | None,
     model_cls: type[Result],
     generation: GenerationConfig,
-    seed: int | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[Result | OutputError]:
     """Greedy pass, then one sampled retry (``generation.retry_temperature``) of rows that fail parsing.
+
+    ``seeds``: one per conversation (see :func:`u2s.stage1.rows.sampling_seeds`), so a row's retry is
+    the same whichever rows share its batch.
 
     Returns one parsed record or :class:`OutputError` per conversation; an error's message is
     ``invalid output after retry: <field problems>``, or ``request failed: <reason>`` for a row the
@@ -109,7 +121,7 @@ def generate_validated(
         schema,
         generation.max_new_tokens,
         generation.retry_temperature,
-        seed,
+        [seeds[i] for i in failed] if seeds is not None else None,
     )
     for i, text in zip(failed, retry, strict=True):
         results[i] = _parse(text, model_cls, "invalid output after retry: ")

@@ -178,8 +178,8 @@ class HttpEngine(Engine):
                 "top_p": 1.0,  # plain temperature sampling, as the local engine does
                 "response_format": response_format,
             }
-            if decoding.seed is not None:
-                body["seed"] = decoding.seed
+            if decoding.seeds is not None:
+                body["seed"] = decoding.seeds[i]
             fallback = (
                 {**body, "messages": merged} if merged is not None and self.system_prompt == "auto" else None
             )

@@ -46,11 +46,31 @@ def _as_list(ids: Any) -> list[int]:
     return [int(i) for i in ids] if isinstance(ids, (list, tuple)) else [int(ids)]
 
 
-def _cuda_index(device: str) -> int:
-    import torch
+class RowSeededSampling:
+    """Temperature sampling with a generator per batch row, as a logits processor for greedy ``generate``.
 
-    index = torch.device(device).index
-    return torch.cuda.current_device() if index is None else index
+    ``generate`` samples a whole batch from one global generator, so a row's draw would depend on its
+    batch-mates (and transformers has no per-row generators). The Gumbel-max trick samples the same
+    distribution row by row: argmax(logits / T - log E), E ~ Exp(1) drawn from the row's own generator,
+    equals a draw from softmax(logits / T). Tokens the grammar masked (-inf) stay impossible.
+    """
+
+    def __init__(self, seeds: tuple[int, ...], temperature: float, device: str) -> None:
+        import torch
+
+        self.temperature = temperature
+        self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"{scores.shape[0]} rows for {len(self.generators)} seeds")
+        races = [
+            torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=g)
+            for g in self.generators
+        ]
+        return scores.float() / self.temperature - torch.stack(races).log()
 
 
 class TransformersEngine(Engine):
@@ -176,14 +196,14 @@ class TransformersEngine(Engine):
             # A processor holds per-row matchers and is single-use: a fresh one per call.
             "logits_processor": [LogitsProcessor(self._grammar(decoding.schema))],
         }
-        if decoding.temperature > 0:
+        if decoding.temperature > 0 and decoding.seeds is None:
             kwargs.update(do_sample=True, temperature=decoding.temperature, top_k=0, top_p=1.0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        devices = [_cuda_index(self.device)] if self.device.startswith("cuda") else []
-        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
-            if decoding.seed is not None:
-                torch.manual_seed(decoding.seed)
+            if decoding.temperature > 0:  # sampled, one generator per row: after the grammar's mask
+                sampler = RowSeededSampling(decoding.seeds, decoding.temperature, self.device)
+                kwargs["logits_processor"].append(sampler)
+        with torch.inference_mode():
             out = self.model.generate(**inputs, **kwargs)
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

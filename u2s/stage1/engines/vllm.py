@@ -9,7 +9,7 @@ and their requests share one continuously batched engine.
 Per request: the conversation goes through the model's chat template with vLLM's renderer
 (``renderer.render_chat_async`` + ``ChatParams``, vLLM 0.29's non-deprecated input path; images as PIL
 parts, downscaled to ``max_image_side``), then ``AsyncLLM.generate`` decodes JSON constrained to the
-call's schema (``StructuredOutputsParams``), greedily or, on the shared retry, sampled with a seed.
+call's schema (``StructuredOutputsParams``), greedily or, on the shared retry, sampled under each row's seed.
 Prefix caching is on by default: every row of a call shares its system prompt.
 
 Robustness follows ray.data.llm's engine stage: a semaphore caps requests in flight at
@@ -220,7 +220,7 @@ class VLLMEngine(Engine):
     def _generate(
         self, conversations: list[list[dict]], images: list[Image.Image] | None, decoding: Decoding
     ) -> list[str | EngineError]:
-        params = self._sampling_params(decoding)
+        base = self._sampling_params(decoding)
         requests = []
         for i, conversation in enumerate(conversations):
             if self.vision:
@@ -231,34 +231,32 @@ class VLLMEngine(Engine):
             merged = merge_system_into_user(messages) if has_system(messages) else None
             if merged is not None and self._merge_system:
                 messages, merged = merged, None
-            requests.append((messages, merged if self.system_prompt == "auto" else None))
-        return self._loop.run(self._run_all(requests, params, next(self._call_ids)))
+            params = base
+            if decoding.temperature > 0 and decoding.seeds is not None:
+                params = base.clone()
+                params.seed = decoding.seeds[i]  # vLLM seeds each request's own generator
+            requests.append((messages, merged if self.system_prompt == "auto" else None, params))
+        return self._loop.run(self._run_all(requests, next(self._call_ids)))
 
     def _sampling_params(self, decoding: Decoding) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        sampled = decoding.temperature > 0
         return SamplingParams(
             max_tokens=decoding.max_new_tokens,
             temperature=decoding.temperature,  # 0: greedy
             top_p=1.0,  # plain temperature sampling, as the other engines do
             top_k=0,
-            seed=decoding.seed if sampled else None,
             structured_outputs=StructuredOutputsParams(
                 json=json.dumps(decoding.schema), disable_any_whitespace=True
             ),
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
-    async def _run_all(
-        self, requests: list[tuple[list[dict], list[dict] | None]], params: Any, call: int
-    ) -> list:
+    async def _run_all(self, requests: list[tuple[list[dict], list[dict] | None, Any]], call: int) -> list:
         import asyncio
 
-        return list(
-            await asyncio.gather(*(self._request(m, fallback, params, call) for m, fallback in requests))
-        )
+        return list(await asyncio.gather(*(self._request(*request, call) for request in requests)))
 
     async def _request(
         self, messages: list[dict], fallback: list[dict] | None, params: Any, call: int
