@@ -40,8 +40,8 @@ lint: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q -ra
-	$(BIN)/pytest -q -ra -m cluster tests/cluster
+	$(BIN)/pytest -q -ra --durations=15
+	$(BIN)/pytest -q -ra --durations=5 -m cluster tests/cluster
 
 demo: venv
 	$(BIN)/u2s tiny-models $(U2S_TINY_MODELS)
