@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,7 +50,7 @@ def write_images(folder: Path, n: int) -> None:
     shutil.rmtree(folder / "_samples")
 
 
-def config(folder: str, out: str, engine: str, settings: list[str]):
+def config(folder: str, out: str, engine: str, settings: Sequence[str]):
     from u2s.config import load_config
 
     overrides = [f"input.uri={folder}", f"output.uri={out}/safe", f"output.sensitive_uri={out}/sensitive"]
@@ -58,7 +59,7 @@ def config(folder: str, out: str, engine: str, settings: list[str]):
     return load_config(preset="cpu-tiny", overrides=[*overrides, *settings])
 
 
-def bare(folder: str, out: str, engine: str, settings: list[str]) -> dict:
+def bare(folder: str, out: str, engine: str, settings: Sequence[str]) -> dict:
     """The stage classes in one thread, batch by batch, with no Ray (in this process)."""
     import pyarrow as pa
     import torch
@@ -97,7 +98,7 @@ def bare(folder: str, out: str, engine: str, settings: list[str]) -> dict:
     }  # fmt: skip
 
 
-def ray_job(folder: str, out: str, engine: str, settings: list[str]) -> dict:
+def ray_job(folder: str, out: str, engine: str, settings: Sequence[str]) -> dict:
     """``u2s.pipeline.run`` on a local Ray cluster started here."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -152,7 +153,7 @@ class TreeMemory:
         return self.peak / 2**20
 
 
-def measure(mode: str, folder: str, out: str, engine: str, settings: list[str] = ()) -> dict:
+def measure(mode: str, folder: str, out: str, engine: str, settings: Sequence[str] = ()) -> dict:
     env = {
         **os.environ,
         "U2S_TINY_MODELS": os.environ.get("U2S_TINY_MODELS", str(REPO / ".cache/tiny-models")),
