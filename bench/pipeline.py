@@ -59,8 +59,13 @@ def config(folder: str, out: str, engine: str, settings: Sequence[str]):
     return load_config(preset="cpu-tiny", overrides=[*overrides, *settings])
 
 
-def bare(folder: str, out: str, engine: str, settings: Sequence[str]) -> dict:
-    """The stage classes in one thread, batch by batch, with no Ray (in this process)."""
+def bare(folder: str, out: str, engine: str, settings: Sequence[str], sample: int = 1) -> dict:
+    """The stage classes in one thread, batch by batch, with no Ray (in this process).
+
+    With ``sample`` = K > 1 only every K-th batch of the folder runs: the same batches, row for row, as
+    in the full loop (every stage's batch is the decode batch here), so the full loop's processing time
+    is the sampled one times the rows' ratio; models load once either way.
+    """
     import pyarrow as pa
     import torch
 
@@ -79,6 +84,12 @@ def bare(folder: str, out: str, engine: str, settings: Sequence[str]) -> dict:
     stages.append((EditStage(cfg.stage2), cfg.stage2.resources.batch_size))
     loaded = time.perf_counter()
     paths = sorted(str(p) for p in Path(folder).iterdir())
+    batch = cfg.ray.decode.batch_size
+    sizes = {batch, *(size for _, size in stages)}
+    if sample > 1 and len(sizes) > 1:
+        sys.exit(f"--loop-sample needs one batch size for every stage, not {sorted(sizes)}")
+    folder_rows = len(paths)
+    paths = [p for i, p in enumerate(paths) if (i // batch) % sample == 0]
     n = len(paths)
     manifest = pa.table(
         {"id": [stable_id(p) for p in paths], "source": paths, "label": [None] * n, "part": [None] * n,
@@ -92,7 +103,7 @@ def bare(folder: str, out: str, engine: str, settings: Sequence[str]) -> dict:
     done = time.perf_counter()
     statuses = table.column("status").to_pylist()
     return {
-        "rows": n, "load_s": loaded - start, "process_s": done - loaded,
+        "rows": n, "folder_rows": folder_rows, "load_s": loaded - start, "process_s": done - loaded,
         "by_status": {s: statuses.count(s) for s in set(statuses)}, "hop_bytes": hop_bytes,
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }  # fmt: skip
@@ -153,13 +164,16 @@ class TreeMemory:
         return self.peak / 2**20
 
 
-def measure(mode: str, folder: str, out: str, engine: str, settings: Sequence[str] = ()) -> dict:
+def measure(
+    mode: str, folder: str, out: str, engine: str, settings: Sequence[str] = (), sample: int = 1
+) -> dict:
     env = {
         **os.environ,
         "U2S_TINY_MODELS": os.environ.get("U2S_TINY_MODELS", str(REPO / ".cache/tiny-models")),
     }
     command = [sys.executable, __file__, "--run", mode, folder, out, "--engine", engine]
     command += [arg for setting in settings for arg in ("--set", setting)]
+    command += ["--loop-sample", str(sample)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     memory = TreeMemory(proc.pid)
     stdout, stderr = proc.communicate()
@@ -177,11 +191,17 @@ def main() -> None:
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                         help="a config override for both sides, as `u2s run --set` (repeatable)")  # fmt: skip
+    parser.add_argument("--loop-sample", type=int, default=1, metavar="K",
+                        help="at 10 N, time the loop on every K-th batch only and scale its processing "
+                        "time to all rows (the job always runs them all)")  # fmt: skip
     parser.add_argument("--run", nargs=3, metavar=("MODE", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         mode, folder, out = args.run
-        print(json.dumps((bare if mode == "bare" else ray_job)(folder, out, args.engine, args.settings)))
+        if mode == "bare":
+            print(json.dumps(bare(folder, out, args.engine, args.settings, args.loop_sample)))
+        else:
+            print(json.dumps(ray_job(folder, out, args.engine, args.settings)))
         return
     if not (REPO / ".cache/tiny-models/vlm").exists() and "U2S_TINY_MODELS" not in os.environ:
         from u2s.testing.tiny_models import build_all
@@ -198,12 +218,13 @@ def main() -> None:
         folder.mkdir(parents=True)
         try:
             write_images(folder, n)
-            loop = measure("bare", str(folder), f"{tmp}/bare-out", args.engine, args.settings)
+            sample = args.loop_sample if n > args.images else 1
+            loop = measure("bare", str(folder), f"{tmp}/bare-out", args.engine, args.settings, sample)
             job = measure("ray", str(folder), f"{tmp}/ray-out", args.engine, args.settings)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        assert loop["rows"] == job["rows"] == n, (loop, job)
-        bare_rate = n / (loop["load_s"] + loop["process_s"])
+        assert loop["folder_rows"] == job["rows"] == n, (loop, job)
+        bare_rate = n / (loop["load_s"] + loop["process_s"] * n / loop["rows"])
         with_start = n / (job["init_s"] + job["run_s"])
         without_start = n / job["run_s"]
         results.append({
@@ -211,8 +232,9 @@ def main() -> None:
             "ray_rows_per_s_after_start": without_start, "ratio": with_start / bare_rate,
             "ratio_after_start": without_start / bare_rate,
         })  # fmt: skip
-        print(f"{n} images: bare {bare_rate:.2f} rows/s, u2s run {with_start:.2f} rows/s "
-              f"({without_start:.2f} after Ray's start)", flush=True)  # fmt: skip
+        timed = "" if sample == 1 else f" (loop timed on {loop['rows']} of the {n} rows, scaled)"
+        print(f"{n} images: bare {bare_rate:.3f} rows/s{timed}, u2s run {with_start:.3f} rows/s "
+              f"({without_start:.3f} after Ray's start)", flush=True)  # fmt: skip
     print()
     headers = ["images", "bare rows/s", "u2s rows/s", "ratio", "ratio after start", "bare peak MiB",
                "driver peak MiB", "Ray processes peak MiB"]  # fmt: skip
