@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                         help="a config override for both sides, as `u2s run --set` (repeatable)")  # fmt: skip
     parser.add_argument("--loop-sample", type=int, default=1, metavar="K",
-                        help="at 10 N, time the loop on every K-th batch only and scale its processing "
+                        help="at 10 N, time the loop on one batch in K only and scale its processing "
                         "time to all rows (the job always runs them all)")  # fmt: skip
     parser.add_argument("--run", nargs=3, metavar=("MODE", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
