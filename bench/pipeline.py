@@ -176,7 +176,8 @@ def measure(
     }
     command = [sys.executable, __file__, "--run", mode, folder, out, "--engine", engine]
     command += [arg for setting in settings for arg in ("--set", setting)]
-    command += ["--loop-sample", str(sample)]
+    if sample > 1:
+        command += ["--loop-sample", str(sample)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     memory = TreeMemory(proc.pid)
     stdout, stderr = proc.communicate()
