@@ -100,6 +100,35 @@ def test_datasink_writes_both_tables_in_one_pass(ray_cluster, tmp_path):
     assert all(name.endswith(".parquet") and not name.startswith(".") for name in os.listdir(output.uri))
 
 
+def test_write_tasks_start_before_a_large_file_budget_fills_the_object_store(ray_cluster, tmp_path):
+    """Finished blocks wait in the object store until a write's bundle fills; a bundle of the whole
+    ``max_file_bytes`` (256 MiB) would hold back every row of a small-store run and fill its store."""
+    import ray
+    import ray.data
+
+    from u2s.io.writers import STORE_SHARE_PER_WRITE
+
+    store = ray.cluster_resources()["object_store_memory"]
+    row_bytes = 2**20
+    rows = int(2.5 * store / STORE_SHARE_PER_WRITE / row_bytes)  # two and a half bundles' worth
+    tables = []
+    for i in range(rows):
+        row = new_row(f"r{i}", f"/d/{i}.png", None, os.urandom(row_bytes))
+        row["status"] = "kept"
+        tables.append(rows_to_table([row]))
+    output = _output(tmp_path, rows_per_file=10_000)  # default max_file_bytes: 256 MiB, far above the rows
+    assert output.max_file_bytes > rows * row_bytes
+    prepare_outputs(output, StorageConfig())
+    ray.data.from_arrow(tables).write_datasink(SafeAndSensitiveDatasink(output, StorageConfig()))
+
+    files = sorted(os.listdir(output.uri))
+    tasks = {name.split("-")[2] for name in files}  # part-{write id}-{task index}-{file}.parquet
+    assert len(tasks) >= 2, files
+    per_file = [pq.ParquetFile(f"{output.uri}/{name}").metadata.num_rows for name in files]
+    assert sum(per_file) == rows and max(per_file) < rows
+    assert sorted(_read(output.uri).column("id").to_pylist()) == sorted(f"r{i}" for i in range(rows))
+
+
 class _Context:
     """What Ray hands a write task: its index and the write's kwargs (the write id among them)."""
 

@@ -135,7 +135,8 @@ class OutputConfig(_Model):
     rows_per_file: int = Field(1000, ge=1, description="A Parquet file closes at this many rows...")
     max_file_bytes: int = Field(
         256 * 2**20, ge=2**20, description="...or at this many bytes of row data, whichever comes first; "
-        "write tasks receive about this much data and stream it, so it also bounds their memory.",
+        "write tasks receive about this much data (at most 1/16 of the cluster's object store) and "
+        "stream it, so it also bounds their memory.",
     )  # fmt: skip
     row_group_bytes: int = Field(
         64 * 2**20, ge=2**16, description="Rows are buffered up to this many bytes per Parquet row group."
