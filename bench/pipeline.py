@@ -37,7 +37,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -226,21 +227,30 @@ def loop_rate(loop: dict) -> float:
     return rows / (loop["load_s"] + loop["process_s"] * rows / loop["rows"])
 
 
-def ceiling(n: int, engine: str, settings: Sequence[str]) -> dict:
-    """One loop over ``n`` images, then two loops side by side over its two halves (see the module doc)."""
+@contextmanager
+def image_folder(n: int) -> Iterator[tuple[str, str]]:
+    """``n`` sample images in a fixed temporary folder, removed afterwards; yields (its parent, it).
+
+    Fixed, because row ids hash the images' paths and seed the sampled retries, whose lengths (up to a
+    call's token budget) dominate a tiny model's cost: every run over ``n`` images does the same work.
+    """
     tmp = Path(tempfile.gettempdir()) / "u2s-bench-pipeline"
     shutil.rmtree(tmp, ignore_errors=True)
     folder = tmp / "images"
     folder.mkdir(parents=True)
     try:
         write_images(folder, n)
-        one = measure("bare", str(folder), f"{tmp}/one", engine, settings)
-        procs = [
-            _start("bare", str(folder), f"{tmp}/half{i}", engine, settings, shard=f"{i}/2") for i in (0, 1)
-        ]
-        halves = [_result("bare", proc) for proc in procs]
+        yield str(tmp), str(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ceiling(n: int, engine: str, settings: Sequence[str]) -> dict:
+    """One loop over ``n`` images, then two loops side by side over its two halves (see the module doc)."""
+    with image_folder(n) as (tmp, folder):
+        one = measure("bare", folder, f"{tmp}/one", engine, settings)
+        procs = [_start("bare", folder, f"{tmp}/half{i}", engine, settings, shard=f"{i}/2") for i in (0, 1)]
+        halves = [_result("bare", proc) for proc in procs]
     assert sum(half["folder_rows"] for half in halves) == one["folder_rows"] == n
     # Side by side, the pair is done when its slower half is: rows over that half's time.
     two = n / max(half["load_s"] + half["process_s"] for half in halves)
@@ -288,19 +298,10 @@ def main() -> None:
         return
     results = []
     for n in (args.images, 10 * args.images):
-        # A fixed folder: row ids hash the images' paths and seed the sampled retries, whose lengths
-        # (up to a call's token budget) dominate a tiny model's cost, so every run does the same work.
-        tmp = Path(tempfile.gettempdir()) / "u2s-bench-pipeline"
-        shutil.rmtree(tmp, ignore_errors=True)
-        folder = tmp / "images"
-        folder.mkdir(parents=True)
-        try:
-            write_images(folder, n)
-            sample = args.loop_sample if n > args.images else 1
-            loop = measure("bare", str(folder), f"{tmp}/bare-out", args.engine, args.settings, sample)
-            job = measure("ray", str(folder), f"{tmp}/ray-out", args.engine, args.settings)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        sample = args.loop_sample if n > args.images else 1
+        with image_folder(n) as (tmp, folder):
+            loop = measure("bare", folder, f"{tmp}/bare-out", args.engine, args.settings, sample)
+            job = measure("ray", folder, f"{tmp}/ray-out", args.engine, args.settings)
         assert loop["folder_rows"] == job["rows"] == n, (loop, job)
         bare_rate = loop_rate(loop)
         with_start = n / (job["init_s"] + job["run_s"])
