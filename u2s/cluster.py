@@ -19,6 +19,7 @@ import yaml
 from u2s.config import Resources
 
 ACCELERATOR_PREFIX = "accelerator_type:"
+INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 _SUFFIXES = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 
@@ -32,6 +33,9 @@ class NodeGroup:
     max_workers: int = 0
     head: bool = False
     source: str = field(default="", compare=False)
+    #: The cloud instance type its nodes are (KubeRay: the ``node.kubernetes.io/instance-type`` node
+    #: selector; launcher: ``node_config.InstanceType``), if the config names one.
+    instance_type: str | None = field(default=None, compare=False)
 
     @property
     def accelerator_type(self) -> str | None:
@@ -78,10 +82,11 @@ def _kuberay_group(name: str, group: dict[str, Any], head: bool, source: str) ->
     if "resources" in params:
         resources.update(_ray_start_resources(params["resources"]))
     resources.update({k: quantity(v) for k, v in (group.get("resources") or {}).items()})
+    instance = (group["template"]["spec"].get("nodeSelector") or {}).get(INSTANCE_TYPE_LABEL)
     if head:
-        return NodeGroup(name, resources, 1, 1, head=True, source=source)
+        return NodeGroup(name, resources, 1, 1, head=True, source=source, instance_type=instance)
     return NodeGroup(name, resources, int(group.get("minReplicas", 0)), int(group.get("maxReplicas", 0)),
-                     source=source)  # fmt: skip
+                     source=source, instance_type=instance)  # fmt: skip
 
 
 def kuberay_groups(spec: dict[str, Any], source: str = "") -> list[NodeGroup]:
@@ -101,7 +106,9 @@ def launcher_groups(config: dict[str, Any], source: str = "") -> list[NodeGroup]
         low, high = int(node_type.get("min_workers", 0)), int(node_type.get("max_workers", 0))
         if name == head:
             low = high = 1
-        groups.append(NodeGroup(name, resources, low, high, head=name == head, source=source))
+        instance = (node_type.get("node_config") or {}).get("InstanceType")
+        groups.append(NodeGroup(name, resources, low, high, head=name == head, source=source,
+                                instance_type=instance))  # fmt: skip
     return groups
 
 
