@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # pip warns once per package about find-links folders this machine does not have; keep logs readable.
 QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: venv test lint demo image lock clean
+.PHONY: venv test lint demo image image-env lock clean
 
 venv: $(STAMP)
 
@@ -62,9 +62,27 @@ demo: venv
 image:
 	docker build -t $(IMAGE) .
 
-# Refresh the lock from the current venv (after changing pinned versions on purpose).
+# The image's Python environment without Docker: a fresh Python 3.12 venv from the GPU lock (CUDA wheels
+# install without a GPU), then the Dockerfile's own import check. About 10 GB in $(IMAGE_ENV).
+# IMAGE_PYTHON: that Python (found on PATH or under pyenv; uv downloads one where it can reach GitHub).
+IMAGE_ENV ?= .cache/image-env
+IMAGE_CHECK := import u2s.cli, vllm, ray.data.llm, diffusers, transformers, xgrammar
+IMAGE_PY := $(shell sed -n 's/^\# python-version: //p' requirements/gpu.lock.txt)
+IMAGE_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/$(IMAGE_PY).*/bin/python$(IMAGE_PY)) $(IMAGE_PY))
+image-env: venv
+	rm -rf $(IMAGE_ENV)
+	$(BIN)/uv venv -q --python $(IMAGE_PYTHON) $(IMAGE_ENV)
+	$(IMAGE_ENV)/bin/python -c "import sys; assert sys.version.startswith('$(IMAGE_PY).'), sys.version"
+	time $(BIN)/uv pip install -q --python $(IMAGE_ENV)/bin/python --no-deps -r requirements/gpu.lock.txt
+	$(BIN)/uv pip install -q --python $(IMAGE_ENV)/bin/python --no-deps .
+	time $(IMAGE_ENV)/bin/python -c "$(IMAGE_CHECK)"
+	du -sh $(IMAGE_ENV)
+
+# Refresh both locks (after changing pinned versions on purpose): the CPU lock from the current venv, then
+# the GPU lock resolved for the image's platform from pyproject.toml, up to today's releases.
 lock: venv
 	$(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|torchvision|torchaudio|torchcodec|u2s)==' > requirements/cpu.lock.txt
+	UV=$(BIN)/uv PYTHON=$(BIN)/python bash requirements/lock-gpu.sh
 
 clean:
 	rm -rf demo-data demo-out .cache .pytest_cache .ruff_cache
