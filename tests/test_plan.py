@@ -9,15 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from u2s.cli import app
+from u2s.cluster import launcher_max_workers, load_node_groups
 from u2s.config import load_config
+from u2s.instances import INSTANCE_TYPES
 from u2s.pipeline import stage_pools
-from u2s.plan import BenchStage, card_for, make_plan
+from u2s.plan import CARDS, BenchStage, card_for, load_cluster, make_plan
 from u2s.testing.cluster_job import pool_overrides
 
 REPO = Path(__file__).resolve().parents[1]
+AWS = REPO / "cluster" / "aws.yaml"
+KUBERAY = REPO / "cluster" / "kuberay" / "raycluster.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,7 @@ def test_plan_prints_a_table_of_every_gpu_pool():
     rows = {
         line.split()[0]: line
         for line in result.output.splitlines()
-        if line.split()[:1] in [[p] for p in gpu_pools]
+        if line.split()[:1] in [[p] for p in gpu_pools] and not line.startswith(" ")  # not the cost rows
     }
     assert set(rows) == set(gpu_pools)
     assert all("estimate" in line for line in rows.values())
@@ -156,7 +161,205 @@ def test_cluster_check_says_when_a_group_is_too_small_for_the_plan():
         *args, "--cluster", str(REPO / "cluster" / "aws.yaml"), *[a for o in pins for a in ("--set", o)]
     )
     assert result.exit_code == 0, result.output
-    match = re.search(r"too small: gpu-stage2 needs (\d+) nodes for (\d+) GPUs, it allows 16", result.output)
-    assert match and int(match[1]) > 16
+    short = r"too small: gpu-stage2 needs (\d+) nodes for (\d+) GPUs \(edit \d+\), it allows (\d+)$"
+    match = re.search(short, result.output, re.MULTILINE)
+    stage2 = next(g for g in load_node_groups(AWS) if g.name == "gpu-stage2")
+    assert match and int(match[3]) == stage2.max_workers < int(match[1]) == int(match[2])  # 1 GPU a node
     edit_line = next(line for line in result.output.splitlines() if line.startswith("edit "))
     assert f" {match[2]} L40S " in edit_line
+
+
+# -- cluster capacity, node cost, prices, tensor parallelism --------------------------------------------
+
+
+def _table_gpus(output: str) -> dict[str, int]:
+    """GPUs per pool, from the plan's table (pool, rows, rate, /s, GPU-h, share, GPUs, type...)."""
+    gpu_pools = [n for n, r in stage_pools(load_config(preset="paper")).items() if r.num_gpus]
+    rows = [line.split() for line in output.splitlines() if not line.startswith(" ")]
+    return {row[0]: int(row[6]) for row in rows if row[:1] in [[p] for p in gpu_pools]}
+
+
+@pytest.mark.parametrize("cluster", [AWS, KUBERAY], ids=["launcher", "kuberay"])
+def test_paper_preset_says_the_gpu_groups_are_too_small_together(cluster):
+    """The paper's pools have no accelerator_type: each fits both GPU groups, so they are checked against
+    the two groups' maxima together (pools pinned to no single group used to pass unchecked)."""
+    result = run_plan("--images", "10000000", "--gpu", "L40S", "--cluster", str(cluster))
+    assert result.exit_code == 0, result.output
+    wanted = sum(_table_gpus(result.output).values())
+    groups = {g.name: g for g in load_node_groups(cluster)}
+    allow = (groups["gpu-stage1"].max_workers, groups["gpu-stage2"].max_workers)
+    assert wanted > sum(allow)  # ~118 L40S for a day against 10 + 16 one-GPU nodes
+    assert (
+        f"too small: gpu-stage1 + gpu-stage2 need {wanted} nodes together for {wanted} GPUs "
+        f"(inspect+describe" in result.output
+    )
+    assert f"they allow {allow[0]} + {allow[1]}" in result.output
+    cap = launcher_max_workers(cluster)
+    if cluster == AWS:  # the launcher's global cap counts the CPU workers too (the cpu group's max: 8)
+        cpu = groups["cpu"].max_workers
+        assert cap is not None and wanted + cpu > cap
+        assert (f"too small: the launcher's max_workers allows {cap} worker nodes of all types together; "
+                f"the run holds {wanted + cpu} ({wanted} GPU + {cpu} CPU)") in result.output  # fmt: skip
+    else:
+        assert cap is None and "launcher's max_workers" not in result.output
+
+
+def test_a_plan_that_fits_the_cluster_prints_no_warning():
+    result = run_plan("--images", "200000", "--gpu", "L40S", "--gpus", "20", "--cpu-nodes", "4",
+                      "--cluster", str(AWS))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sum(_table_gpus(result.output).values()) == 20
+    assert "too small" not in result.output and "note:" not in result.output
+
+
+def test_the_launcher_cap_counts_every_worker_node(tmp_path):
+    """20 GPU nodes fit the GPU groups (10 + 16), but not a global max_workers of 20 with 2 CPU nodes."""
+    config = yaml.safe_load(AWS.read_text())
+    config["max_workers"] = 20
+    small = tmp_path / "aws-small.yaml"
+    small.write_text(yaml.safe_dump(config))
+    assert launcher_max_workers(small) == 20 and launcher_max_workers(KUBERAY) is None
+    result = run_plan("--images", "200000", "--gpu", "L40S", "--gpus", "20", "--cpu-nodes", "2",
+                      "--cluster", str(small))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    too_small = [line for line in result.output.splitlines() if "too small:" in line]
+    assert too_small == [
+        "  too small: the launcher's max_workers allows 20 worker nodes of all types together; "
+        "the run holds 22 (20 GPU + 2 CPU)"
+    ]
+
+
+def _one_gpu_pool(tmp_path: Path) -> list[str]:
+    """cpu-tiny with only the editor on a GPU, measured at exactly 1 image/s on an L40S: simple numbers."""
+    bench = _bench_file(tmp_path, rows_per_s=1.0, card="NVIDIA L40S", settings={})
+    return ["--preset", "cpu-tiny", "--set", "stage2.resources.num_gpus=1", "--bench", str(bench)]
+
+
+def test_cost_prices_the_gpu_nodes_the_head_and_the_cpu_workers(tmp_path):
+    """14,400 images, half flagged: 7,200 edits at 1/s = 2 GPU-hours; on 1 GPU, 2 hours' wall. With
+    cluster/aws.yaml: one g6e.2xlarge (gpu-stage2, the L40S group), the m6i.2xlarge head and 3 m6i.4xlarge
+    CPU workers, each for those 2 hours."""
+    args = [*_one_gpu_pool(tmp_path), "--images", "14400", "--gpu", "L40S", "--gpus", "1"]
+    result = run_plan(*args, "--cluster", str(AWS), "--cpu-nodes", "3")
+    assert result.exit_code == 0, result.output
+    price = {
+        name: INSTANCE_TYPES[name].usd_per_hour for name in ("g6e.2xlarge", "m6i.2xlarge", "m6i.4xlarge")
+    }
+    assert price == {"g6e.2xlarge": 2.242, "m6i.2xlarge": 0.384, "m6i.4xlarge": 0.768}  # the table's
+    gpu_usd = 2 * 2.242  # 1 node x 2 h
+    other_usd = 2 * 0.384 + 3 * 2 * 0.768  # head + 3 CPU nodes, 2 h each
+    assert "total: 2.0 GPU-hours; 1 GPUs -> 2.0 h wall" in result.output
+    lines = {
+        line.split("  ")[1].strip(): line
+        for line in result.output.splitlines()
+        if line.startswith("  ") and "$" in line
+    }
+    assert "1 x g6e.2xlarge (gpu-stage2) at $2.242/h (1 GPU)" in lines["edit"]
+    assert f"${gpu_usd:,.0f}" in lines["GPU nodes"]  # $4
+    assert "1 x m6i.2xlarge at $0.384/h" in lines["head"]
+    assert "3 x m6i.4xlarge at $0.768/h; --cpu-nodes" in lines["CPU workers (cpu)"]
+    assert f"${other_usd:,.0f}" in lines["head + CPU nodes"]  # $5
+    assert f"${gpu_usd + other_usd:,.0f}" in lines["total"]  # $10
+    # The same run, exactly (make_plan), and by default every CPU group at its maximum.
+    cfg = load_config(preset="cpu-tiny", overrides=["stage2.resources.num_gpus=1"])
+    bench = [BenchStage.model_validate(s) for s in json.loads((tmp_path / "gpu.json").read_text())["stages"]]
+    exact = make_plan(cfg, 14400, card_for("L40S"), bench, gpus=1, cluster=load_cluster(AWS), cpu_nodes=3)
+    assert exact.wall_hours == pytest.approx(2.0)
+    assert (exact.gpu_cost, exact.node_cost) == (pytest.approx(gpu_usd), pytest.approx(other_usd))
+    default = make_plan(cfg, 14400, card_for("L40S"), bench, gpus=1, cluster=load_cluster(AWS))
+    cpu_max = next(g for g in load_node_groups(AWS) if g.name == "cpu").max_workers
+    assert default.node_cost == pytest.approx(2 * 0.384 + cpu_max * 2 * 0.768)
+    # Without a cluster: the GPU only, at the L40S card's price, which is g6e.2xlarge's (one L40S a node).
+    alone = make_plan(cfg, 14400, card_for("L40S"), bench, gpus=1)
+    assert (alone.cost, alone.node_cost) == (pytest.approx(gpu_usd), 0.0)
+
+
+def test_card_prices_come_from_the_instance_table():
+    """One price table: each card is priced as an instance type of u2s/instances.py carrying that GPU."""
+    for card in CARDS.values():
+        if card.instance is None:  # no instance type with this GPU in the table: a labelled list price
+            assert card.list_price and "u2s/instances.py" in card.price_source
+            assert not [t for t in INSTANCE_TYPES.values() if t.gpu == card.name]  # else price it from there
+            continue
+        node = INSTANCE_TYPES[card.instance]
+        assert node.gpu == card.name
+        assert card.usd_per_hour == node.usd_per_hour / node.gpus
+    assert card_for("L40S").usd_per_hour == 2.242  # g6e.2xlarge, the configs' L40S node, not g6e.xlarge
+    result = run_plan("--images", "1000", "--gpu", "L40S")
+    edit_line = next(line for line in result.output.splitlines() if line.startswith("  edit "))
+    assert "at $2.242/GPU-hour: g6e.2xlarge $2.242/h" in edit_line
+    assert "head, CPU workers, disks and S3 not counted" in result.output
+
+
+def test_pinned_pools_are_priced_as_their_groups_instance_type():
+    pins = pool_overrides("edit", accelerator_type="L40S") + pool_overrides(
+        "instruct", accelerator_type="H100"
+    )
+    sets = [a for o in pins for a in ("--set", o)]
+    result = run_plan(
+        "--images", "100000", "--gpu", "H100", "--pool-gpu", "edit=L40S", "--cluster", str(AWS), *sets
+    )
+    assert result.exit_code == 0, result.output
+    costs = {
+        line.split()[0]: line
+        for line in result.output.splitlines()
+        if line.startswith("  ") and "/h (" in line
+    }
+    assert "x g6e.2xlarge (gpu-stage2) at $2.242/h" in costs["edit"]
+    assert "x p5.4xlarge (gpu-stage1) at $6.880/h" in costs["instruct"]
+
+
+def test_tensor_parallel_workers_must_share_a_node():
+    """TP=2 asks for 2 GPUs on one node (STRICT_PACK): no one-GPU group can hold an actor, so the pool
+    fits NONE and the plan fails (exit 1); its actors are counted as 2 GPUs each."""
+    tp2 = ["--set", "stage1.vllm.tensor_parallel_size=2"]
+    alone = run_plan("--images", "1000000", "--gpu", "H100", *tp2)
+    assert alone.exit_code == 0, alone.output
+    vlm = next(
+        line for line in alone.output.splitlines() if "stage1.calls.inspect.resources.pool_size" in line
+    )
+    actors = int(re.search(r"\[1,(\d+)\]", vlm)[1])
+    assert "2 GPUs per actor, 2 engine workers on one node" in vlm
+    assert _table_gpus(alone.output)["inspect+describe"] == 2 * actors
+    result = run_plan("--images", "1000000", "--gpu", "H100", *tp2, "--cluster", str(AWS))
+    assert result.exit_code == 1, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("  inspect+describe NONE"))
+    assert "2 engine workers" in line and "need 2 GPUs and 5 CPUs on one node (STRICT_PACK)" in line
+    assert "a gpu-stage1 node 1 GPU" in line and "a gpu-stage2 node 1 GPU" in line
+    assert re.search(r"^  instruct +gpu-stage1, gpu-stage2$", result.output, re.MULTILINE)  # its own engine
+
+
+def test_tensor_parallel_pool_lands_on_a_multi_gpu_group(tmp_path):
+    """An 8-GPU group holds four TP=2 actors a node: the VLM pool lands there, priced per whole node."""
+    config = yaml.safe_load(AWS.read_text())
+    config["available_node_types"]["gpu-8x"] = {
+        "min_workers": 0, "max_workers": 4, "resources": {"CPU": 192, "GPU": 8, "accelerator_type:H100": 1},
+        "node_config": {"InstanceType": "p5.48xlarge"},
+    }  # fmt: skip
+    eight = tmp_path / "aws-8x.yaml"
+    eight.write_text(yaml.safe_dump(config))
+    cfg = load_config(preset="paper", overrides=["stage1.vllm.tensor_parallel_size=2"])
+    plan = make_plan(cfg, 1_000_000, card_for("H100"), gpus=40, cluster=load_cluster(eight))
+    assert plan.fit is not None and plan.fit.placement["inspect+describe"] == ["gpu-8x"]
+    vlm = next(p for p in plan.gpu_pools if p.name == "inspect+describe")
+    assert vlm.gpus % 2 == 0 and vlm.replicas == vlm.gpus / 2
+    assert vlm.group == "gpu-8x" and (vlm.nodes - 1) * 8 < vlm.gpus <= vlm.nodes * 8  # whole 8-GPU nodes
+    assert vlm.node_price == 55.04 and vlm.price == pytest.approx(6.88)
+    assert vlm.usd_per_hour == vlm.nodes * 55.04
+    # A configured group that may spread the workers fits one-GPU nodes, and says what that costs.
+    bundles = "[{GPU: 1, CPU: 4}, {GPU: 1, CPU: 1}]"
+    spread = ["stage1.vllm.tensor_parallel_size=2",
+              f"stage1.vllm.placement_group_config={{bundles: {bundles}, strategy: PACK}}"]  # fmt: skip
+    result = run_plan(
+        "--images",
+        "100000",
+        "--gpu",
+        "H100",
+        "--cluster",
+        str(AWS),
+        *[a for o in spread for a in ("--set", o)],
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "note: inspect+describe: placement_group_config.strategy PACK: the 2 engine workers" in result.output
+    )

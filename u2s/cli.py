@@ -178,29 +178,39 @@ def plan(
         typer.Option(metavar="POOL=TYPE", help="Another GPU type for one pool, e.g. edit=L40S (repeatable)."),
     ] = None,
     cluster: Annotated[
-        Path | None, typer.Option(help="Cluster config (cluster/aws.yaml, a KubeRay manifest): check fits.")
+        Path | None,
+        typer.Option(
+            help="Cluster config (cluster/aws.yaml, a KubeRay manifest): the groups each pool fits, groups "
+            "too small for the plan, and the price of every node (head and CPU workers too)."
+        ),
+    ] = None,
+    cpu_nodes: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="With --cluster: CPU-only worker nodes held for the run (default: each CPU group at its "
+            "maximum).",
+        ),
     ] = None,
 ) -> None:
-    """Size a run: GPUs per stage pool, pool ratios, hours and cost; prints the pool sizes to configure."""
-    from u2s.plan import card_for, format_plan, make_plan, parse_pool_cards, read_bench
+    """Size a run: GPUs per stage pool, pool ratios, hours and cost; prints the pool sizes to configure.
+
+    Exits 1 when --cluster has no group for a pool (e.g. tensor-parallel workers need more GPUs than one
+    node has), 2 on bad options.
+    """
+    from u2s.plan import card_for, format_plan, load_cluster, make_plan, parse_pool_cards, read_bench
 
     cfg = resolve_config(preset or (None if config else "paper"), config, set_ or [])
     try:
         cards = parse_pool_cards(pool_gpu or [])
-        result = make_plan(
-            cfg, images, card_for(gpu), read_bench(bench or []), flagged, gpus, hours, price, cards
-        )
+        nodes = load_cluster(cluster) if cluster is not None else None
+        result = make_plan(cfg, images, card_for(gpu), read_bench(bench or []), flagged, gpus, hours, price,
+                           cards, nodes, cpu_nodes)  # fmt: skip
     except ValueError as e:
         typer.echo(f"plan: {e}", err=True)
         raise typer.Exit(2) from None
-    groups = None
-    if cluster is not None:
-        from u2s.cluster import load_node_groups, placement
-        from u2s.pipeline import stage_pools
-
-        groups = load_node_groups(cluster)
-    typer.echo(format_plan(result, groups))
-    if groups is not None and not all(placement(stage_pools(cfg), groups).values()):
+    typer.echo(format_plan(result))
+    if result.fit is not None and not all(result.fit.placement.values()):
         raise typer.Exit(1)
 
 

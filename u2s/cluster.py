@@ -126,6 +126,16 @@ def load_node_groups(path: str | Path) -> list[NodeGroup]:
     raise ValueError(f"{path}: no RayCluster, RayJob or cluster-launcher config found")
 
 
+def launcher_max_workers(path: str | Path) -> int | None:
+    """The cluster launcher's global ``max_workers``: worker nodes of all types together. None for a
+    KubeRay manifest (no such cap) or a launcher config that leaves it out."""
+    for doc in yaml.safe_load_all(Path(path).read_text()):
+        if isinstance(doc, dict) and "available_node_types" in doc:
+            value = doc.get("max_workers")
+            return None if value is None else int(value)
+    return None
+
+
 def placement(pools: dict[str, Resources], groups: list[NodeGroup]) -> dict[str, list[str]]:
     """For each pool, the worker groups (never the head) one of its actors fits on."""
     workers = [g for g in groups if not g.head]

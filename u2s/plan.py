@@ -6,13 +6,21 @@ or editor), otherwise from a FLOP count (labelled *estimate*): the denoiser coun
 ``docs/benchmarks.md`` for stage 2 and 2 × parameters × tokens for the stage-1 models, at an assumed
 utilisation of the card's peak dense bf16 rate. The pools stream side by side, so GPUs are split in
 proportion to each pool's GPU-hours and the run lasts as long as its slowest pool.
+
+Prices come from one table, :mod:`u2s.instances` (on-demand list prices of the instance types the
+cluster configs name). Without a cluster config a card is priced as the instance type named for it in
+:data:`CARDS`, and only the GPUs are counted. With one (:class:`Cluster`), every node the run holds is
+priced by its group's instance type: the GPU nodes each pool needs, the head and the CPU workers, for
+the whole wall time; the plan also says which groups each pool fits (an engine's tensor-parallel workers
+must share one node) and which groups, or the launcher's global ``max_workers``, are too small for it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +28,54 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from u2s.cluster import NodeGroup
 from u2s.config import JobConfig, Resources
+from u2s.instances import InstanceType, instance_type
+
+PRICES = "u2s/instances.py: AWS us-east-1 on-demand list prices"
 
 
 @dataclass(frozen=True)
 class Card:
-    """A GPU type: peak dense bf16 (= fp16) tensor rate, memory, and an approximate hourly price per GPU."""
+    """A GPU type: peak dense bf16 (= fp16) tensor rate, memory, and the instance type that prices it.
+
+    ``instance``: an entry of :data:`u2s.instances.INSTANCE_TYPES`, whose price per GPU is the card's;
+    ``list_price``/``list_source``: only for a card no instance type in that table carries.
+    """
 
     name: str
     peak_tflops: float
     memory_gb: int
-    usd_per_hour: float
+    instance: str | None = None
+    list_price: float | None = None
+    list_source: str = ""
+
+    @property
+    def usd_per_hour(self) -> float:
+        """USD per GPU-hour."""
+        if self.instance:
+            return instance_type(self.instance).usd_per_gpu_hour
+        assert self.list_price is not None
+        return self.list_price
+
+    @property
+    def price_source(self) -> str:
+        if self.instance:
+            node = instance_type(self.instance)
+            per = f" / {node.gpus} GPUs" if node.gpus > 1 else ""
+            return f"{node.name} ${node.usd_per_hour:,.3f}/h{per}"
+        return self.list_source
 
 
-#: Peak rates from NVIDIA's data sheets (dense, no sparsity). Prices: approximate on-demand cloud list
-#: prices per GPU-hour (AWS us-east-1, 2025: p5, p5en, p4de, g6e, g6 divided by their GPU count); check
-#: your provider's and pass --price.
+#: Peak rates from NVIDIA's data sheets (dense, no sparsity). Each card is priced as the instance type
+#: the cluster configs use for it (one GPU a node where AWS has one), from u2s/instances.py; check your
+#: provider's prices and pass --price.
 CARDS: dict[str, Card] = {
-    "H100": Card("H100", 989.0, 80, 6.88),
-    "H200": Card("H200", 989.0, 141, 7.91),
-    "A100": Card("A100", 312.0, 80, 3.43),
-    "L40S": Card("L40S", 362.0, 48, 1.86),
-    "L4": Card("L4", 121.0, 24, 0.80),
-}
+    "H100": Card("H100", 989.0, 80, "p5.4xlarge"),
+    "H200": Card("H200", 989.0, 141, "p5en.48xlarge"),
+    "A100": Card("A100", 312.0, 80, list_price=3.43, list_source="p4de.24xlarge $27.45/h / 8 GPUs (AWS "
+                 "us-east-1 on-demand list price; no A100 instance type in u2s/instances.py)"),
+    "L40S": Card("L40S", 362.0, 48, "g6e.2xlarge"),
+    "L4": Card("L4", 121.0, 24, "g6.2xlarge"),
+}  # fmt: skip
 
 #: Assumed fraction of peak reached: compute-bound work (prompt prefill, diffusion denoising) and batched
 #: decoding (memory-bound: an 8B model at 64 sequences a step reads its weights once per ~64 tokens).
@@ -90,6 +124,25 @@ class Rate:
     source: str
 
 
+@dataclass(frozen=True)
+class Replica:
+    """One actor of a pool as the cluster sees it: the GPUs it holds, and what one node must hold for it.
+
+    A vLLM engine with tensor × pipeline parallelism has several workers: ``mp`` runs them in the actor's
+    node, the "ray" executor in the actor's placement group, ``STRICT_PACK`` by default (one node too);
+    a configured group with another strategy may spread them, so one node needs only its largest bundle.
+    """
+
+    gpus: float
+    node: Resources
+    workers: int = 1
+    strategy: str | None = None
+
+    @property
+    def one_node(self) -> bool:
+        return self.workers == 1 or self.strategy in (None, "STRICT_PACK")
+
+
 @dataclass
 class PoolPlan:
     name: str
@@ -100,10 +153,69 @@ class PoolPlan:
     price: float = 0.0  # USD per GPU-hour
     gpu_hours: float = 0.0
     gpus: float = 0.0
+    replica: Replica | None = None
+    price_source: str = ""
+    group: str | None = None  # with a cluster: the group its nodes are priced as
+    nodes: int = 0  # nodes of that group the pool holds
+    node_price: float = 0.0  # USD per node-hour
+
+    def __post_init__(self) -> None:
+        if self.replica is None:
+            self.replica = Replica(self.request.num_gpus, self.request)
+
+    @property
+    def gpus_per_replica(self) -> float:
+        assert self.replica is not None
+        return self.replica.gpus
 
     @property
     def replicas(self) -> int:
-        return round(self.gpus / self.request.num_gpus) if self.request.num_gpus else 0
+        return round(self.gpus / self.gpus_per_replica) if self.gpus_per_replica else 0
+
+    @property
+    def usd_per_hour(self) -> float:
+        """What the pool's GPUs cost an hour: whole nodes of its group, or GPUs at the card's price."""
+        return self.nodes * self.node_price if self.group else self.gpus * self.price
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A cluster config: its node groups and the launcher's cap on worker nodes of all types together."""
+
+    groups: list[NodeGroup]
+    max_workers: int | None = None
+    source: str = ""
+
+
+def load_cluster(path: str | Path) -> Cluster:
+    """A KubeRay manifest or cluster-launcher YAML (see :mod:`u2s.cluster`)."""
+    from u2s.cluster import launcher_max_workers, load_node_groups
+
+    return Cluster(load_node_groups(path), launcher_max_workers(path), str(path))
+
+
+@dataclass
+class Nodes:
+    """Nodes of one group the run holds for the whole wall time, and their price."""
+
+    role: str  # "head", "CPU workers"
+    group: str
+    count: int
+    instance: str | None
+    usd_per_hour: float | None  # per node; None: not priced (no known instance type)
+    note: str = ""
+
+
+@dataclass
+class ClusterFit:
+    """Where a plan's pools land on a cluster, the other nodes it holds, and what is too small."""
+
+    cluster: Cluster
+    placement: dict[str, list[str]]  # pool -> worker groups one of its actors fits on
+    tp_blocked: dict[str, str]  # pool -> why no node holds one of its actors (tensor parallelism)
+    nodes: list[Nodes]  # head and CPU workers
+    too_small: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -117,6 +229,7 @@ class Plan:
     wall_hours: float
     ignored: list[str]
     paths: dict[str, str]
+    fit: ClusterFit | None = None
 
     @property
     def gpu_pools(self) -> list[PoolPlan]:
@@ -127,9 +240,20 @@ class Plan:
         return sum(p.gpu_hours for p in self.gpu_pools)
 
     @property
+    def gpu_cost(self) -> float:
+        """Every GPU (with a cluster: every GPU node) held for the whole run (pools stream side by side)."""
+        return self.wall_hours * sum(p.usd_per_hour for p in self.gpu_pools)
+
+    @property
+    def node_cost(self) -> float:
+        """The head and CPU workers (with a cluster), held for the whole run."""
+        if self.fit is None:
+            return 0.0
+        return self.wall_hours * sum(n.count * (n.usd_per_hour or 0.0) for n in self.fit.nodes)
+
+    @property
     def cost(self) -> float:
-        """Every GPU held for the whole run (pools stream side by side)."""
-        return self.wall_hours * sum(p.gpus * p.price for p in self.gpu_pools)
+        return self.gpu_cost + self.node_cost
 
 
 def card_for(name: str) -> Card:
@@ -275,9 +399,34 @@ def find_path(model: BaseModel, target: object, prefix: str = "") -> str | None:
     return None
 
 
+def replica_of(cfg: JobConfig, pool: str, request: Resources) -> Replica:
+    """What one actor of ``pool`` holds: a vLLM engine's workers (tensor × pipeline parallelism) take
+    ``num_gpus`` each, placed as `u2s.stage1.engines.vllm_pool` places them; any other actor its request."""
+    from u2s.stage1.engines.vllm import world_size
+    from u2s.stage1.engines.vllm_pool import actor_gpus, placement_bundles
+
+    call_pool = next((p for p in cfg.stage1.pools() if p.name == pool), None)
+    if call_pool is None or call_pool.engine != "vllm":
+        return Replica(request.num_gpus, request)
+    vllm = cfg.stage1.vllm_for(call_pool.vision)
+    workers = world_size(vllm)
+    placement = placement_bundles(request, vllm)
+    if placement is None:  # "uni" or "mp": the actor itself holds every worker's GPUs, on its node
+        gpus = actor_gpus(request, vllm)
+        return Replica(gpus, request.model_copy(update={"num_gpus": gpus}), workers)
+    bundles, strategy = placement
+    if strategy == "STRICT_PACK":  # every bundle on one node
+        cpus, gpus = sum(b.get("CPU", 0.0) for b in bundles), sum(b.get("GPU", 0.0) for b in bundles)
+    else:  # bundles may land on different nodes: one node needs the largest
+        big = max(bundles, key=lambda b: (b.get("GPU", 0.0), b.get("CPU", 0.0)))
+        cpus, gpus = big.get("CPU", 0.0), big.get("GPU", 0.0)
+    node = request.model_copy(update={"num_cpus": cpus, "num_gpus": gpus})
+    return Replica(sum(b.get("GPU", 0.0) for b in bundles), node, workers, strategy)
+
+
 def allocate(pools: list[PoolPlan], total: float) -> None:
     """Split ``total`` GPUs over the pools in proportion to their GPU-hours, whole replicas, one at least."""
-    units = [max(p.request.num_gpus, 1e-9) for p in pools]
+    units = [max(p.gpus_per_replica, 1e-9) for p in pools]
     replicas = [1] * len(pools)
     spare = total - sum(units)
     while spare > 1e-9:  # give the next replica to the pool that ends last
@@ -304,9 +453,13 @@ def make_plan(
     hours: float = 24.0,
     price: float | None = None,
     pool_cards: dict[str, Card] | None = None,
+    cluster: Cluster | None = None,
+    cpu_nodes: int | None = None,
 ) -> Plan:
     """Size every GPU pool of ``cfg`` for ``images`` images on ``card`` (``pool_cards``: other GPU types
-    for some pools, e.g. the editor on L40S; ``price`` applies to ``card``). See the module docstring."""
+    for some pools, e.g. the editor on L40S; ``price`` applies to ``card``). With a ``cluster``, also
+    where the pools land, every node's price and what is too small (:func:`fit_cluster`; ``cpu_nodes``:
+    CPU workers held, default each CPU group's maximum). See the module docstring."""
     from u2s.pipeline import stage_pools
 
     ignored: list[str] = []
@@ -323,8 +476,11 @@ def make_plan(
             )
             if rate is None:
                 raise ValueError(f"pool {name!r} asks for a GPU but has no figure (measured or estimated)")
-        pool_price = price if price is not None and pool_card is card else pool_card.usd_per_hour
-        plan = PoolPlan(name, request, pool_rows(name, images, flagged), rate, pool_card, pool_price)
+        overridden = price is not None and pool_card is card
+        pool_price = price if overridden else pool_card.usd_per_hour
+        source = f"--price ${price:,.2f}/GPU-hour" if overridden else pool_card.price_source
+        plan = PoolPlan(name, request, pool_rows(name, images, flagged), rate, pool_card, pool_price,
+                        replica=replica_of(cfg, name, request), price_source=source)  # fmt: skip
         if rate is not None:
             plan.gpu_hours = plan.rows / rate.rows_per_s / 3600
         pools.append(plan)
@@ -336,42 +492,198 @@ def make_plan(
         if gpus is None:  # enough for `hours`: each pool's share, rounded up to whole replicas
             gpus_needed = 0.0
             for p in gpu_pools:
-                gpus_needed += math.ceil(p.gpu_hours / hours / p.request.num_gpus) * p.request.num_gpus
-            total = max(gpus_needed, sum(p.request.num_gpus for p in gpu_pools))
+                unit = p.gpus_per_replica
+                gpus_needed += math.ceil(p.gpu_hours / hours / unit) * unit
+            total = max(gpus_needed, sum(p.gpus_per_replica for p in gpu_pools))
         else:
             total = float(gpus)
         allocate(gpu_pools, total)
     used = sum(p.gpus for p in gpu_pools)
     wall = max((p.gpu_hours / p.gpus for p in gpu_pools), default=0.0)
-    return Plan(images, card, card.usd_per_hour if price is None else price, flagged, pools, used, wall,
-                ignored, paths)  # fmt: skip
+    result = Plan(images, card, card.usd_per_hour if price is None else price, flagged, pools, used, wall,
+                  ignored, paths)  # fmt: skip
+    if cluster is not None:
+        result.fit = fit_cluster(result, cluster, cpu_nodes, price)
+    return result
 
 
-def group_shortfalls(plan: Plan, groups: list[NodeGroup]) -> list[str]:
-    """Groups too small for the GPUs the plan gives the pools pinned to them (pools that fit one group)."""
-    from u2s.cluster import placement
+def group_instance(group: NodeGroup) -> tuple[InstanceType | None, str]:
+    """The instance type of a group's nodes from u2s/instances.py, or None and why not."""
+    if not group.instance_type:
+        return None, f"{group.name} names no instance type"
+    try:
+        return instance_type(group.instance_type), ""
+    except ValueError:
+        return None, f"{group.name}'s {group.instance_type} is not in u2s/instances.py"
 
-    fits = placement({p.name: p.request for p in plan.pools}, groups)
-    wanted: dict[str, float] = {}
+
+def group_gpu(group: NodeGroup) -> str | None:
+    """The GPU type of a group's nodes: its accelerator_type resource, else its instance type's GPU."""
+    node, _ = group_instance(group)
+    return group.accelerator_type or (node.gpu if node else None)
+
+
+def nodes_for(group: NodeGroup, replica: Replica, gpus: float) -> int:
+    """Nodes of ``group`` that hold ``gpus`` GPUs' worth of actors like ``replica`` (whole actors a node:
+    as many as its GPUs and CPUs allow)."""
+    need = replica.node
+    if not need.num_gpus:
+        return 0
+    per_node = [math.floor(group.resources.get("GPU", 0.0) / need.num_gpus + 1e-9)]
+    if need.num_cpus:
+        per_node.append(math.floor(group.resources.get("CPU", 0.0) / need.num_cpus + 1e-9))
+    return math.ceil(gpus / need.num_gpus / max(1, min(per_node)) - 1e-9)
+
+
+def fit_cluster(
+    plan: Plan, cluster: Cluster, cpu_nodes: int | None = None, price: float | None = None
+) -> ClusterFit:
+    """Where each pool of ``plan`` can land on ``cluster``, what its GPU nodes, the head and the CPU
+    workers cost, and which group maxima (or the launcher's global ``max_workers``) are too small.
+
+    Prices each GPU pool as the first group it fits that has its card (the pool's GPUs on whole nodes of
+    that group's instance type; ``price``, --price, replaces the per-GPU price of the plan's own card).
+    """
+    from u2s.cluster import placement as fits
+
+    groups = {g.name: g for g in cluster.groups}
+    where = fits({p.name: p.request for p in plan.pools}, cluster.groups)
+    tp_blocked: dict[str, str] = {}
+    notes: list[str] = []
     for p in plan.gpu_pools:
-        if len(fits[p.name]) == 1:
-            wanted[fits[p.name][0]] = wanted.get(fits[p.name][0], 0.0) + p.gpus
+        replica = p.replica
+        assert replica is not None and p.card is not None
+        on_node = fits({p.name: replica.node}, cluster.groups)[p.name]
+        if where[p.name] and not on_node:
+            sizes = [(n, groups[n].resources) for n in where[p.name]]
+            have = ", ".join(
+                f"a {n} node {r.get('GPU', 0):g} GPU and {r.get('CPU', 0):g} CPUs" for n, r in sizes
+            )
+            tp_blocked[p.name] = (
+                f"one actor's {replica.workers} engine workers (tensor_parallel_size x "
+                f"pipeline_parallel_size) need {replica.node.num_gpus:g} GPUs and {replica.node.num_cpus:g} "
+                f"CPUs on one node (STRICT_PACK); {have}"
+            )
+        where[p.name] = on_node
+        if not replica.one_node:
+            notes.append(
+                f"{p.name}: placement_group_config.strategy {replica.strategy}: the {replica.workers} engine "
+                "workers of one actor may land on different nodes, and tensor parallelism then runs over the "
+                "network (STRICT_PACK keeps them on one node)"
+            )
+        if not on_node:
+            continue
+        candidates = [groups[n] for n in on_node]
+        same = [g for g in candidates if group_gpu(g) == p.card.name]
+        group = (same or candidates)[0]
+        if not same:
+            kinds = ", ".join(f"{g.name} ({group_gpu(g) or 'GPU type unknown'})" for g in candidates)
+            notes.append(
+                f"{p.name} is planned on {p.card.name}, but the groups it fits are {kinds}: its rate and "
+                f"price assume a card it would not get (--pool-gpu {p.name}=<type>)"
+            )
+        node_gpus = group.resources.get("GPU", 0.0)
+        p.group, p.nodes = group.name, nodes_for(group, replica, p.gpus)
+        node, why = group_instance(group)
+        if price is not None and p.card is plan.card:
+            p.price, p.node_price = price, price * node_gpus
+            p.price_source = f"{group.name} node (--price ${price:,.2f}/GPU-hour x {node_gpus:g} GPU)"
+        elif node is not None:
+            p.price, p.node_price = node.usd_per_hour / node_gpus, node.usd_per_hour
+            p.price_source = f"{node.name} ({group.name})"
+        else:
+            gpu = group_gpu(group)
+            card = next((c for c in CARDS.values() if c.name == gpu), p.card)
+            p.price, p.node_price = card.usd_per_hour, card.usd_per_hour * node_gpus
+            p.price_source = f"{group.name} node ({why}; priced as {card.name}: {card.price_source})"
+    nodes, too_small = other_nodes(cluster, cpu_nodes)
+    too_small = group_shortfalls(plan, cluster, where) + too_small
+    if cluster.max_workers is not None:
+        gpu_nodes = sum(p.nodes for p in plan.gpu_pools)
+        cpu = sum(n.count for n in nodes if n.role == "CPU workers")
+        if gpu_nodes + cpu > cluster.max_workers:
+            too_small.append(
+                f"the launcher's max_workers allows {cluster.max_workers} worker nodes of all types "
+                f"together; the run holds {gpu_nodes + cpu} ({gpu_nodes} GPU + {cpu} CPU)"
+            )
+    return ClusterFit(cluster, where, tp_blocked, nodes, too_small, notes)
+
+
+def other_nodes(cluster: Cluster, cpu_nodes: int | None) -> tuple[list[Nodes], list[str]]:
+    """The head and the CPU workers (groups without GPUs) held for the run: ``cpu_nodes`` in all, filled
+    group by group up to each maximum, or else (assumed) every CPU group at its maximum."""
+    held, short = [], []
+    for g in cluster.groups:
+        if g.head:
+            node, why = group_instance(g)
+            held.append(Nodes("head", g.name, 1, g.instance_type, node.usd_per_hour if node else None, why))
+    cpu_groups = [g for g in cluster.groups if not g.head and not g.resources.get("GPU")]
+    left = cpu_nodes
+    for g in cpu_groups:
+        count = g.max_workers if left is None else min(left, g.max_workers)
+        if left is not None:
+            left -= count
+        node, why = group_instance(g)
+        note = why or ("at its max_workers / maxReplicas, assumed; --cpu-nodes N to set" if cpu_nodes is None
+                       else "--cpu-nodes")  # fmt: skip
+        held.append(Nodes("CPU workers", g.name, count, g.instance_type, node.usd_per_hour if node else None,
+                          note))  # fmt: skip
+    if left:
+        allow = sum(g.max_workers for g in cpu_groups)
+        names = " + ".join(g.name for g in cpu_groups) or "no CPU-only group"
+        short.append(f"--cpu-nodes {cpu_nodes}: the CPU groups ({names}) allow {allow} nodes")
+    return held, short
+
+
+def group_shortfalls(plan: Plan, cluster: Cluster, where: dict[str, list[str]]) -> list[str]:
+    """Groups too small for the GPUs the plan gives the pools that can land on them.
+
+    A pool pinned to one group (its accelerator_type) must fit that group's maximum; pools that fit
+    several groups share them: for every set of groups, the pools that fit only inside it must fit its
+    total (so the paper preset's pools, which fit both GPU groups, are checked against both together).
+    """
+    groups = {g.name: g for g in cluster.groups}
+    pools = [p for p in plan.gpu_pools if where.get(p.name)]
+    used = [g.name for g in cluster.groups if any(g.name in where[p.name] for p in pools)]
+    sets = [c for r in range(1, len(used) + 1) for c in itertools.combinations(used, r)]
+    if len(used) > 10:  # unusual: check each group and all of them together only
+        sets = [(name,) for name in used] + [tuple(used)]
     short = []
-    for g in groups:
-        have = g.max_workers * g.resources.get("GPU", 0)
-        if g.name in wanted and wanted[g.name] > have:
-            nodes = math.ceil(wanted[g.name] / g.resources["GPU"])
-            short.append(f"{g.name} needs {nodes} nodes for {wanted[g.name]:g} GPUs, it allows "
-                         f"{g.max_workers} (raise max_workers / maxReplicas or plan fewer GPUs)")  # fmt: skip
+    for names in sets:
+        inside = [p for p in pools if set(where[p.name]) <= set(names)]
+        if not inside or {n for p in inside for n in where[p.name]} != set(names):
+            continue  # no pool is confined to exactly these groups
+        wanted = sum(p.gpus for p in inside)
+        allow = sum(groups[n].max_workers * groups[n].resources.get("GPU", 0.0) for n in names)
+        if wanted <= allow + 1e-9:
+            continue
+        who = ", ".join(f"{p.name} {p.gpus:g}" for p in inside)
+        if len(names) == 1:
+            g = groups[names[0]]
+            need = sum(nodes_for(g, p.replica, p.gpus) for p in inside if p.replica)
+            short.append(f"{g.name} needs {need} nodes for {wanted:g} GPUs ({who}), it allows "
+                         f"{g.max_workers}")  # fmt: skip
+        else:
+            biggest = max(groups[n].resources.get("GPU", 0.0) for n in names)
+            exact = all(groups[n].resources.get("GPU", 0.0) == 1 for n in names)
+            need = math.ceil(wanted / biggest - 1e-9)
+            caps = " + ".join(str(groups[n].max_workers) for n in names)
+            short.append(
+                f"{' + '.join(names)} need {'' if exact else 'at least '}{need} nodes together for "
+                f"{wanted:g} GPUs ({who}: pools that may land on any of them), they allow {caps}"
+            )
     return short
 
 
-def format_plan(plan: Plan, groups: list[NodeGroup] | None = None) -> str:
-    """The plan as a table, totals, and the pool sizes to put in the config; with a cluster config's
-    ``groups``, which groups each pool fits and whether they are large enough."""
+def format_plan(plan: Plan) -> str:
+    """The plan as a table, totals and cost, and the pool sizes to put in the config; with a cluster,
+    which groups each pool fits and what is too small."""
+    fit = plan.fit
     lines = [
-        f"u2s plan: {plan.images:,} images on {plan.card.name} (${plan.price:.2f}/GPU-hour), "
-        f"{plan.flagged:.0%} of them flagged (assumed; --flagged)",
+        f"u2s plan: {plan.images:,} images on {plan.card.name}, {plan.flagged:.0%} of them flagged "
+        "(assumed; --flagged)",
+        "throughputs marked 'estimate' are FLOP counts at an assumed share of peak, not measurements; "
+        "GPU-hours, wall time and cost follow from them",
         "",
         f"{'pool':<17}{'rows':>12}  {'per GPU':>13}  {'GPU-h':>9}  {'share':>6}  {'GPUs':>5} type  source",
     ]
@@ -385,27 +697,74 @@ def format_plan(plan: Plan, groups: list[NodeGroup] | None = None) -> str:
     if cpu:
         listed = ", ".join(f"{p.name} ({p.request.num_cpus:g} CPU each)" for p in cpu)
         lines.append(f"CPU pools, not sized here: {listed}")
+    what = "every node" if fit else "GPUs only"
     lines += [
         "",
         f"total: {plan.gpu_hours:,.1f} GPU-hours; {plan.gpus:g} GPUs -> {plan.wall_hours:,.1f} h wall; "
-        f"cost ~${plan.cost:,.0f} (every GPU held for the whole run, at its $/GPU-hour)",
+        f"cost ~${plan.cost:,.0f} ({what}, held for the whole run)",
+        "",
+        f"cost over {plan.wall_hours:,.1f} h:",
     ]
+
+    def row(label: str, usd: float | None, detail: str) -> str:
+        return f"  {label:<24}{'-' if usd is None else '$' + format(usd, ',.0f'):>9}  {detail}"
+
+    def gpus(n: float) -> str:
+        return f"{n:g} GPU" + ("" if n == 1 else "s")
+
+    if fit is None:
+        for p in plan.gpu_pools:
+            assert p.card is not None
+            detail = f"{p.gpus:g} x {p.card.name} at ${p.price:,.3f}/GPU-hour: {p.price_source}"
+            lines.append(row(p.name, plan.wall_hours * p.usd_per_hour, detail))
+        lines.append(row("GPUs", plan.gpu_cost, "head, CPU workers, disks and S3 not counted (--cluster "
+                         "prices every node)"))  # fmt: skip
+    else:
+        for p in plan.gpu_pools:
+            usd = plan.wall_hours * p.usd_per_hour
+            if p.group:
+                detail = f"{p.nodes} x {p.price_source} at ${p.node_price:,.3f}/h ({gpus(p.gpus)})"
+            else:
+                detail = f"{gpus(p.gpus)} at ${p.price:,.3f}/GPU-hour (no group fits; {p.price_source})"
+            lines.append(row(p.name, usd, detail))
+        lines.append(row("GPU nodes", plan.gpu_cost, "every GPU pool's nodes"))
+        for n in fit.nodes:
+            usd = None if n.usd_per_hour is None else plan.wall_hours * n.count * n.usd_per_hour
+            priced = (
+                f"{n.instance} at ${n.usd_per_hour:,.3f}/h" if n.usd_per_hour is not None else "not priced"
+            )
+            label = n.role if n.role == n.group else f"{n.role} ({n.group})"
+            lines.append(row(label, usd, f"{n.count} x {priced}" + (f"; {n.note}" if n.note else "")))
+        unpriced = [n.group for n in fit.nodes if n.usd_per_hour is None]
+        lines.append(row("head + CPU nodes", plan.node_cost, "held for the whole run too"
+                         + (f" (not priced: {', '.join(unpriced)})" if unpriced else "")))  # fmt: skip
+        lines.append(row("total", plan.cost, "EBS volumes, S3 requests and transfer, start-up and idle time "
+                         "not counted"))  # fmt: skip
+    lines.append(f"  prices: {PRICES}; --price for yours")
     if plan.ignored:
         lines += ["measurements not used:", *(f"  {reason}" for reason in plan.ignored)]
     lines += ["", "pool sizes for the config (autoscaling pools: [min, max] actors):"]
     for p in plan.gpu_pools:
         where = plan.paths.get(p.name, p.name)
-        lines.append(f"  --set '{where}.pool_size=[1,{p.replicas}]'   # {p.request.num_gpus:g} GPU per actor")
-    if groups is not None:
-        from u2s.cluster import placement as fit
-
-        placement = fit({p.name: p.request for p in plan.pools}, groups)
-        lines += ["", "worker groups each pool fits (one actor per node):"]
-        for name, names in placement.items():
-            lines.append(f"  {name:<17}{', '.join(names) if names else 'NONE: no group can run it'}")
-        loose = [p.name for p in plan.gpu_pools if len(placement.get(p.name, [])) > 1]
+        assert p.replica is not None
+        per = f"{p.gpus_per_replica:g} GPU{'' if p.gpus_per_replica == 1 else 's'} per actor"
+        if p.replica.workers > 1:
+            per += f", {p.replica.workers} engine workers on one node"
+        lines.append(f"  --set '{where}.pool_size=[1,{p.replicas}]'   # {per}")
+    if fit is not None:
+        lines += ["", "worker groups each pool fits (a node holds one actor or more):"]
+        for name, names in fit.placement.items():
+            why = fit.tp_blocked.get(name, "no group can run it")
+            lines.append(f"  {name:<17}{', '.join(names) if names else 'NONE: ' + why}")
+        loose = [p.name for p in plan.gpu_pools if len(fit.placement.get(p.name, [])) > 1]
         if loose:
-            lines.append(f"  ({', '.join(loose)}: no accelerator_type, so any of those groups; set "
-                         "<pool>.accelerator_type to pin a pool to its group)")  # fmt: skip
-        lines += [f"  too small: {line}" for line in group_shortfalls(plan, groups)]
+            lines.append(
+                f"  ({', '.join(loose)}: no accelerator_type, so any of those groups, whose cards may differ "
+                "from the plan's; set <pool>.accelerator_type to pin a pool to its group)"
+            )
+        lines += [f"  note: {line}" for line in fit.notes]
+        lines += [f"  too small: {line}" for line in fit.too_small]
+        if fit.too_small:
+            lines.append("  (raise the groups' max_workers / maxReplicas and the cloud's GPU quota, or plan "
+                         "fewer GPUs: --gpus, --hours)")  # fmt: skip
     return "\n".join(lines)

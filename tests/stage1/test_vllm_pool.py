@@ -98,7 +98,7 @@ def test_tensor_parallel_pool_gives_each_actor_its_own_placement_group(ray_clust
     label = {"accelerator_type:H100": 0.001}
     for strategy in groups:
         table = placement_group_table(strategy.placement_group)
-        assert table["strategy"] == "PACK"
+        assert table["strategy"] == "STRICT_PACK"  # every worker of the engine on one node
         assert list(table["bundles"].values()) == [
             {"GPU": 1.0, "CPU": 4.0, **label},
             {"GPU": 1.0, "CPU": 1.0, **label},
@@ -114,7 +114,7 @@ def test_configured_placement_group_is_used_as_it_is_and_must_hold_the_actor():
     assert vllm_pool.placement_bundles(CPU_POOL, cfg) == ([{"CPU": 2.0}], "SPREAD")
     assert vllm_pool.REMOTE_ARGS_FN in vllm_pool.pool_kwargs(CPU_POOL, cfg)  # one worker, still a group
     cpu_tp = vllm_pool.placement_bundles(CPU_POOL, _tp(2))  # a CPU pool asks for no GPU bundle
-    assert cpu_tp == ([{"CPU": 1.0}, {"CPU": 1.0}], "PACK")
+    assert cpu_tp == ([{"CPU": 1.0}, {"CPU": 1.0}], "STRICT_PACK")
     with pytest.raises(ValueError, match="never start"):
         vllm_pool.pool_kwargs(GPU_POOL, cfg)  # 4 CPUs and a GPU per actor, 2 CPUs per bundle
     gpu = VLLMEngineConfig(placement_group_config=PlacementGroupConfig(bundles=[{"GPU": 1, "CPU": 4}]))

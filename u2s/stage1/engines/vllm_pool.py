@@ -3,10 +3,14 @@ per actor, several batches in flight per actor, placement as ray.data.llm's engi
 
 * One worker per engine (tensor × pipeline parallelism = 1): the actor reserves the call's
   ``num_gpus`` (1 on GPU pools, 0 on CPU) and vLLM runs the model in its own engine process ("uni").
-* Several workers: each actor gets a placement group of one bundle per worker (``PACK``; default
+* Several workers: each actor gets a placement group of one bundle per worker (default
   ``{GPU: 1, CPU: 1}``, the first bundle holding the actor's CPUs too), created when Ray Data starts the
   actor, and is scheduled into it with ``placement_group_capture_child_tasks``; vLLM's "ray" executor
   then starts its workers inside that group. The actor itself reserves no GPU (its workers hold them).
+  The group is ``STRICT_PACK``: every worker of one engine on one node, so tensor parallelism runs over
+  the node's GPU links, never across nodes over the network (with ``PACK``, Ray would split the bundles
+  over 1-GPU nodes when no node holds them all). ``u2s plan --cluster`` says when no node of a group the
+  pool can use has that many GPUs.
   (With ``engine_kwargs: {distributed_executor_backend: mp}`` the actor instead reserves every worker's
   GPUs on one node, and vLLM starts the workers as its own processes.)
 * A configured ``placement_group_config`` is used as it is, also for one worker (e.g. CPU bundles that
@@ -65,7 +69,7 @@ def placement_bundles(
         device = {"GPU": 1.0} if resources.num_gpus > 0 else {}
         bundles = [{**device, "CPU": 1.0} for _ in range(world_size(vllm))]
         bundles[0]["CPU"] = max(1.0, resources.num_cpus)  # the actor runs there too
-        strategy = "PACK"
+        strategy = "STRICT_PACK"  # one node: tensor-parallel workers never talk over the network
     else:
         return None
     if resources.accelerator_type:  # as ray.data.llm: a sliver of the accelerator label pins the node type
