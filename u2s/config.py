@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from u2s.config_base import ConfigModel as _Model
-from u2s.config_base import ModelConfig
+from u2s.config_base import ModelConfig, is_object_store_uri
 from u2s.config_base import absolute_path as _absolute
 from u2s.stage2.editors import EDITORS, EditorConfig
 
@@ -48,6 +48,13 @@ class StorageConfig(_Model):
     task_retries: int = Field(
         3, ge=0, description="Times Ray re-runs a read or write task whose storage stayed unreachable "
         "after botocore's own attempts; then the job fails with a clear message (finish it with --resume).",
+    )  # fmt: skip
+    model_cache_dir: str | None = Field(
+        None, description="Local folder that s3:// models (and weights) are synced into on each worker, "
+        "once per node (a file lock serialises the actors that start together; a shared ReadWriteMany "
+        "volume makes it once per cluster). None: $U2S_MODEL_CACHE on the worker, else "
+        "~/.cache/u2s/models. A copy is reused while the prefix's listing (keys, sizes, ETags) is "
+        "unchanged.",
     )  # fmt: skip
 
 
@@ -264,7 +271,10 @@ class PlacementGroupConfig(_Model):
         "a bundle.",
     )  # fmt: skip
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="How Ray places the bundles on nodes."
+        "STRICT_PACK",
+        description="How Ray places the bundles on nodes. STRICT_PACK keeps a tensor-parallel "
+        "engine's workers on one node (NVLink, not TCP between pods); PACK may split them when no node "
+        "has room for all.",
     )
 
 
@@ -334,6 +344,14 @@ class VLLMEngineConfig(_Model):
     env_vars: dict[str, str] = Field(
         {}, description="Environment variables of the engine actors (Ray runtime_env), e.g. VLLM_* settings."
     )
+    load_format: Literal["auto", "runai_streamer", "runai_streamer_sharded"] = Field(
+        "auto", description="How an s3:// model reaches vLLM. auto: u2s syncs it into the model cache (see "
+        "`storage.model_cache_dir`) and vLLM loads the local folder. runai_streamer (or _sharded, for "
+        "pre-sharded checkpoints): the s3:// URI goes to vLLM as is and its Run:ai Model Streamer streams "
+        "the safetensors from the bucket into GPU memory (needs the runai-model-streamer package, "
+        "`vllm[runai]`; tune it with engine_kwargs.model_loader_extra_config {concurrency, "
+        "memory_limit}); the endpoint comes from `storage.endpoint_url` or $AWS_ENDPOINT_URL.",
+    )  # fmt: skip
     engine_kwargs: dict[str, Any] = Field(
         {}, description="Any other vLLM engine arguments; these win over the fields above."
     )
@@ -488,6 +506,25 @@ class Stage1Config(_Model):
                 "inspect_mode 'per_criterion' needs mode 'paper' (fused mode has no separate call A)"
             )
         self.pools()  # a call that cannot share its neighbour's pool fails here, naming the field
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_load_format(self) -> Stage1Config:
+        """vLLM's streamer reads an s3:// model as it is: u2s does not stage it, so cannot check a pin."""
+        for name, vision in (("vlm", True), ("llm", False)):
+            vllm, model = self.vllm_for(vision), getattr(self, name)
+            section = "vllm" if vision or self.vllm_llm is None else "vllm_llm"
+            if vllm.load_format == "auto":
+                continue
+            given = vllm.engine_kwargs.get("load_format", vllm.load_format)
+            if given != vllm.load_format:
+                raise ValueError(f"stage1.{section}: load_format {vllm.load_format!r} and engine_kwargs."
+                                 f"load_format {given!r} disagree; set load_format only")  # fmt: skip
+            if is_object_store_uri(model.model) and model.revision is not None:
+                raise ValueError(
+                    f"stage1.{name}.revision pins the content u2s stages, but stage1.{section}.load_format "
+                    f"{vllm.load_format!r} streams the s3:// model as it is: drop the pin or use 'auto'"
+                )
         return self
 
     def active_calls(self) -> tuple[str, ...]:

@@ -124,8 +124,9 @@ def build_dataset(cfg: JobConfig, listing: Listing, done: Any = None) -> ray.dat
             from u2s.stage1.engines.vllm_pool import pool_kwargs
 
             pool_args = pool_kwargs(pool.resources, cfg.stage1.vllm_for(pool.vision))
-        ds = _actor_stage(ds, pool_class(pool), pool.resources, pool_args, stage1=cfg.stage1, pool=pool)
-    return _actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2)
+        ds = _actor_stage(ds, pool_class(pool), pool.resources, pool_args, stage1=cfg.stage1, pool=pool,
+                          storage=cfg.storage)  # fmt: skip
+    return _actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2, storage=cfg.storage)
 
 
 def init_ray(

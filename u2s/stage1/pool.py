@@ -14,7 +14,7 @@ import pyarrow as pa
 from u2s.stage import StageChain
 
 if TYPE_CHECKING:
-    from u2s.config import CallPool, Stage1Config
+    from u2s.config import CallPool, Stage1Config, StorageConfig
     from u2s.stage1.call import ModelCallStage
 
 
@@ -37,15 +37,16 @@ class CallPoolStage(StageChain):
     """The actor of one stage-1 pool: loads the pool's model once and runs its calls on every batch.
 
     The last pool that reads thumbnails drops them: later hops carry only the bytes they need.
+    ``storage``: endpoint and model cache of an s3:// model (staged here, on the worker).
     """
 
-    def __init__(self, stage1: Stage1Config, pool: CallPool) -> None:
+    def __init__(self, stage1: Stage1Config, pool: CallPool, storage: StorageConfig | None = None) -> None:
         from u2s.stage1.engines import build_engine
         from u2s.torch_utils import set_threads
 
         set_threads(pool.resources.threads())
         classes = [call_stage_class(stage1, call) for call in pool.calls]
-        engine = build_engine(stage1, pool.engine, classes[0].model(stage1), vision=pool.vision)
+        engine = build_engine(stage1, pool.engine, classes[0].model(stage1), pool.vision, storage)
         super().__init__([cls(stage1, engine) for cls in classes])
         vision_pools = [p.name for p in stage1.pools() if p.vision]
         self.drops_thumbnails = bool(vision_pools) and vision_pools[-1] == pool.name

@@ -27,7 +27,7 @@ from u2s.stage2.editors import load_editor
 from u2s.stage2.editors.base import EditPrompt
 
 if TYPE_CHECKING:
-    from u2s.config import Stage2Config
+    from u2s.config import Stage2Config, StorageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +85,13 @@ class EditStage(Stage):
              "combined_caption")  # fmt: skip
     writes = ("image", "width", "height", "editor", "seed")
 
-    def __init__(self, stage2: Stage2Config) -> None:
+    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
+        """``storage``: endpoint and model cache of s3:// models (staged here, on the worker)."""
         from u2s.torch_utils import set_threads
 
         self.config = stage2
         set_threads(stage2.resources.threads())
-        self.editor = load_editor(stage2)
+        self.editor = load_editor(stage2, storage)
         #: Encoding of edited images: the config's, or under ``auto`` the editor's own.
         self.output_format = (
             self.editor.output_format if stage2.output_format == "auto" else stage2.output_format

@@ -7,13 +7,22 @@ from typing import TYPE_CHECKING
 from u2s.stage1.engines.base import Engine, generate_validated
 
 if TYPE_CHECKING:
-    from u2s.config import ModelConfig, Stage1Config
+    from u2s.config import ModelConfig, Stage1Config, StorageConfig
 
 __all__ = ["Engine", "build_engine", "generate_validated"]
 
 
-def build_engine(stage1: Stage1Config, engine: str, model: ModelConfig, vision: bool) -> Engine:
-    """The ``engine`` ("transformers", "http", "vllm") loaded with ``model`` (a VLM when ``vision``)."""
+def build_engine(
+    stage1: Stage1Config,
+    engine: str,
+    model: ModelConfig,
+    vision: bool,
+    storage: StorageConfig | None = None,
+) -> Engine:
+    """The ``engine`` ("transformers", "http", "vllm") loaded with ``model`` (a VLM when ``vision``).
+
+    ``storage``: how to reach an s3:// model, and the model cache it is staged into (default: the AWS
+    chain, ``$U2S_MODEL_CACHE``)."""
     if engine == "transformers":
         from u2s.stage1.engines.transformers import TransformersEngine
 
@@ -23,6 +32,7 @@ def build_engine(stage1: Stage1Config, engine: str, model: ModelConfig, vision: 
             image_size=stage1.image_size,
             system_prompt=stage1.system_prompt,
             processor_kwargs=stage1.vlm_processor_kwargs if vision else None,
+            storage=storage,
         )
     if engine == "http" and stage1.http is not None:
         from u2s.stage1.engines.http import HttpEngine
@@ -45,5 +55,6 @@ def build_engine(stage1: Stage1Config, engine: str, model: ModelConfig, vision: 
             vision=vision,
             image_size=vllm.max_image_side or stage1.image_size,
             system_prompt=stage1.system_prompt,
+            storage=storage,
         )
     raise ValueError(f"unknown stage-1 engine {engine!r}")

@@ -32,7 +32,7 @@ from u2s.torch_utils import resolve_device, resolve_dtype
 if TYPE_CHECKING:
     from PIL import Image
 
-    from u2s.config import ModelConfig
+    from u2s.config import ModelConfig, StorageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ class TransformersEngine(Engine):
     ``system_prompt`` as in :class:`~u2s.stage1.engines.base.Engine` ("auto": merged after the chat
     template rejected a system role). ``processor_kwargs`` go to every VLM processor call
     (e.g. ``{"crop_to_patches": False}``: InternVL's single 448 px tile, the paper's setting).
+    An s3:// model is staged into the local model cache first (``storage``: endpoint and cache), and
+    model, tokenizer and processor load from that folder.
     """
 
     def __init__(
@@ -88,14 +90,18 @@ class TransformersEngine(Engine):
         image_size: int = 448,
         system_prompt: SystemPrompt = "auto",
         processor_kwargs: dict[str, Any] | None = None,
+        storage: StorageConfig | None = None,
     ) -> None:
         import transformers
         import xgrammar as xgr
+
+        from u2s.io.model_store import local_model
 
         silence_input_echo()
         super().__init__(vision, image_size, system_prompt)
         self.processor_kwargs = dict(processor_kwargs or {})
         self.device = resolve_device(model.device)
+        name, model = model.model, local_model(model, storage)
         load: dict[str, Any] = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
         if vision:
             self.processor = transformers.AutoProcessor.from_pretrained(model.model, **load)
@@ -113,7 +119,7 @@ class TransformersEngine(Engine):
         gen = self.model.generation_config
         self.stop_ids = _as_list(gen.eos_token_id) or _as_list(self.tokenizer.eos_token_id)
         if not self.stop_ids:
-            raise ValueError(f"{model.model}: no eos token id in its generation config or tokenizer")
+            raise ValueError(f"{name}: no eos token id in its generation config or tokenizer")
         pad = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
         if self.tokenizer.pad_token_id is None:

@@ -47,7 +47,7 @@ from u2s.stage1.engines.messages import (
 if TYPE_CHECKING:
     from PIL import Image
 
-    from u2s.config import ModelConfig, VLLMEngineConfig
+    from u2s.config import ModelConfig, StorageConfig, VLLMEngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def engine_kwargs(model: ModelConfig, vllm: VLLMEngineConfig, vision: bool) -> d
         "structured_outputs_config": dict(vllm.structured_outputs_config),
     }
     optional = {
+        "load_format": vllm.load_format if vllm.load_format != "auto" else None,
         "revision": model.revision,
         "max_model_len": vllm.max_model_len,
         "max_num_seqs": vllm.max_num_seqs,
@@ -94,6 +95,39 @@ def engine_kwargs(model: ModelConfig, vllm: VLLMEngineConfig, vision: bool) -> d
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     kwargs.update(vllm.engine_kwargs)
     return kwargs
+
+
+def streams_from_object_storage(model: ModelConfig, vllm: VLLMEngineConfig) -> bool:
+    """Whether vLLM's Run:ai streamer reads this s3:// model itself (else u2s stages it into the cache)."""
+    from u2s.config_base import is_object_store_uri
+
+    load_format = str(vllm.engine_kwargs.get("load_format", vllm.load_format))
+    return is_object_store_uri(model.model) and load_format.startswith("runai_streamer")
+
+
+def model_for_engine(
+    model: ModelConfig, vllm: VLLMEngineConfig, storage: StorageConfig | None
+) -> ModelConfig:
+    """The model as vLLM gets it: a hub id or local path as it is; an s3:// model staged into the local
+    model cache, or, with ``load_format: runai_streamer``, the s3:// URI itself (the streamer reads the
+    bucket: the package must be installed, and the endpoint reaches it through $AWS_ENDPOINT_URL and
+    $RUNAI_STREAMER_S3_ENDPOINT, set here from ``storage.endpoint_url`` unless already set)."""
+    from u2s.io.model_store import local_model
+
+    if not streams_from_object_storage(model, vllm):
+        return local_model(model, storage)
+    try:
+        import runai_model_streamer  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f"load_format {vllm.engine_kwargs.get('load_format', vllm.load_format)!r} needs the "
+            "runai-model-streamer package "
+            "(pip install 'vllm[runai]'); or use load_format 'auto' to stage the model into the cache"
+        ) from None
+    if storage is not None and storage.endpoint_url:
+        for name in ("AWS_ENDPOINT_URL", "RUNAI_STREAMER_S3_ENDPOINT"):
+            os.environ.setdefault(name, storage.endpoint_url)  # the engine core process inherits them
+    return model
 
 
 def fatal_errors() -> tuple[type[BaseException], ...]:
@@ -166,7 +200,8 @@ class VLLMEngine(Engine):
 
     ``system_prompt`` as in :class:`~u2s.stage1.engines.base.Engine` ("auto": merged once the chat
     template has rejected a system role). ``image_size``: images are downscaled to fit this square
-    (the caller passes ``vllm.max_image_side or stage1.image_size``).
+    (the caller passes ``vllm.max_image_side or stage1.image_size``). ``storage``: endpoint and model
+    cache of an s3:// model (see :func:`model_for_engine`).
     """
 
     def __init__(
@@ -176,6 +211,7 @@ class VLLMEngine(Engine):
         vision: bool,
         image_size: int = 448,
         system_prompt: SystemPrompt = "auto",
+        storage: StorageConfig | None = None,
     ) -> None:
         import vllm as vllm_lib
         from vllm.renderers.params import ChatParams
@@ -188,6 +224,7 @@ class VLLMEngine(Engine):
         self._call_ids = itertools.count()  # next() is atomic: calls may come from several threads
         self._fatal = fatal_errors()
         self._chat_params = ChatParams(chat_template_kwargs=dict(vllm.chat_template_kwargs))
+        model = model_for_engine(model, vllm, storage)
         args = vllm_lib.AsyncEngineArgs(model=model.model, **engine_kwargs(model, vllm, vision))
         stat_loggers = None
         if vllm.log_engine_metrics and _in_ray_actor():

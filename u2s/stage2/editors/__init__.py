@@ -18,7 +18,7 @@ from u2s.stage2.editors.instruct_pix2pix import InstructPix2PixEditor
 from u2s.stage2.editors.safe_attention import SafeAttentionEditor
 
 if TYPE_CHECKING:
-    from u2s.config import Stage2Config
+    from u2s.config import Stage2Config, StorageConfig
 
 #: Editor name → class. The names are the values of ``stage2.editor`` and the stage-2 section names;
 #: the first is the default editor.
@@ -37,14 +37,15 @@ EDITORS: dict[str, type[Editor]] = {
 }
 
 
-def load_editor(config: Stage2Config) -> Editor:
-    """Construct the editor named by ``config.editor`` (this loads its model)."""
+def load_editor(config: Stage2Config, storage: StorageConfig | None = None) -> Editor:
+    """Construct the editor named by ``config.editor`` (this loads its model; an s3:// model is staged
+    into the local model cache first, ``storage`` saying how to reach it and where the cache is)."""
     try:
         cls = EDITORS[config.editor]
     except KeyError:
         known = ", ".join(sorted(EDITORS))
         raise ValueError(f"unknown editor {config.editor!r}; available: {known}") from None
-    return cls(config)
+    return cls(config, storage)
 
 
 __all__ = ["EDITORS", "Editor", "EditorConfig", "load_editor"]

@@ -11,7 +11,7 @@ from u2s.config_base import ConfigModel, ModelConfig
 if TYPE_CHECKING:
     from PIL import Image
 
-    from u2s.config import Stage2Config
+    from u2s.config import Stage2Config, StorageConfig
 
 #: Side lengths of the IP2P family's working sizes are multiples of this.
 SIZE_MULTIPLE = 64
@@ -57,8 +57,9 @@ class Editor(ABC):
     Subclasses set ``name`` (the registry key, recorded in each edited row's ``editor`` column) and
     ``config_class`` (their section of the job config), and are constructed with the job's
     ``Stage2Config``: ``self.config`` is then the editor's own section and ``self.stage2`` the whole
-    stage-2 config (shared settings: ``compile``, ``resources``...). The constructor loads the model once
-    (heavy imports go there, not at module import); :meth:`edit` is then called once per batch.
+    stage-2 config (shared settings: ``compile``, ``resources``...) and ``self.storage`` how to reach
+    s3:// models (None: the AWS chain). The constructor loads the model once (heavy imports go there,
+    not at module import); :meth:`edit` is then called once per batch.
     """
 
     name: ClassVar[str]
@@ -67,8 +68,9 @@ class Editor(ABC):
     #: that rewrites every pixel anyway; a lossless one where untouched pixels must stay exact.
     output_format: ClassVar[str] = "JPEG"
 
-    def __init__(self, stage2: Stage2Config) -> None:
+    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
         self.stage2 = stage2
+        self.storage = storage
         self.config: Any = stage2.section(self.name)
 
     def working_size(self, width: int, height: int) -> tuple[int, int]:
@@ -131,16 +133,22 @@ def fit_long_side(width: int, height: int, long_side: int, multiple: int = SIZE_
     return w, h
 
 
-def load_pipeline(pipeline_cls: Any, model: ModelConfig, **kwargs: Any) -> tuple[str, Any]:
+def load_pipeline(
+    pipeline_cls: Any, model: ModelConfig, storage: StorageConfig | None = None, **kwargs: Any
+) -> tuple[str, Any]:
     """``pipeline_cls.from_pretrained(model.model)`` on its device, in its dtype; returns (device, pipe).
 
     The one loader of every diffusion editor: model libraries' input-echoing warnings silenced first
-    (prompts are private), progress bars off. Call :func:`compile_denoiser` once the pipeline is final.
+    (prompts are private), progress bars off; an s3:// model is staged into the local model cache first
+    (``storage``: endpoint and cache) and loads from there. Call :func:`compile_denoiser` once the
+    pipeline is final.
     """
+    from u2s.io.model_store import local_model
     from u2s.log_privacy import silence_input_echo
     from u2s.torch_utils import resolve_device, resolve_dtype
 
     silence_input_echo()
+    model = local_model(model, storage)
     device = resolve_device(model.device)
     dtype = resolve_dtype(model.dtype, device)
     pipe = pipeline_cls.from_pretrained(model.model, revision=model.revision, dtype=dtype, **kwargs).to(

@@ -19,7 +19,7 @@ from u2s.stage2.editors.base import Editor, EditorConfig, EditPrompt
 if TYPE_CHECKING:
     from PIL import Image
 
-    from u2s.config import Stage2Config
+    from u2s.config import Stage2Config, StorageConfig
     from u2s.stage2.detectors import Box
 
 logger = logging.getLogger(__name__)
@@ -90,10 +90,10 @@ class _RegionEditor(Editor):
     config: RegionConfig
     output_format: ClassVar[str] = "PNG"  # lossless: every pixel outside the regions stays exact
 
-    def __init__(self, stage2: Stage2Config) -> None:
+    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
         from u2s.stage2.detectors import RegionDetector
 
-        super().__init__(stage2)
+        super().__init__(stage2, storage)
         self.detector = RegionDetector(self.config, threads=stage2.resources.threads())
 
     def apply(self, image: Image.Image, boxes: list[Box]) -> Image.Image:

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from u2s.config import Stage2Config
+    from u2s.config import Stage2Config, StorageConfig
 
 #: Text length of the T5 encoder (the SD3 pipeline's default).
 MAX_SEQUENCE_LENGTH = 256
@@ -111,11 +111,11 @@ class FlowEditSD3Editor(Editor):
     config_class = FlowEditSD3Config
     config: FlowEditSD3Config
 
-    def __init__(self, stage2: Stage2Config) -> None:
+    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
         from diffusers import StableDiffusion3Pipeline
 
-        super().__init__(stage2)
-        self.device, self.pipe = load_pipeline(StableDiffusion3Pipeline, self.config.model)
+        super().__init__(stage2, storage)
+        self.device, self.pipe = load_pipeline(StableDiffusion3Pipeline, self.config.model, storage)
         compile_denoiser(self.pipe, stage2)
         # A private scheduler: set_timesteps mutates it, and the pipeline's own stays untouched.
         self.scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)

@@ -28,7 +28,7 @@ from u2s.stage2.editors.base import (
 if TYPE_CHECKING:
     from PIL import Image
 
-    from u2s.config import Stage2Config
+    from u2s.config import Stage2Config, StorageConfig
 
 
 class FluxKontextConfig(EditorConfig):
@@ -53,11 +53,11 @@ class FluxKontextEditor(Editor):
     config_class = FluxKontextConfig
     config: FluxKontextConfig
 
-    def __init__(self, stage2: Stage2Config) -> None:
+    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
         from diffusers import FluxKontextPipeline
 
-        super().__init__(stage2)
-        self.device, self.pipe = load_pipeline(FluxKontextPipeline, self.config.model)
+        super().__init__(stage2, storage)
+        self.device, self.pipe = load_pipeline(FluxKontextPipeline, self.config.model, storage)
         compile_denoiser(self.pipe, stage2)
 
     def working_size(self, width: int, height: int) -> tuple[int, int]:

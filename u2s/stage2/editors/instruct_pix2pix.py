@@ -26,7 +26,7 @@ from u2s.stage2.editors.base import (
 if TYPE_CHECKING:
     from PIL import Image
 
-    from u2s.config import Stage2Config
+    from u2s.config import Stage2Config, StorageConfig
 
 
 class InstructPix2PixConfig(EditorConfig):
@@ -44,7 +44,7 @@ class InstructPix2PixConfig(EditorConfig):
     )
 
 
-def load_ip2p_pipeline(model: ModelConfig) -> tuple[str, Any]:
+def load_ip2p_pipeline(model: ModelConfig, storage: StorageConfig | None = None) -> tuple[str, Any]:
     """Load ``model`` as a `StableDiffusionInstructPix2PixPipeline` on its device.
 
     Shared by every IP2P-based editor (plain and SafeAttention). No safety checker, no progress bar;
@@ -52,7 +52,7 @@ def load_ip2p_pipeline(model: ModelConfig) -> tuple[str, Any]:
     """
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    return load_pipeline(StableDiffusionInstructPix2PixPipeline, model, safety_checker=None)
+    return load_pipeline(StableDiffusionInstructPix2PixPipeline, model, storage, safety_checker=None)
 
 
 class InstructPix2PixEditor(Editor):
@@ -62,9 +62,9 @@ class InstructPix2PixEditor(Editor):
     config_class = InstructPix2PixConfig
     config: InstructPix2PixConfig
 
-    def __init__(self, stage2: Stage2Config) -> None:
-        super().__init__(stage2)
-        self.device, self.pipe = load_ip2p_pipeline(self.config.model)
+    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
+        super().__init__(stage2, storage)
+        self.device, self.pipe = load_ip2p_pipeline(self.config.model, storage)
         compile_denoiser(self.pipe, stage2)
 
     def working_size(self, width: int, height: int) -> tuple[int, int]:

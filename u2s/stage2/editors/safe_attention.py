@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from u2s.config_base import absolute_path
+from u2s.config_base import model_location
 from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, fit_long_side, seeded_generators
 from u2s.stage2.editors.instruct_pix2pix import InstructPix2PixConfig, load_ip2p_pipeline
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from u2s.config import Stage2Config
+    from u2s.config import Stage2Config, StorageConfig
 
 
 class SafeAttentionConfig(InstructPix2PixConfig):
@@ -38,10 +38,12 @@ class SafeAttentionConfig(InstructPix2PixConfig):
         "fusion: public Q/K/V copies + learned Conv1d fuser over both attention maps (variant F).",
     )  # fmt: skip
     weights: str | None = Field(
-        None, description="Saved SafeAttention weights (folder or file). None: untrained, equals plain IP2P."
+        None,
+        description="Saved SafeAttention weights: a folder or its .safetensors file, local or s3:// "
+        "(staged into the model cache like the model). None: untrained, equals plain IP2P.",
     )
 
-    _absolute_paths = field_validator("weights")(absolute_path)
+    _weights_location = field_validator("weights")(model_location)
 
     def stage1_texts(self) -> frozenset[str]:
         return frozenset({"edit_instruction", "public_caption"})
@@ -57,15 +59,16 @@ class SafeAttentionEditor(Editor):
     config_class = SafeAttentionConfig
     config: SafeAttentionConfig
 
-    def __init__(self, stage2: Stage2Config) -> None:
+    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
+        from u2s.io.model_store import local_location
         from u2s.stage2.safe_attention_processor import install_safe_attention, load_safe_attention
 
-        super().__init__(stage2)
-        self.device, self.pipe = load_ip2p_pipeline(self.config.model)
+        super().__init__(stage2, storage)
+        self.device, self.pipe = load_ip2p_pipeline(self.config.model, storage)
         self.processors = install_safe_attention(self.pipe.unet, self.config.variant)
         if self.config.weights:
             # Raises if the saved variant is not the configured one, or if any weight is missing.
-            load_safe_attention(self.pipe.unet, self.config.weights)
+            load_safe_attention(self.pipe.unet, local_location(self.config.weights, storage))
         compile_denoiser(self.pipe, stage2)  # after the processors: they are part of the compiled graph
 
     def working_size(self, width: int, height: int) -> tuple[int, int]:
