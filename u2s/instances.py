@@ -130,6 +130,7 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
         InstanceType("p5.4xlarge", 16, 256, 6.88, gpus=1, gpu="H100", max_pods=234, nvme_gib=3800),
         InstanceType("p5.48xlarge", 192, 2048, 55.04, gpus=8, gpu="H100", max_pods=250, nvme_gib=30400),
         InstanceType("p5en.48xlarge", 192, 2048, 63.30, gpus=8, gpu="H200", max_pods=250, nvme_gib=30400),
+        InstanceType("p4de.24xlarge", 96, 1152, 27.447, gpus=8, gpu="A100", max_pods=250, nvme_gib=7600),
         InstanceType("g6e.xlarge", 4, 32, 1.861, gpus=1, gpu="L40S", max_pods=58, nvme_gib=250),
         InstanceType("g6e.2xlarge", 8, 64, 2.242, gpus=1, gpu="L40S", max_pods=58, nvme_gib=450),
         InstanceType("g6e.4xlarge", 16, 128, 3.004, gpus=1, gpu="L40S", max_pods=234, nvme_gib=600),

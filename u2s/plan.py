@@ -71,8 +71,7 @@ class Card:
 CARDS: dict[str, Card] = {
     "H100": Card("H100", 989.0, 80, "p5.4xlarge"),
     "H200": Card("H200", 989.0, 141, "p5en.48xlarge"),
-    "A100": Card("A100", 312.0, 80, list_price=3.43, list_source="p4de.24xlarge $27.45/h / 8 GPUs (AWS "
-                 "us-east-1 on-demand list price; no A100 instance type in u2s/instances.py)"),
+    "A100": Card("A100", 312.0, 80, "p4de.24xlarge"),
     "L40S": Card("L40S", 362.0, 48, "g6e.2xlarge"),
     "L4": Card("L4", 121.0, 24, "g6.2xlarge"),
 }  # fmt: skip
