@@ -9,11 +9,9 @@ arrives once, with a final status) and the whole-image blur editor.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +26,7 @@ from u2s.config import JobConfig, dump_config, load_config
 from u2s.io.writers import FAULT_AFTER_COMMIT, parquet_files, read_columns
 from u2s.pipeline import run
 from u2s.testing.images import noise_image
+from u2s.testing.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
 
@@ -189,70 +188,6 @@ def test_a_killed_driver_resumes_where_its_files_end(ray_cluster, tiny_models, i
     assert [a["status"] for a in record["attempts"]] == ["running", "succeeded"]
     assert record["summary"]["resumed"] == len(finished)
     assert record["attempts"][-1]["written"] == IMAGES - len(finished)
-
-
-class TcpProxy:
-    """A TCP forwarder on 127.0.0.1 that can be cut off and restored: an object-store outage.
-
-    moto keeps its data in memory, so the server itself must stay up; stopping this proxy refuses new
-    connections and resets open ones, as a network partition or a restarting endpoint does.
-    """
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.listener: socket.socket | None = None
-        self.connections: list[socket.socket] = []
-        self.lock = threading.Lock()
-
-    def start(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self.listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def stop(self) -> None:
-        listener, self.listener = self.listener, None
-        if listener is not None:
-            listener.close()
-        with self.lock:
-            connections, self.connections = self.connections, []
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.connections += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
 
 
 def test_an_object_store_outage_is_ridden_out_or_resumed(ray_cluster, tiny_models, images, s3_endpoint):

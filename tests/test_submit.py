@@ -1,4 +1,6 @@
-"""`u2s submit` before the cluster: local validation, what travels with the job, the job entrypoint.
+"""`u2s submit` before the cluster: local validation, what travels with the job, the job entrypoint; and
+`--wait` riding out a dropped log stream, against a real `ray start --head` behind a TCP proxy that drops
+its connections and refuses new ones for a while (a dropped `kubectl port-forward`).
 
 Submitting to real clusters (`ray start --head`, Ray's autoscaler): tests/cluster/.
 """
@@ -6,9 +8,15 @@ Submitting to real clusters (`ray start --head`, Ray's autoscaler): tests/cluste
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
+import re
+import shlex
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +25,17 @@ from typer.testing import CliRunner
 
 from u2s.cli import app
 from u2s.config import load_config
-from u2s.submit import CONFIG_ENV, CONFIG_NAME, JOB_SCRIPT, SubmitError, build_submission
+from u2s.submit import (
+    CONFIG_ENV,
+    CONFIG_NAME,
+    JOB_SCRIPT,
+    UNREACHABLE_EXIT,
+    SubmitError,
+    build_submission,
+    follow,
+)
+from u2s.testing.ray_cluster import RayHead
+from u2s.testing.tcp_proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,3 +132,154 @@ def test_job_entrypoint_takes_exactly_the_run_options(capsys):
                 assert flag in help_text
     assert main(["--no-such-option"]) == 2
     assert main(["--preset", "cpu-tiny", "--set", "stage2.seed=x"]) == 2
+
+
+# --- `--wait` and a dropped log stream: a real head, its dashboard behind a proxy -----------------------
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A `ray start --head` of its own (own ports and temp dir: the session's in-process Ray ignores it)."""
+    with RayHead(num_cpus=1) as head:
+        yield head
+
+
+@pytest.fixture
+def proxy(ray_head):
+    """The head's dashboard (Job Submission API) behind a proxy that can be cut off: a port-forward."""
+    proxy = TcpProxy(ray_head.dashboard_port)
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+def _numbered_lines_job(count: int, pause_s: float, exit_code: int = 0) -> str:
+    """A `python -c` entrypoint printing ``line 1`` .. ``line {count}``, ``pause_s`` apart."""
+    code = (
+        f"import sys, time\nfor i in range(1, {count + 1}):\n"
+        f"    print(f'line {{i}}', flush=True)\n    time.sleep({pause_s})\nsys.exit({exit_code})"
+    )
+    return f"python -c {shlex.quote(code)}"
+
+
+class _Following:
+    """`follow()` in a thread, writing to buffers this test reads while it runs."""
+
+    def __init__(self, client, job_id: str, **kwargs) -> None:
+        self.out, self.err = io.StringIO(), io.StringIO()
+        self.result: dict = {}
+        self.thread = threading.Thread(target=self._run, args=(client, job_id), kwargs=kwargs, daemon=True)
+        self.thread.start()
+
+    def _run(self, client, job_id: str, **kwargs) -> None:
+        try:
+            self.result["status"] = follow(client, job_id, out=self.out, err=self.err, **kwargs)
+        except BaseException as e:
+            self.result["error"] = e
+
+    def wait_for(self, predicate: Callable[[str], bool]) -> None:
+        """Until ``predicate(output so far)``; fails if follow() returns first."""
+        while not predicate(self.out.getvalue()):
+            assert self.thread.is_alive(), (self.result, self.out.getvalue(), self.err.getvalue())
+            time.sleep(0.05)
+
+    def join(self) -> str:
+        self.thread.join()
+        assert "error" not in self.result, (self.result, self.err.getvalue())
+        return self.result["status"]
+
+
+def _numbered(output: str) -> list[int]:
+    return [int(n) for n in re.findall(r"^line (\d+)$", output, flags=re.MULTILINE)]
+
+
+@pytest.mark.slow
+def test_wait_rides_out_a_dropped_log_stream_and_prints_every_line_once(proxy):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(proxy.url)
+    job_id = client.submit_job(entrypoint=_numbered_lines_job(24, 1.0), entrypoint_num_cpus=0)
+    following = _Following(client, job_id, reconnect_timeout=120)
+    following.wait_for(lambda out: "line 6\n" in out)
+    proxy.stop()  # the port-forward drops: open connections closed, new ones refused...
+    time.sleep(4)  # ...while the job prints on
+    proxy.start()
+    following.wait_for(lambda out: "line 14\n" in out)
+    assert proxy.drop(reset=True) > 0  # then a reset of the open stream, reconnecting at once
+    assert following.join() == "SUCCEEDED"
+    # Each new stream replays the log from its start: nothing twice, nothing missed, in order.
+    assert _numbered(following.out.getvalue()) == list(range(1, 25))
+    notices = following.err.getvalue().splitlines()
+    assert len(notices) >= 2 and all(n.startswith("log stream lost (") for n in notices), notices
+    assert "reconnecting" in notices[0] and "Traceback" not in following.err.getvalue()
+
+
+@pytest.mark.slow
+def test_wait_replaces_a_log_stream_that_died_silently(proxy):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(proxy.url)
+    job_id = client.submit_job(entrypoint=_numbered_lines_job(16, 0.5), entrypoint_num_cpus=0)
+    following = _Following(client, job_id, reconnect_timeout=120, idle_check_s=2, call_timeout_s=5)
+    following.wait_for(lambda out: "line 3\n" in out)
+    # The open connections (the log stream, a status call if one is under way) stay open but carry
+    # nothing more: no FIN, no RST. The stream is found silent while the log grows, a call unanswered.
+    assert proxy.freeze() > 0
+    assert following.join() == "SUCCEEDED", following.err.getvalue()
+    assert _numbered(following.out.getvalue()) == list(range(1, 17))
+    err = following.err.getvalue()
+    assert "log stream stalled" in err or "no answer from the dashboard" in err, err
+
+
+@pytest.mark.slow
+def test_wait_returns_a_failed_job_s_status_and_the_cli_exits_1(proxy, ray_head, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(proxy.url)
+    job_id = client.submit_job(entrypoint=_numbered_lines_job(6, 0.5, exit_code=1), entrypoint_num_cpus=0)
+    following = _Following(client, job_id, reconnect_timeout=120)
+    following.wait_for(lambda out: "line 3\n" in out)
+    proxy.drop()
+    assert following.join() == "FAILED"
+    assert _numbered(following.out.getvalue()) == list(range(1, 7))
+    # The CLI: a job that fails on the cluster (its input is missing there) exits 1, with the job's error.
+    result = subprocess.run(
+        [sys.executable, "-m", "u2s.cli", "submit", "--address", proxy.url, "--working-dir", str(REPO),
+         "--wait", "--preset", "cpu-tiny", "--input", str(tmp_path / "missing"),
+         "--output", str(tmp_path / "safe"), "--sensitive-output", str(tmp_path / "sensitive")],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "input not found" in result.stdout and ": FAILED" in result.stdout
+
+
+@pytest.mark.slow
+def test_wait_gives_up_on_a_cluster_out_of_reach_with_a_clear_message_and_exit_3(proxy, ray_head, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    cmd = [sys.executable, "-m", "u2s.cli", "submit", "--address", proxy.url, "--working-dir", str(REPO),
+           "--wait", "--reconnect-timeout", "3", "--preset", "cpu-tiny", "--input", str(tmp_path / "in"),
+           "--output", str(tmp_path / "safe"), "--sensitive-output", str(tmp_path / "sensitive")]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        first = cli.stdout.readline()  # "submitted <id> to <address>": now it follows the logs
+        assert first.startswith("submitted "), (first, cli.stderr.read() if cli.poll() is not None else "")
+        job_id = first.split()[1]
+        proxy.stop()  # and the cluster stays out of reach
+        stdout, stderr = cli.communicate(timeout=600)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == UNREACHABLE_EXIT == 3, (stdout, stderr)
+    assert "Traceback" not in stderr
+    final = stderr.strip().splitlines()[-1]
+    assert final.startswith(f"submit: lost the log stream of job {job_id}")
+    assert f"ray job status --address {proxy.url} {job_id}" in final
+    assert f"ray job logs --address {proxy.url} {job_id}" in final
+    # Before it: Ray's upload lines, then one notice per try to reconnect, nothing else.
+    lines = stderr.strip().splitlines()
+    first_notice = next(i for i, line in enumerate(lines) if line.startswith("log stream lost ("))
+    assert all(line.startswith("log stream lost (") for line in lines[first_notice:-1]), stderr
+    # The job itself was never touched: the cluster still knows it.
+    assert JobSubmissionClient(ray_head.dashboard_url).get_job_status(job_id) is not None

@@ -127,8 +127,20 @@ def submit(
     ] = None,
     submission_id: Annotated[str | None, typer.Option(help="Submission id (default: Ray picks one).")] = None,
     wait: Annotated[
-        bool, typer.Option("--wait", help="Follow the logs; exit with the job's status.")
+        bool,
+        typer.Option(
+            "--wait",
+            help="Follow the logs, reconnecting when the stream drops; exit 0 if the job succeeded, 1 if "
+            "it failed or was stopped, 3 if the cluster stayed out of reach past --reconnect-timeout "
+            "(the job runs on).",
+        ),
     ] = False,
+    reconnect_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0, help="With --wait: how long (seconds) to keep reconnecting to an unreachable cluster."
+        ),
+    ] = 600.0,
     job_args: Annotated[
         list[str] | None,
         typer.Argument(metavar="[-- RUN_OPTIONS]", help="More `u2s run` options for the job, after `--`."),
@@ -138,13 +150,17 @@ def submit(
     cfg = resolve_config(
         preset, config, io_overrides(input, input_format, output, sensitive_output) + (set_ or [])
     )
-    from u2s.submit import SubmitError, submit_job
+    from u2s.submit import UNREACHABLE_EXIT, ClusterUnreachable, SubmitError, submit_job
 
     try:
-        status = submit_job(cfg, address, working_dir, image, job_args, submission_id, wait, echo=typer.echo)
+        status = submit_job(cfg, address, working_dir, image, job_args, submission_id, wait,
+                            echo=typer.echo, reconnect_timeout=reconnect_timeout)  # fmt: skip
     except SubmitError as e:
         typer.echo(f"submit: {e}", err=True)
         raise typer.Exit(2) from None
+    except ClusterUnreachable as e:
+        typer.echo(f"submit: {e}", err=True)
+        raise typer.Exit(UNREACHABLE_EXIT) from None
     if status is not None:
         raise typer.Exit(0 if status == "SUCCEEDED" else 1)
 
