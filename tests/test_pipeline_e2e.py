@@ -251,7 +251,43 @@ def test_the_vllm_actor_ran_in_its_own_placement_group_removed_after_the_run(job
 
 def test_the_run_writes_only_the_two_tables_and_their_records(job):
     fs, _ = filesystem("s3://e2e-public", job["storage"])
-    for root in ("e2e-public/u2s/safe", "e2e-restricted/u2s/sensitive"):
+    for root, card in (("e2e-public/u2s/safe", {"README.md"}), ("e2e-restricted/u2s/sensitive", set())):
         names = {path.rsplit("/", 1)[-1] for path in fs.find(root)}
-        assert names and all(name.endswith(".parquet") or name == "_run.json" for name in names)
+        assert card <= names  # the safe output's dataset card
+        assert all(name.endswith(".parquet") or name in {"_run.json", *card} for name in names)
     assert not [p for p in fs.find("e2e-restricted") if "_work" in p]
+
+
+@pytest.fixture(scope="module")
+def safe_download(job, tmp_path_factory) -> Path:
+    """The safe output as a user downloads it (or a Hub upload holds it)."""
+    fs, _ = filesystem("s3://e2e-public", job["storage"])
+    local = tmp_path_factory.mktemp("published") / "safe"
+    fs.get("e2e-public/u2s/safe/", str(local), recursive=True)
+    return local
+
+
+def test_the_safe_output_loads_with_datasets_by_its_card_alone(job, safe_download):
+    import datasets
+
+    ds = datasets.load_dataset(str(safe_download), split="train")  # no data_files: the card says
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert sorted(ds["id"]) == sorted(row["id"] for row in job["safe"])
+    for row in ds:
+        if row["status"] == "error":
+            assert row["image"] is None
+        else:
+            assert isinstance(row["image"], Image.Image) and row["image"].size[0] == row["width"]
+    card = datasets.load_dataset_builder(str(safe_download)).info
+    assert set(card.features) == set(SAFE_SCHEMA.names)
+
+
+def test_the_dataset_card_says_what_was_done_and_nothing_private(job, safe_download):
+    text = (safe_download / "README.md").read_text()
+    by_status = {s: sum(row["status"] == s for row in job["safe"]) for s in ("kept", "edited", "error")}
+    for status, count in by_status.items():
+        assert f"| `{status}` | {count:,} |" in text
+    assert "`instruct_pix2pix` editor" in text and "`output.metadata: strip`" in text
+    private = [row[c] for row in job["sensitive"] for c in ("source", *PRIVATE_COLUMNS) if row[c]]
+    private += ["e2e-input", "e2e-restricted", job["endpoint"], "images/"]
+    assert private and not [value for value in private if isinstance(value, str) and value in text]

@@ -167,8 +167,10 @@ class _Records:
         self.full["attempts"].append(self.attempt)
 
     def save(self, summary: RunSummary | None = None) -> None:
+        from u2s.io.dataset_card import write_dataset_card
         from u2s.io.storage import uri_join, write_json
         from u2s.run_record import public_config
+        from u2s.schema import safe_schema
 
         storage = self.cfg.storage
         if summary is not None:
@@ -187,6 +189,7 @@ class _Records:
             "config": public_config(self.cfg),
         }
         write_json(uri_join(self.cfg.output.uri, "_run.json"), storage, public)
+        write_dataset_card(self.cfg.output.uri, storage, public, safe_schema(self.cfg.output.publish))
 
     def finish(self, status: str, **fields: Any) -> None:
         from u2s.run_record import now
