@@ -48,6 +48,7 @@ def driver(folder: str) -> None:
 
     from u2s.config import DecodeConfig, InputConfig, Resources, StorageConfig
     from u2s.io.decode import DecodeStage
+    from u2s.io.ids import IdKey
     from u2s.io.listing import list_input
     from u2s.io.readers import fetch
 
@@ -59,7 +60,7 @@ def driver(folder: str) -> None:
         StorageConfig(),
         Resources(batch_size=256, num_cpus=0.5),
     )
-    listing = list_input(cfg, storage, resources)
+    listing = list_input(cfg, storage, resources, IdKey.generate())  # keyed ids, as a run makes them
     listed = time.perf_counter() - start
     stage = DecodeStage(DecodeConfig(), thumbnail_side=8, metadata="keep")
     rows = fetch(listing.dataset, cfg, storage, resources).map_batches(

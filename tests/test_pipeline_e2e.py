@@ -9,6 +9,7 @@ only, see tests/gpu/).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -19,7 +20,6 @@ from PIL import Image, ImageOps
 from u2s.config import StorageConfig
 from u2s.demo_data import write_sample_dataset
 from u2s.io.decode import load_rgb
-from u2s.io.readers import stable_id
 from u2s.io.storage import filesystem
 from u2s.io.writers import read_columns
 from u2s.schema import PRIVATE_COLUMNS, SAFE_SCHEMA, SENSITIVE_SCHEMA
@@ -55,7 +55,7 @@ def job(ray_cluster, tiny_models, s3_endpoint, tmp_path_factory):
     for sample in samples:
         key = f"images/{sample.path.relative_to(local).as_posix()}"
         s3.upload_file(str(sample.path), "e2e-input", key)
-        inputs[stable_id(f"s3://e2e-input/{key}")] = (sample, sample.path.read_bytes())
+        inputs[f"s3://e2e-input/{key}"] = (sample, sample.path.read_bytes())  # by source, until the run
     # A tiny VLM that flags some samples and keeps others (found, not hand-picked: see its docstring).
     probes = [data for sample, data in inputs.values() if sample.expected == "image"][:8]
     vlm, _ = build_tiny_vlm_flagging_some(tmp_path_factory.mktemp("e2e-vlm") / "vlm", probes)
@@ -79,12 +79,15 @@ def job(ray_cluster, tiny_models, s3_endpoint, tmp_path_factory):
     ]  # fmt: skip
     assert _job_main()(argv) == 0
     groups = [group for key, group in placement_group_table().items() if key not in groups_before]
+    sensitive = _read_table("s3://e2e-restricted/u2s/sensitive", storage, SENSITIVE_SCHEMA)
+    ids = {row["source"]: row["id"] for row in sensitive}  # keyed ids: only this table maps them back
     return {
         "groups": groups,
-        "inputs": inputs,
+        "inputs": {ids[source]: sample for source, sample in inputs.items()},
+        "sources": sorted(inputs),
         "storage": storage,
         "safe": _read_table("s3://e2e-public/u2s/safe", storage, SAFE_SCHEMA),
-        "sensitive": _read_table("s3://e2e-restricted/u2s/sensitive", storage, SENSITIVE_SCHEMA),
+        "sensitive": sensitive,
         "endpoint": s3_endpoint,
     }
 
@@ -94,7 +97,11 @@ def test_every_input_row_appears_exactly_once_in_each_table(job):
         ids = [row["id"] for row in job[table]]
         assert len(ids) == len(set(ids)) == len(job["inputs"]), table
         assert set(ids) == set(job["inputs"])
+    assert sorted(row["source"] for row in job["sensitive"]) == job["sources"]
     assert {row["status"] for row in job["safe"]} <= {"kept", "edited", "error"}
+    # Ids are keyed: the SHA-1 of a guessed source path (the old id) finds no row of the safe table.
+    unkeyed = {hashlib.sha1(source.encode()).hexdigest()[:20] for source in job["sources"]}
+    assert not unkeyed & {row["id"] for row in job["safe"]}
 
 
 def test_broken_files_are_error_rows_with_reasons_and_no_image(job):
@@ -251,10 +258,12 @@ def test_the_vllm_actor_ran_in_its_own_placement_group_removed_after_the_run(job
 
 def test_the_run_writes_only_the_two_tables_and_their_records(job):
     fs, _ = filesystem("s3://e2e-public", job["storage"])
-    for root, card in (("e2e-public/u2s/safe", {"README.md"}), ("e2e-restricted/u2s/sensitive", set())):
+    # The id key lives beside the sensitive table only.
+    outputs = (("e2e-public/u2s/safe", {"README.md"}), ("e2e-restricted/u2s/sensitive", {"_id_key"}))
+    for root, extra in outputs:
         names = {path.rsplit("/", 1)[-1] for path in fs.find(root)}
-        assert card <= names  # the safe output's dataset card
-        assert all(name.endswith(".parquet") or name in {"_run.json", *card} for name in names)
+        assert extra <= names  # the safe output's dataset card; the sensitive one's id key
+        assert all(name.endswith(".parquet") or name in {"_run.json", *extra} for name in names)
     assert not [p for p in fs.find("e2e-restricted") if "_work" in p]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from PIL import Image
 
 from u2s.config import load_config
+from u2s.io.ids import IdKey
 from u2s.io.listing import list_input
 from u2s.pipeline import build_dataset, stage_pools
 
@@ -32,7 +33,7 @@ def _fn_name(op) -> str:
 def _plan(tmp_path, *overrides: str):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     cfg = load_config(preset="paper", overrides=[f"input.uri={tmp_path}", *overrides])
-    listing = list_input(cfg.input, cfg.storage, cfg.ray.decode)
+    listing = list_input(cfg.input, cfg.storage, cfg.ray.decode, IdKey.generate())
     return cfg, _map_operators(build_dataset(cfg, listing))
 
 

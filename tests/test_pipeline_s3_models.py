@@ -18,7 +18,6 @@ import pytest
 from u2s.config import StorageConfig
 from u2s.demo_data import write_sample_dataset
 from u2s.io.model_store import EVENTS, MARKER
-from u2s.io.readers import stable_id
 from u2s.io.storage import filesystem
 from u2s.io.writers import read_columns
 
@@ -92,7 +91,7 @@ def run(ray_cluster, tiny_models, s3_endpoint, tmp_path_factory):
     for sample in write_sample_dataset(local):
         key = f"images/{sample.path.relative_to(local).as_posix()}"
         s3.upload_file(str(sample.path), "w-e2e-input", key)
-        inputs[stable_id(f"s3://w-e2e-input/{key}")] = sample
+        inputs[f"s3://w-e2e-input/{key}"] = sample  # by source: the ids are keyed
     cache = tmp_path_factory.mktemp("model-cache")
     argv = [
         "run", "--preset", "paper",
@@ -112,8 +111,12 @@ def run(ray_cluster, tiny_models, s3_endpoint, tmp_path_factory):
     def table(uri: str) -> list[dict]:
         return read_columns(uri, storage, ["id", "status", "error"]).to_pylist()
 
+    ids = {
+        row["source"]: row["id"]
+        for row in read_columns("s3://w-e2e-restricted/u2s/sensitive", storage, ["id", "source"]).to_pylist()
+    }
     return {
-        "inputs": inputs,
+        "inputs": {ids[source]: sample for source, sample in inputs.items()},
         "storage": storage,
         "cache": cache,
         "safe": table("s3://w-e2e-public/u2s/safe"),

@@ -84,6 +84,7 @@ def run(
     overrides = io_overrides(input, input_format, output, sensitive_output, ray_address) + (set_ or [])
     cfg = resolve_config(preset, config, overrides)
     from u2s.io.errors import InputError
+    from u2s.io.storage import OutputUnavailable
     from u2s.io.writers import OutputExistsError
     from u2s.pipeline import JobFailed, format_summary
     from u2s.pipeline import run as run_job
@@ -91,7 +92,7 @@ def run(
 
     try:
         summary = run_job(cfg, resume=resume, force=force)
-    except (InputError, OutputExistsError, ResumeRefused) as e:
+    except (InputError, OutputExistsError, OutputUnavailable, ResumeRefused) as e:
         typer.echo(f"u2s run: {e}", err=True)
         raise typer.Exit(2) from None
     except JobFailed as e:

@@ -77,10 +77,27 @@ class InputConfig(_Model):
         None, description="COCO only: path/URI of the instances JSON. Images are read from `uri`."
     )
     image_column: str = Field("image", description="Parquet only: the Hugging Face Image column.")
+    id: Literal["keyed", "source_hash", "column"] = Field(
+        "keyed",
+        description="How row ids are made (they are published in the safe table). keyed: HMAC-SHA256 of "
+        "the source (image URI; Parquet: file URI + row index) under a secret key generated for each new "
+        "output and kept only beside the sensitive table (`_id_key`; --resume reuses it): an id confirms "
+        "nothing to someone who guesses a path. source_hash: SHA-1 of the source, the same in every run; "
+        "anyone who guesses a path (`.../patients/jane_doe/scan1.png`) can confirm it is in the dataset "
+        "and find its row. column: the data's own ids, published as they are (input.id_column; COCO: the "
+        "annotation file's image ids, public to anyone who has that file). Default: column for COCO or "
+        "when id_column is set, else keyed.",
+    )
+    id_key_from: str | None = Field(
+        None,
+        description="keyed ids only: the sensitive output of an earlier run whose id key a new output "
+        "reuses (copied beside its own sensitive table), so that the two runs' ids match, e.g. baselines "
+        "compared with `u2s eval`. Default: a fresh key per output.",
+    )
     id_column: str | None = Field(
         None,
-        description="Parquet and manifest: column holding the row id. Default: a hash of the source "
-        "(Parquet: file URI + row index; manifest: the image URI).",
+        description="Parquet and manifest: column holding the row id (input.id: column), published as is. "
+        "Without it ids are a hash of the source (see input.id).",
     )
     label_column: str | None = Field(None, description="Parquet and manifest: column holding the label.")
     manifest_uri_column: str = Field(
@@ -103,12 +120,32 @@ class InputConfig(_Model):
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many rows (smoke runs).")
 
-    _absolute_paths = field_validator("uri", "coco_annotations")(_absolute)
+    _absolute_paths = field_validator("uri", "coco_annotations", "id_key_from")(_absolute)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("id") is None:
+            from_data = data.get("format") == "coco" or data.get("id_column")
+            data = {**data, "id": "column" if from_data else "keyed"}
+        return data
 
     @model_validator(mode="after")
     def _coco_needs_annotations(self) -> InputConfig:
         if self.format == "coco" and not self.coco_annotations:
             raise ValueError("format 'coco' needs input.coco_annotations (the instances JSON)")
+        return self
+
+    @model_validator(mode="after")
+    def _id_column_for_column_ids(self) -> InputConfig:
+        if self.id == "column" and self.format in ("parquet", "manifest") and not self.id_column:
+            raise ValueError("input.id: column needs input.id_column (the column holding the ids)")
+        if self.id == "column" and self.format in ("image_folder", "class_folders"):
+            raise ValueError(f"format {self.format!r} has no id column: use input.id keyed or source_hash")
+        if self.id != "column" and self.id_column:
+            raise ValueError(f"input.id_column is read only with input.id: column (not {self.id})")
+        if self.id != "keyed" and self.id_key_from:
+            raise ValueError(f"input.id_key_from is used only with input.id: keyed (not {self.id})")
         return self
 
 

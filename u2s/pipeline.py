@@ -232,6 +232,7 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary
     """
     import ray
 
+    from u2s.io.ids import output_id_key
     from u2s.io.listing import list_input
     from u2s.io.storage import read_json, retry_transient_errors, uri_join
     from u2s.io.writers import SafeAndSensitiveDatasink, prepare_outputs
@@ -240,9 +241,10 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary
     from u2s.stage1.engines.vllm_pool import remove_placement_groups
 
     start = time.perf_counter()
-    resuming = prepare_outputs(cfg.output, cfg.storage, resume=resume)
+    resuming = prepare_outputs(cfg.output, cfg.storage, resume=resume)  # both checked: no bucket made
+    id_key = output_id_key(cfg.input, cfg.output, cfg.storage, resume=resuming)  # stored before any row
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
-    listing = list_input(cfg.input, cfg.storage, cfg.ray.decode)
+    listing = list_input(cfg.input, cfg.storage, cfg.ray.decode, id_key)
     previous = read_json(uri_join(cfg.output.sensitive_uri, "_run.json"), cfg.storage) if resuming else None
     done = None
     if resuming:

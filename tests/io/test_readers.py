@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from u2s.config import InputConfig, Resources, StorageConfig
+from u2s.io.ids import IdKey
 from u2s.io.listing import list_input
 from u2s.io.readers import InputError, drop_done, read_listing, read_source
 from u2s.io.storage import filesystem, uri_join
@@ -21,6 +22,7 @@ from u2s.schema import IMAGE_TYPE, WORKING_SCHEMA
 
 RESOURCES = Resources(batch_size=3, num_cpus=0.5)
 LOCAL = StorageConfig()
+KEY = IdKey.generate()  # the output's id key a run would make (input.id: keyed, the default)
 
 
 def png(seed: int, size: tuple[int, int] = (6, 4)) -> bytes:
@@ -44,8 +46,17 @@ def sha20(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
+def assert_keyed(rows: list[dict]) -> None:
+    """Keyed ids: unique, as long as unkeyed ones, and none is the SHA-1 of its source (which anyone who
+    guesses the source can compute)."""
+    ids = [r["id"] for r in rows]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 20 and int(i, 16) >= 0 for i in ids)
+    assert not {sha20(r["source"]) for r in rows} & set(ids)
+
+
 def read(cfg: InputConfig, storage: StorageConfig = LOCAL) -> list[dict]:
-    ds = read_source(cfg, storage, RESOURCES)
+    ds = read_source(cfg, storage, RESOURCES, KEY)
     rows = ds.take_all()
     assert ds.schema().base_schema == WORKING_SCHEMA
     return sorted(rows, key=lambda r: r["source"])
@@ -68,14 +79,17 @@ def test_image_folder_local(tmp_path, ray_cluster) -> None:
     cfg = InputConfig(uri=str(tmp_path / "ds"), format="image_folder")
     rows = read(cfg)
     assert [r["source"] for r in rows] == sorted(expected)
+    assert_keyed(rows)
     for row in rows:
-        assert row["id"] == sha20(row["source"])
         assert row["label"] is None
         assert row["image"] == {"bytes": expected[row["source"]], "path": None}  # never the source path
         assert_fresh(row)
     again = read(cfg)
-    assert [r["id"] for r in again] == [r["id"] for r in rows]  # stable across reads
-    assert len({r["id"] for r in rows}) == len(rows)
+    assert [r["id"] for r in again] == [r["id"] for r in rows]  # stable across reads with the same key
+    other = read_source(cfg, LOCAL, RESOURCES, IdKey.generate()).take_all()
+    assert not {r["id"] for r in other} & {r["id"] for r in rows}  # another output's key: other ids
+    unkeyed = read(cfg.model_copy(update={"id": "source_hash"}))
+    assert [r["id"] for r in unkeyed] == [sha20(r["source"]) for r in rows]  # source_hash: as before
 
 
 def test_class_folders_and_limit(tmp_path, ray_cluster) -> None:
@@ -84,7 +98,9 @@ def test_class_folders_and_limit(tmp_path, ray_cluster) -> None:
     cfg = InputConfig(uri=str(tmp_path / "caltech"), format="class_folders")
     rows = read(cfg)
     assert [r["label"] for r in rows] == ["cat", "cat", "dog", "x", "zebra"]
-    assert [r["id"] for r in rows] == [sha20(str(tmp_path / "caltech" / n)) for n in names]
+    assert_keyed(rows)
+    unkeyed = read(cfg.model_copy(update={"id": "source_hash"}))
+    assert [r["id"] for r in unkeyed] == [sha20(str(tmp_path / "caltech" / n)) for n in names]
     limited = read(cfg.model_copy(update={"limit": 2}))
     assert [r["source"] for r in limited] == [r["source"] for r in rows[:2]]  # first sources in order
 
@@ -93,7 +109,7 @@ def test_custom_extensions_and_skipped_files_are_counted(tmp_path, ray_cluster) 
     write_files(tmp_path, ["a.jpg", "b.JXL", "c.png", "sub/d.txt", "sub/e.jpg"])
     cfg = InputConfig(uri=str(tmp_path), extensions=["jxl", ".PNG"])
     assert [Path(r["source"]).name for r in read(cfg)] == ["b.JXL", "c.png"]
-    listing = list_input(cfg, LOCAL, RESOURCES)
+    listing = list_input(cfg, LOCAL, RESOURCES, KEY)
     assert listing.rows == 2 and listing.skipped_extensions == {".jpg": 2, ".txt": 1}
 
 
@@ -106,8 +122,9 @@ def test_single_file_uri(tmp_path, ray_cluster) -> None:
 def test_finished_ids_are_dropped_before_any_byte_is_fetched(tmp_path, ray_cluster) -> None:
     write_files(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
     cfg = InputConfig(uri=str(tmp_path))
-    listing = list_input(cfg, LOCAL, RESOURCES)
-    done = pa.array([sha20(str(tmp_path / "a.jpg")), sha20(str(tmp_path / "c.jpg"))])
+    listing = list_input(cfg, LOCAL, RESOURCES, KEY)
+    ids = {Path(r["source"]).name: r["id"] for r in listing.dataset.take_all()}
+    done = pa.array([ids["a.jpg"], ids["c.jpg"]])
     (tmp_path / "a.jpg").unlink()  # a fetch of a finished row would now fail: it must not happen
     rows = read_listing(listing, cfg, LOCAL, RESOURCES, done).take_all()
     assert [Path(r["source"]).name for r in rows] == ["b.jpg"] and rows[0]["status"] is None
@@ -115,17 +132,18 @@ def test_finished_ids_are_dropped_before_any_byte_is_fetched(tmp_path, ray_clust
     import ray
 
     kept = pa.concat_tables([drop_done(ray.get(ref), done) for ref in manifest])
-    assert kept.column("id").to_pylist() == [sha20(str(tmp_path / "b.jpg"))]
+    assert kept.column("id").to_pylist() == [ids["b.jpg"]]
 
 
 def test_file_deleted_after_listing_becomes_an_error_row(tmp_path, ray_cluster) -> None:
     files = write_files(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
-    ds = read_source(InputConfig(uri=str(tmp_path)), LOCAL, RESOURCES)  # lazy: only the listing ran
+    ds = read_source(InputConfig(uri=str(tmp_path)), LOCAL, RESOURCES, KEY)  # lazy: only the listing ran
     (tmp_path / "b.jpg").unlink()
     rows = sorted(ds.take_all(), key=lambda r: r["source"])
     assert len(rows) == 3
     gone = rows[1]
-    assert gone["source"] == str(tmp_path / "b.jpg") and gone["id"] == sha20(gone["source"])
+    assert gone["source"] == str(tmp_path / "b.jpg")
+    assert_keyed(rows)
     assert gone["status"] == "error" and gone["error"] == "read: FileNotFoundError"
     assert gone["image"]["bytes"] is None
     assert rows[0]["image"]["bytes"] == files[str(tmp_path / "a.jpg")] and rows[0]["status"] is None
@@ -172,14 +190,14 @@ def test_coco_input_errors(tmp_path, content: bytes, match: str) -> None:
     (tmp_path / "ann.json").write_bytes(content)
     cfg = InputConfig(uri=str(tmp_path / "imgs"), format="coco", coco_annotations=str(tmp_path / "ann.json"))
     with pytest.raises(InputError, match=match):
-        read_source(cfg, LOCAL, RESOURCES)
+        read_source(cfg, LOCAL, RESOURCES, KEY)
 
 
 def test_coco_missing_annotations(tmp_path) -> None:
     (tmp_path / "imgs").mkdir()
     cfg = InputConfig(uri=str(tmp_path / "imgs"), format="coco", coco_annotations=str(tmp_path / "nope.json"))
     with pytest.raises(InputError, match=r"annotations not found: .*nope\.json"):
-        read_source(cfg, LOCAL, RESOURCES)
+        read_source(cfg, LOCAL, RESOURCES, KEY)
 
 
 # ------------------------------------------------------------------------------------------- folder errors
@@ -187,10 +205,10 @@ def test_coco_missing_annotations(tmp_path) -> None:
 
 def test_missing_root_and_empty_folder(tmp_path) -> None:
     with pytest.raises(InputError, match=f"input not found: {tmp_path}/absent"):
-        read_source(InputConfig(uri=str(tmp_path / "absent")), LOCAL, RESOURCES)
+        read_source(InputConfig(uri=str(tmp_path / "absent")), LOCAL, RESOURCES, KEY)
     write_files(tmp_path / "empty", ["readme.txt", ".hidden.jpg"])
     with pytest.raises(InputError, match="no images found in"):
-        read_source(InputConfig(uri=str(tmp_path / "empty"), format="class_folders"), LOCAL, RESOURCES)
+        read_source(InputConfig(uri=str(tmp_path / "empty"), format="class_folders"), LOCAL, RESOURCES, KEY)
 
 
 # --------------------------------------------------------------------------------------------- Parquet
@@ -240,7 +258,9 @@ def test_parquet_binary_column_single_file_default_ids(tmp_path, ray_cluster) ->
     pq.write_table(pa.table({"image": pa.array([png(i) for i in range(3)], pa.binary())}), path)
     rows = read(InputConfig(uri=str(path), format="parquet"))
     assert [r["source"] for r in rows] == [f"{path}#{i}" for i in range(3)]
-    assert [r["id"] for r in rows] == [sha20(f"{path}#{i}") for i in range(3)]
+    assert_keyed(rows)  # a hash of file + row, keyed like any source
+    unkeyed = read(InputConfig(uri=str(path), format="parquet", id="source_hash"))
+    assert [r["id"] for r in unkeyed] == [sha20(f"{path}#{i}") for i in range(3)]
     assert [r["image"]["bytes"] for r in rows] == [png(i) for i in range(3)]
     assert all(r["label"] is None for r in rows)
 
@@ -252,7 +272,7 @@ def test_parquet_corrupt_file_gives_an_error_row(tmp_path, ray_cluster) -> None:
     # No readable footer: the number of records is unknown, so the file is one error row.
     assert len(rows) == 3 and [r["status"] for r in rows] == [None, None, "error"]
     assert rows[2]["source"] == str(tmp_path / "b.parquet") and rows[2]["error"].startswith("read: ")
-    listing = list_input(InputConfig(uri=str(tmp_path), format="parquet"), LOCAL, RESOURCES)
+    listing = list_input(InputConfig(uri=str(tmp_path), format="parquet"), LOCAL, RESOURCES, KEY)
     assert listing.unreadable_files == 1
 
 
@@ -282,13 +302,13 @@ def test_parquet_duplicate_ids_fail_fast_naming_them(tmp_path, ray_cluster) -> N
     )
     cfg = InputConfig(uri=str(tmp_path), format="parquet", image_column="pic", id_column="image_id")
     with pytest.raises(InputError, match=r"duplicate row ids .* \(e\.g\. 2, 3\)"):
-        list_input(cfg, LOCAL, RESOURCES)
+        list_input(cfg, LOCAL, RESOURCES, KEY)
 
 
 def test_parquet_input_errors(tmp_path) -> None:
     (tmp_path / "none").mkdir()
     with pytest.raises(InputError, match=r"no \.parquet files"):
-        read_source(InputConfig(uri=str(tmp_path / "none"), format="parquet"), LOCAL, RESOURCES)
+        read_source(InputConfig(uri=str(tmp_path / "none"), format="parquet"), LOCAL, RESOURCES, KEY)
     pq.write_table(hf_table(0, 1), tmp_path / "x.parquet")
     cases = [
         ({}, "column 'image' not in"),
@@ -298,7 +318,7 @@ def test_parquet_input_errors(tmp_path) -> None:
     for update, match in cases:
         cfg = InputConfig(uri=str(tmp_path / "x.parquet"), format="parquet", **update)
         with pytest.raises(InputError, match=match):
-            read_source(cfg, LOCAL, RESOURCES)
+            read_source(cfg, LOCAL, RESOURCES, KEY)
 
 
 # ------------------------------------------------------------------------------------------------- S3
@@ -318,17 +338,17 @@ def test_image_folder_on_s3(s3_endpoint, s3_bucket, ray_cluster) -> None:
     storage = StorageConfig(endpoint_url=s3_endpoint)
     files = upload(s3_bucket, storage, ["x/a.jpg", "x/sub/b.PNG", "x/c.txt", "y/other.jpg"], "data")
     cfg = InputConfig(uri=uri_join(s3_bucket, "data", "x"), format="class_folders")
-    ds = read_source(cfg, storage, RESOURCES)
+    ds = read_source(cfg, storage, RESOURCES, KEY)
     fs, path = filesystem(uri_join(s3_bucket, "data/x/a.jpg"), storage)
     fs.rm(path)  # deleted after listing
     rows = sorted(ds.take_all(), key=lambda r: r["source"])
     assert [r["source"] for r in rows] == [f"{s3_bucket}/data/x/a.jpg", f"{s3_bucket}/data/x/sub/b.PNG"]
     assert [r["label"] for r in rows] == ["x", "sub"]
-    assert [r["id"] for r in rows] == [sha20(r["source"]) for r in rows]
+    assert_keyed(rows)
     assert rows[0]["error"] == "read: FileNotFoundError" and rows[0]["image"]["bytes"] is None
     assert rows[1]["image"]["bytes"] == files[rows[1]["source"]] and rows[1]["status"] is None
     with pytest.raises(InputError, match="input not found"):
-        read_source(InputConfig(uri=uri_join(s3_bucket, "nothing-here")), storage, RESOURCES)
+        read_source(InputConfig(uri=uri_join(s3_bucket, "nothing-here")), storage, RESOURCES, KEY)
 
 
 def test_coco_on_s3(s3_endpoint, s3_bucket, ray_cluster) -> None:
@@ -352,7 +372,9 @@ def test_parquet_on_s3(s3_endpoint, s3_bucket, ray_cluster) -> None:
         buf = io.BytesIO()
         pq.write_table(hf_table(3 * i, 3).rename_columns(["image_id", "label", "image"]), buf)
         fs.pipe(f"{root}/train-{i:05d}-of-00002.parquet", buf.getvalue())
-    cfg = InputConfig(uri=uri_join(s3_bucket, "hf/data"), format="parquet", label_column="label")
+    cfg = InputConfig(
+        uri=uri_join(s3_bucket, "hf/data"), format="parquet", label_column="label", id="source_hash"
+    )
     rows = read(cfg, storage)
     expected = [f"{s3_bucket}/hf/data/train-{i:05d}-of-00002.parquet#{j}" for i in range(2) for j in range(3)]
     assert [r["source"] for r in rows] == expected
@@ -371,7 +393,7 @@ def test_read_then_decode_through_ray(tmp_path, ray_cluster) -> None:
 
     write_files(tmp_path, ["good.png", "gone.png"])
     (tmp_path / "broken.jpg").write_bytes(b"not really a jpeg")
-    ds = read_source(InputConfig(uri=str(tmp_path)), LOCAL, RESOURCES)
+    ds = read_source(InputConfig(uri=str(tmp_path)), LOCAL, RESOURCES, KEY)
     (tmp_path / "gone.png").unlink()
     stage = DecodeStage(DecodeConfig(), thumbnail_side=4, metadata="keep")
     ds = ds.map_batches(lambda batch: stage(batch), batch_size=2, batch_format="pyarrow", num_cpus=0.5)
@@ -394,7 +416,7 @@ def test_rows_reach_the_pools_in_blocks_of_one_batch(tmp_path, ray_cluster) -> N
     a block per task, so a single block would keep every pool at one actor."""
     write_files(tmp_path / "ds", [f"{i:02d}.png" for i in range(10)])
     cfg = InputConfig(uri=str(tmp_path / "ds"), format="image_folder")
-    listing = list_input(cfg, LOCAL, RESOURCES)
+    listing = list_input(cfg, LOCAL, RESOURCES, KEY)
     assert listing.dataset.materialize().num_blocks() == 1  # the whole shard in one listing block
     blocks = read_listing(listing, cfg, LOCAL, RESOURCES).materialize()
     sizes = sorted(meta.num_rows for bundle in blocks.iter_internal_ref_bundles() for meta in bundle.metadata)
@@ -407,6 +429,6 @@ def test_parquet_rows_come_in_a_block_per_file(tmp_path, ray_cluster) -> None:
     for k in range(3):
         pq.write_table(hf_table(4 * k, 4), tmp_path / "pq" / f"part-{k}.parquet")
     cfg = InputConfig(uri=str(tmp_path / "pq"), format="parquet", image_column="pic")
-    blocks = read_source(cfg, LOCAL, RESOURCES).materialize()
+    blocks = read_source(cfg, LOCAL, RESOURCES, KEY).materialize()
     sizes = sorted(meta.num_rows for bundle in blocks.iter_internal_ref_bundles() for meta in bundle.metadata)
     assert sizes == [4, 4, 4]

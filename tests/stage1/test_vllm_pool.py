@@ -165,6 +165,7 @@ def test_paper_plan_on_vllm_is_one_lazy_stream_of_engine_pools(tmp_path, ray_clu
     """Building the plan runs nothing (no checkpoint pass, no engine, no placement group)."""
     from ray.util import placement_group_table
 
+    from u2s.io.ids import IdKey
     from u2s.io.listing import list_input
     from u2s.pipeline import build_dataset
 
@@ -173,7 +174,7 @@ def test_paper_plan_on_vllm_is_one_lazy_stream_of_engine_pools(tmp_path, ray_clu
         f"input.uri={tmp_path}", f"output.uri={tmp_path}/safe", f"output.sensitive_uri={tmp_path}/sensitive",
         "stage1.vllm_llm.tensor_parallel_size=2",
     ])  # fmt: skip
-    listing = list_input(cfg.input, cfg.storage, cfg.ray.decode)
+    listing = list_input(cfg.input, cfg.storage, cfg.ray.decode, IdKey.generate())
     groups = len(placement_group_table())
     ops = _map_operators(build_dataset(cfg, listing))
     assert list(ops)[:4] == ["EditStage", "TextCallPool", "VisionCallPool", "_stateless"]

@@ -128,8 +128,9 @@ def read_input(source: SplitSource, storage: StorageConfig) -> ray.data.Dataset:
     from u2s.config import InputConfig, Resources
     from u2s.io.readers import InputError, read_source
 
+    # Ids stay inside the utility job (never written), so they need no output's key.
     input_cfg = InputConfig(uri=source.uri, format=source.format, image_column=source.image_column,
-                            label_column=source.label_column)  # fmt: skip
+                            label_column=source.label_column, id="source_hash")  # fmt: skip
     try:
         return read_source(input_cfg, storage, Resources(batch_size=64, num_cpus=0.25))
     except InputError as e:

@@ -111,11 +111,10 @@ def _write_text(uri: str, text: str, cfg: EvalConfig) -> None:
 
 
 def _prepare_out(cfg: EvalConfig) -> dict[str, str]:
-    from u2s.io.storage import filesystem, uri_join
+    from u2s.io.storage import filesystem, make_dirs, uri_join
 
     targets = {name: uri_join(cfg.out, name) for name in ("metrics.parquet", "summary.json", "report.html")}
-    fs, path = filesystem(cfg.out, cfg.storage)
-    fs.makedirs(path, exist_ok=True)
+    make_dirs(cfg.out, cfg.storage)  # local folders only: s3fs's makedirs would create a missing bucket
     if not cfg.overwrite:
         for uri in targets.values():
             target_fs, target = filesystem(uri, cfg.storage)

@@ -68,9 +68,13 @@ def metric_fields(metrics: list[str]) -> list[pa.Field]:
 
 def read_originals(cfg: EvalConfig) -> ray.data.Dataset:
     """Originals as ``id, label, orig, has_original`` rows (the one dependency on the readers)."""
+    from u2s.io.ids import read_id_key
     from u2s.io.readers import read_source
 
-    return read_source(cfg.original, cfg.storage, cfg.resources.io).map_batches(
+    # Keyed ids (input.id: keyed) match the run's only under its key, kept beside its sensitive table.
+    keyed = cfg.original.id == "keyed" and cfg.sensitive_uri
+    id_key = read_id_key(cfg.sensitive_uri, cfg.storage) if keyed else None
+    return read_source(cfg.original, cfg.storage, cfg.resources.io, id_key).map_batches(
         _original_rows, batch_format="pyarrow", **cfg.resources.io.ray_remote_args()
     )
 

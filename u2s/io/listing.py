@@ -8,8 +8,10 @@ of images. The manifest tables stay in Ray's object store and become the plan's 
 (``ray.data.from_arrow_refs``); the bytes are fetched later, by :mod:`u2s.io.readers`, after rows that a
 resumed run already finished have been dropped.
 
-Each shard also returns an order-independent fingerprint of its ``(id, source)`` pairs; their sum is
-the input's fingerprint, which the run record keeps so that ``--resume`` refuses a changed input.
+Ids are made as ``input.id`` says (:mod:`u2s.io.ids`): keyed hashes of the sources by default, whose key
+reaches the listing tasks as an argument. Each shard also returns an order-independent fingerprint of
+its ``(id, source)`` pairs; their sum is the input's fingerprint, which the run record keeps so that
+``--resume`` refuses a changed input (the same key gives the same ids, hence the same fingerprint).
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import pyarrow as pa
 
 from u2s.config import InputConfig, Resources, StorageConfig
 from u2s.io.errors import InputError
+from u2s.io.ids import IdKey, id_function, source_hash
 from u2s.io.storage import TransientStorageError, arrow_filesystem, filesystem, is_transient, to_uri
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import fsspec
     import ray
     import ray.data
@@ -45,8 +50,8 @@ _MASK64 = 2**64 - 1
 
 
 def stable_id(text: str) -> str:
-    """A row id derived from a string (a source URI): the first 20 hex chars of its SHA-1."""
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:20]
+    """The unkeyed row id of a string (``input.id: source_hash``): the first 20 hex chars of its SHA-1."""
+    return source_hash(text)
 
 
 def _fingerprint(ids: list[str], sources: list[str]) -> int:
@@ -180,7 +185,7 @@ def _image_files(
 
 
 def _list_folder_shard(
-    shard: Shard, input: InputConfig, storage: StorageConfig, stats: ShardStats
+    shard: Shard, input: InputConfig, storage: StorageConfig, stats: ShardStats, make_id: Callable[[str], str]
 ) -> pa.Table:
     fs, root = filesystem(input.uri, storage)
     if shard.kind == "folder":
@@ -196,24 +201,27 @@ def _list_folder_shard(
         if input.format == "class_folders"
         else [None] * len(paths)
     )
-    return _table([stable_id(source) for source in sources], sources, labels)
+    return _table([make_id(source) for source in sources], sources, labels)
 
 
-def _list_coco_shard(shard: Shard, input: InputConfig, storage: StorageConfig) -> pa.Table:
+def _list_coco_shard(
+    shard: Shard, input: InputConfig, storage: StorageConfig, make_id: Callable[[str], str]
+) -> pa.Table:
     from u2s.io.coco import iter_coco_images
 
     fs, root = filesystem(input.uri, storage)
     label = posixpath.basename(root.rstrip("/"))
     ids, sources = [], []
     for image_id, file_name in iter_coco_images(shard.uri, storage):
-        ids.append(image_id)
-        sources.append(to_uri(fs, posixpath.join(root, file_name.lstrip("/"))))
+        source = to_uri(fs, posixpath.join(root, file_name.lstrip("/")))
+        ids.append(image_id if input.id == "column" else make_id(source))  # column: the COCO image id
+        sources.append(source)
     table = _table(ids, sources, [label] * len(ids))
     return table.sort_by("source")
 
 
 def _list_parquet_shard(
-    shard: Shard, input: InputConfig, storage: StorageConfig, stats: ShardStats
+    shard: Shard, input: InputConfig, storage: StorageConfig, stats: ShardStats, make_id: Callable[[str], str]
 ) -> pa.Table:
     """One record per row of the file: ids and labels from their columns (only those are read)."""
     import pyarrow.parquet as pq
@@ -231,7 +239,7 @@ def _list_parquet_shard(
             "cannot read a parquet footer (%s); the file counts as one error row", type(e).__name__
         )
         return _table(
-            [stable_id(file_uri)], [file_uri], [None], errors=[f"read: unreadable file ({type(e).__name__})"]
+            [make_id(file_uri)], [file_uri], [None], errors=[f"read: unreadable file ({type(e).__name__})"]
         )
     sources = [f"{file_uri}#{i}" for i in range(num_rows)]
     columns = [c for c in (input.id_column, input.label_column) if c]
@@ -241,7 +249,7 @@ def _list_parquet_shard(
     from u2s.io.readers import image_bytes_getter
 
     image_bytes_getter(schema.field(input.image_column).type, input.image_column, file_uri)  # type check
-    ids = [stable_id(source) for source in sources]
+    ids = [make_id(source) for source in sources]
     labels: list[str | None] = [None] * num_rows
     error = None
     if columns:
@@ -257,7 +265,7 @@ def _list_parquet_shard(
         except Exception as e:  # records known from the footer, their ids unreadable: one error row each
             error = f"read: unreadable id/label columns ({type(e).__name__})"
             stats.unreadable_records += num_rows
-            ids = [stable_id(source) for source in sources]
+            ids = [make_id(source) for source in sources]
     missing_ids = [i for i, row_id in enumerate(ids) if row_id is None]
     if missing_ids:
         raise InputError(f"{len(missing_ids)} null id(s) in column {input.id_column!r} of {file_uri}")
@@ -268,7 +276,7 @@ def _list_parquet_shard(
 
 
 def _list_manifest_shard(
-    shard: Shard, input: InputConfig, storage: StorageConfig, stats: ShardStats
+    shard: Shard, input: InputConfig, storage: StorageConfig, stats: ShardStats, make_id: Callable[[str], str]
 ) -> pa.Table:
     from u2s.io.manifest import ManifestColumns, iter_manifest
 
@@ -279,7 +287,7 @@ def _list_manifest_shard(
         ids = (
             [str(v) for v in batch.column("id").to_pylist()]
             if "id" in batch.schema.names
-            else [stable_id(s) for s in sources]
+            else [make_id(s) for s in sources]
         )
         labels = batch.column("label").to_pylist() if "label" in batch.schema.names else [None] * len(ids)
         tables.append(_table(ids, sources, [None if v is None else str(v) for v in labels]))
@@ -287,17 +295,23 @@ def _list_manifest_shard(
     return pa.concat_tables(tables) if tables else _table([], [], [])
 
 
-def list_shard(shard: Shard, input: InputConfig, storage: StorageConfig) -> tuple[pa.Table, ShardStats]:
-    """The manifest table of one shard (in source order) and its stats; runs in a Ray task."""
+def list_shard(
+    shard: Shard, input: InputConfig, storage: StorageConfig, id_key: IdKey | None = None
+) -> tuple[pa.Table, ShardStats]:
+    """The manifest table of one shard (in source order) and its stats; runs in a Ray task.
+
+    ``id_key``: the output's id key (``input.id: keyed``; see :mod:`u2s.io.ids`).
+    """
     stats = ShardStats()
+    make_id = id_function(input, id_key)
     if shard.kind in ("folder", "files"):
-        table = _list_folder_shard(shard, input, storage, stats)
+        table = _list_folder_shard(shard, input, storage, stats, make_id)
     elif shard.kind == "parquet":
-        table = _list_parquet_shard(shard, input, storage, stats)
+        table = _list_parquet_shard(shard, input, storage, stats, make_id)
     elif shard.kind == "coco":
-        table = _list_coco_shard(shard, input, storage)
+        table = _list_coco_shard(shard, input, storage, make_id)
     elif shard.kind == "manifest":
-        table = _list_manifest_shard(shard, input, storage, stats)
+        table = _list_manifest_shard(shard, input, storage, stats, make_id)
     else:
         raise ValueError(f"unknown shard kind {shard.kind!r}")
     stats.rows = table.num_rows
@@ -305,9 +319,11 @@ def list_shard(shard: Shard, input: InputConfig, storage: StorageConfig) -> tupl
     return table, stats
 
 
-def _list_shard_task(shard: Shard, input: InputConfig, storage: StorageConfig) -> tuple[pa.Table, ShardStats]:
+def _list_shard_task(
+    shard: Shard, input: InputConfig, storage: StorageConfig, id_key: IdKey | None
+) -> tuple[pa.Table, ShardStats]:
     try:
-        return list_shard(shard, input, storage)
+        return list_shard(shard, input, storage, id_key)
     except Exception as e:
         if is_transient(e):  # Ray re-runs the task (storage.task_retries)
             raise TransientStorageError(type(e).__name__) from None
@@ -322,21 +338,27 @@ def _head(table: pa.Table, n: int) -> tuple[pa.Table, int]:
 # ---------------------------------------------------------------- driver: the listing
 
 
-def list_input(input: InputConfig, storage: StorageConfig, resources: Resources) -> Listing:
+def list_input(
+    input: InputConfig, storage: StorageConfig, resources: Resources, id_key: IdKey | None = None
+) -> Listing:
     """List ``input`` in Ray tasks (one per shard); the driver keeps only references and counts.
 
-    Raises :class:`InputError` when the input is missing or empty, or when ids taken from the data
-    (COCO ids, an id column) are not unique (ids are the join and resume key).
+    ``id_key``: the output's id key, required by ``input.id: keyed`` (:func:`u2s.io.ids.output_id_key`);
+    it reaches the tasks as an argument and is never logged. Raises :class:`InputError` when the input is
+    missing or empty, or when ids taken from the data (COCO ids, an id column) are not unique (ids are
+    the join and resume key).
     """
     import ray
     import ray.data
+
+    id_function(input, id_key)  # no key for keyed ids: fail here, not in every task
 
     shards = plan_shards(input, storage)
     task = ray.remote(_list_shard_task).options(
         num_returns=2, num_cpus=resources.num_cpus, max_retries=storage.task_retries,
         retry_exceptions=[TransientStorageError],
     )  # fmt: skip
-    refs = [task.remote(shard, input, storage) for shard in shards]
+    refs = [task.remote(shard, input, storage, id_key) for shard in shards]
     table_refs = [table_ref for table_ref, _ in refs]
     try:
         stats: list[ShardStats] = ray.get([stats_ref for _, stats_ref in refs])
@@ -397,7 +419,7 @@ def _limit(
 
 def _ids_from_data(input: InputConfig) -> bool:
     """Whether row ids come from the data (and can collide), not from hashing unique source URIs."""
-    return input.format == "coco" or (input.format in ("parquet", "manifest") and bool(input.id_column))
+    return input.id == "column"
 
 
 def check_unique_ids(dataset: ray.data.Dataset, uri: str) -> None:

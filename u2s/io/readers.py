@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from u2s.config import InputConfig, Resources, StorageConfig
 from u2s.io.errors import InputError
+from u2s.io.ids import IdKey
 from u2s.io.listing import MANIFEST_SCHEMA, Listing, list_input, stable_id
 from u2s.io.storage import TransientStorageError, arrow_filesystem, filesystem, is_transient
 from u2s.schema import WORKING_SCHEMA, empty_timings
@@ -234,13 +235,16 @@ def fetch(
     )  # fmt: skip
 
 
-def read_source(input: InputConfig, storage: StorageConfig, resources: Resources) -> ray.data.Dataset:
+def read_source(
+    input: InputConfig, storage: StorageConfig, resources: Resources, id_key: IdKey | None = None
+) -> ray.data.Dataset:
     """A Ray Dataset of working rows (``id``, ``source``, ``label``, ``image``...) for ``input``.
 
     Lists the input in Ray tasks now (:func:`u2s.io.listing.list_input`, which raises
-    :class:`InputError` for a missing, empty or inconsistent input); fetching is lazy.
+    :class:`InputError` for a missing, empty or inconsistent input); fetching is lazy. ``id_key``: the
+    key of the output whose ids these rows must match (``input.id: keyed``, :mod:`u2s.io.ids`).
     """
-    return fetch(list_input(input, storage, resources).dataset, input, storage, resources)
+    return fetch(list_input(input, storage, resources, id_key).dataset, input, storage, resources)
 
 
 def read_listing(listing: Listing, input: InputConfig, storage: StorageConfig, resources: Resources,

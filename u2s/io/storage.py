@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -146,13 +147,85 @@ def uri_join(uri: str, *parts: str) -> str:
     return f"{scheme}://{joined}" if scheme else joined
 
 
+def make_dirs(uri: str, storage: StorageConfig | None = None) -> None:
+    """Make the folder ``uri`` and its parents on local disk; nothing on object storage.
+
+    An object store needs no folders, and s3fs's ``makedirs``/``mkdir`` create a missing *bucket*: a
+    misspelt output bucket would become a new one with default policies. Never call them on S3.
+    """
+    if is_local(uri):
+        fs, path = filesystem(uri, storage)
+        fs.makedirs(path, exist_ok=True)
+
+
+class OutputUnavailable(RuntimeError):
+    """An output location cannot be written: its bucket is missing, or writing or deleting there fails."""
+
+
+#: Name prefix of the empty object :func:`check_output_location` writes and deletes (hidden: ``.``).
+PROBE_PREFIX = ".u2s-write-probe-"
+
+
+def bucket_of(uri: str) -> str | None:
+    """The bucket of an object-storage URI (``s3://bucket/prefix`` → ``bucket``); None for local paths."""
+    if is_local(uri):
+        return None
+    return split_uri(uri)[1].strip("/").split("/", 1)[0]
+
+
+def check_output_location(uri: str, storage: StorageConfig | None = None) -> None:
+    """Fail fast unless ``uri`` can take output, creating no bucket: on S3 the bucket must exist
+    (HeadBucket), then an empty probe object is written under the prefix and deleted again (what a run,
+    ``--resume`` and ``overwrite`` do there). A local folder is made if missing and probed the same way.
+
+    Raises :class:`OutputUnavailable` with a one-line reason naming the bucket or location.
+    """
+    fs, path = filesystem(uri, storage)
+    bucket = bucket_of(uri)
+    if bucket is None:
+        try:
+            make_dirs(uri, storage)
+        except OSError as e:
+            raise OutputUnavailable(f"cannot create the output folder {uri} ({type(e).__name__})") from None
+    else:
+        try:
+            fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise OutputUnavailable(
+                f"bucket {bucket!r} (of {uri}) does not exist; u2s never creates buckets: check the "
+                "name, or create it with the access policy this output needs"
+            ) from None
+        except PermissionError:
+            pass  # no s3:ListBucket on it: the probe write below tells whether the output is usable
+        except Exception as e:
+            if is_transient(e):
+                raise OutputUnavailable(f"cannot reach the storage of {uri} ({type(e).__name__})") from None
+            raise OutputUnavailable(f"cannot check bucket {bucket!r} of {uri} ({type(e).__name__})") from None
+        fs.invalidate_cache(path)
+    probe = f"{path.rstrip('/')}/{PROBE_PREFIX}{uuid.uuid4().hex}"
+    try:
+        fs.pipe_file(probe, b"")
+    except Exception as e:
+        raise OutputUnavailable(f"cannot write to {uri} ({type(e).__name__})") from None
+    try:
+        fs.rm_file(probe)
+    except Exception as e:
+        raise OutputUnavailable(
+            f"cannot delete from {uri} ({type(e).__name__}); --resume and output.overwrite delete files "
+            f"there (remove the empty probe object {PROBE_PREFIX}* by hand)"
+        ) from None
+    finally:
+        fs.invalidate_cache(path)
+
+
 def write_json(uri: str, storage: StorageConfig | None, record: dict[str, Any]) -> str:
-    """Write ``record`` as indented JSON at ``uri`` (local or s3://, parent folders made); returns ``uri``."""
+    """Write ``record`` as indented JSON at ``uri`` (local or s3://; local parent folders made, no
+    bucket ever created); returns ``uri``."""
     import json
 
     fs, path = filesystem(uri, storage)
     parent = posixpath.dirname(path)
-    if parent:
+    if parent and is_local(uri):
         fs.makedirs(parent, exist_ok=True)
     with fs.open(path, "w") as f:
         json.dump(record, f, indent=2, sort_keys=False, default=str)

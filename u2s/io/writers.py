@@ -36,7 +36,15 @@ from ray.data import Datasink  # this module is imported only by the pipeline, n
 from ray.data.block import BlockAccessor
 
 from u2s.config import OutputConfig, StorageConfig
-from u2s.io.storage import TransientStorageError, arrow_filesystem, filesystem, is_local, is_transient
+from u2s.io.storage import (
+    TransientStorageError,
+    arrow_filesystem,
+    check_output_location,
+    filesystem,
+    is_local,
+    is_transient,
+    make_dirs,
+)
 from u2s.schema import SENSITIVE_SCHEMA, STAGES, WORKING_SCHEMA, Status, safe_schema
 
 logger = logging.getLogger(__name__)
@@ -129,13 +137,20 @@ def safe_projection(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def prepare_outputs(output: OutputConfig, storage: StorageConfig, resume: bool = False) -> bool:
-    """Create both output folders; returns whether they already held data.
+    """Check both output locations, then make them ready; returns whether they already held data.
 
-    Without ``resume`` a non-empty output fails fast (or is emptied with ``output.overwrite``); with
-    ``resume`` existing files stay (the caller reconciles them).
+    Both are checked first (:func:`~u2s.io.storage.check_output_location`: the bucket exists, a probe
+    object can be written and deleted), so a misspelt bucket fails with
+    :class:`~u2s.io.storage.OutputUnavailable` before anything is written or deleted; no bucket is ever
+    created. Without ``resume`` a non-empty output fails fast (or is emptied with ``output.overwrite``:
+    its objects are deleted, never its bucket); with ``resume`` existing files stay (the caller
+    reconciles them). Local folders are made; object storage needs none.
     """
+    uris = (output.uri, output.sensitive_uri)
+    for uri in uris:
+        check_output_location(uri, storage)
     existing = False
-    for uri in (output.uri, output.sensitive_uri):
+    for uri in uris:
         fs, path = filesystem(uri, storage)
         fs.invalidate_cache(path)
         if fs.exists(path) and fs.ls(path):
@@ -147,8 +162,14 @@ def prepare_outputs(output: OutputConfig, storage: StorageConfig, resume: bool =
                     f"{uri} is not empty: pass --resume to continue an interrupted run there, or set "
                     "output.overwrite=true to replace it"
                 )
-            fs.rm(path, recursive=True)
-        fs.makedirs(path, exist_ok=True)
+            if is_local(uri):
+                fs.rm(path, recursive=True)
+            else:  # the objects under the prefix; a recursive rm of a bare bucket would delete the bucket
+                objects = fs.find(path)
+                if objects:
+                    fs.rm(objects)
+                fs.invalidate_cache(path)
+        make_dirs(uri, storage)
     return existing and resume
 
 
