@@ -1,6 +1,7 @@
 """Nothing private reaches the safe table: a run over files that carry GPS positions, capture times,
 camera serials, names in EXIF/XMP/IPTC/PNG text/WebP/GIF comments, and names in their file and folder
-names publishes none of it, in any byte of the safe folder (its Parquet files, written uncompressed so
+names (the person's folder is a class folder: its label is withheld with `output.publish: []`) publishes
+none of it, in any byte of the safe folder (its Parquet files, written uncompressed so
 the scan is meaningful, and its public run record) or of Ray's logs; the sensitive table keeps what it
 should.
 
@@ -22,7 +23,7 @@ from PIL import Image
 from u2s.config import load_config
 from u2s.io.writers import read_columns
 from u2s.pipeline import run
-from u2s.schema import SAFE_SCHEMA, SENSITIVE_SCHEMA
+from u2s.schema import SENSITIVE_SCHEMA, safe_schema
 from u2s.testing.chat_server import ChatRequest, OracleChatServer
 from u2s.testing.leak_corpus import PERSON_FILE, PERSON_FOLDER, build_leak_corpus
 from u2s.testing.rows import decoded_rows
@@ -70,6 +71,8 @@ def leak_run(ray_cluster, tmp_path_factory):
             preset="cpu-tiny",
             overrides=[
                 f"input.uri={corpus.root}",
+                "input.format=class_folders",  # labels = folder names, the person's name among them
+                "output.publish=[]",  # ...withheld
                 f"output.uri={out}/safe",
                 f"output.sensitive_uri={out}/sensitive",
                 "output.compression=none",
@@ -82,7 +85,7 @@ def leak_run(ray_cluster, tmp_path_factory):
             ],
         )
         summary = run(cfg)
-    safe = read_columns(cfg.output.uri, cfg.storage, SAFE_SCHEMA.names).to_pylist()
+    safe = read_columns(cfg.output.uri, cfg.storage, safe_schema(cfg.output.publish).names).to_pylist()
     sensitive = read_columns(cfg.output.sensitive_uri, cfg.storage, SENSITIVE_SCHEMA.names).to_pylist()
     return {"corpus": corpus, "cfg": cfg, "summary": summary, "safe": safe, "sensitive": sensitive,
             "flagged": flagged}  # fmt: skip
@@ -131,6 +134,7 @@ def test_the_sensitive_table_keeps_the_source_and_the_captions(leak_run):
     sensitive = {r["source"]: r for r in leak_run["sensitive"]}
     person = sensitive[str(leak_run["corpus"].person_named)]
     assert PERSON_FOLDER in person["source"] and person["source"].endswith(PERSON_FILE)
+    assert person["label"] == PERSON_FOLDER and "label" not in leak_run["safe"][0]  # withheld
     assert person["private_caption"] == PRIVATE_CAPTION and person["categories"] == ["people"]
     assert all(PRIVATE_CAPTION not in str(value) for row in leak_run["safe"] for value in row.values())
 

@@ -237,7 +237,7 @@ def config_show(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Print the resolved, validated config as YAML."""
+    """Print the resolved, validated config as YAML (secrets read `<redacted>`)."""
     typer.echo(dump_config(resolve_config(preset, config, set_ or [])), nl=False)
 
 

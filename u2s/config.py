@@ -18,8 +18,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
+from u2s.config_base import REVEAL_SECRETS, SECRET_VALUES, ModelConfig, is_object_store_uri
 from u2s.config_base import ConfigModel as _Model
-from u2s.config_base import ModelConfig, is_object_store_uri
 from u2s.config_base import absolute_path as _absolute
 from u2s.stage2.editors import EDITORS, EditorConfig
 
@@ -169,12 +169,14 @@ class OutputConfig(_Model):
         "segments are dropped without re-encoding). keep: kept rows publish the original file byte for "
         "byte, GPS positions, timestamps, camera serials and names included.",
     )
-    publish: list[Literal["source", "categories"]] = Field(
-        [],
-        description="Columns the safe table also publishes. source: the original path or URL (file and "
-        "folder names often name people); categories: the privacy categories found (e.g. "
-        "health_indicators next to the anonymized image of that person). Both always go to the "
-        "sensitive table.",
+    publish: list[Literal["label", "source", "categories"]] = Field(
+        ["label"],
+        description="The optional columns of the safe table; every one always goes to the sensitive table. "
+        "label (the default): the class (class_folders: the parent folder's name, which can name a person: "
+        "the run warns when class folders look like people's names; `[]` withholds labels). source: the "
+        "original path or URL (file and folder names often name people). categories: the privacy "
+        "categories found (e.g. health_indicators next to the anonymized image of that person). List "
+        "every column to publish: [label, source] keeps the label.",
     )
     rows_per_file: int = Field(1000, ge=1, description="A Parquet file closes at this many rows...")
     max_file_bytes: int = Field(
@@ -379,8 +381,12 @@ class VLLMEngineConfig(_Model):
         True, description="Export vLLM engine metrics (prefix-cache hits, KV use...) to Ray's Prometheus."
     )
     env_vars: dict[str, str] = Field(
-        {}, description="Environment variables of the engine actors (Ray runtime_env), e.g. VLLM_* settings."
-    )
+        {}, description="Environment variables of the engine actors, e.g. VLLM_* settings or HF_TOKEN "
+        "(better: `${HF_TOKEN}`, from the environment). Every value is a secret: redacted in `u2s config "
+        "show`, both `_run.json` records and the config fingerprint. The engine sets them in its own "
+        "process before vLLM starts (Ray's runtime_env would log them).",
+        json_schema_extra=SECRET_VALUES,
+    )  # fmt: skip
     load_format: Literal["auto", "runai_streamer", "runai_streamer_sharded"] = Field(
         "auto", description="How an s3:// model reaches vLLM. auto: u2s syncs it into the model cache (see "
         "`storage.model_cache_dir`) and vLLM loads the local folder. runai_streamer (or _sharded, for "
@@ -390,8 +396,10 @@ class VLLMEngineConfig(_Model):
         "memory_limit}); the endpoint comes from `storage.endpoint_url` or $AWS_ENDPOINT_URL.",
     )  # fmt: skip
     engine_kwargs: dict[str, Any] = Field(
-        {}, description="Any other vLLM engine arguments; these win over the fields above."
-    )
+        {}, description="Any other vLLM engine arguments; these win over the fields above. A value whose key "
+        "names a secret (hf_token, *_key, *password*, ...) is redacted wherever the config is shown or "
+        "recorded.",
+    )  # fmt: skip
 
 
 CALLS_WITH_IMAGES = ("inspect", "describe")
@@ -781,7 +789,10 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: '{key}' is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {dotted}: the value is not valid YAML: {_yaml_problem(e)}") from None
 
 
 def preset_text(name: str) -> str:
@@ -795,11 +806,20 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML config file as a mapping; :class:`ConfigError` when it cannot be read or is not one."""
     try:
         tree = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read config {path}: {_yaml_problem(e)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config {path} must be a YAML mapping")
     return tree
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong and where, without the line itself (PyYAML quotes it, and it may hold a secret)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or 'invalid YAML'}{where}"
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -841,6 +861,8 @@ def format_validation_error(e: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def dump_config(cfg: JobConfig) -> str:
-    """The resolved config as YAML (what `u2s config show` prints and `_run.json` records)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def dump_config(cfg: JobConfig, reveal_secrets: bool = False) -> str:
+    """The resolved config as YAML (what `u2s config show` prints), secrets redacted; ``reveal_secrets``
+    keeps them (only for the config ``u2s submit`` ships to the job, which needs them)."""
+    context = REVEAL_SECRETS if reveal_secrets else None
+    return yaml.safe_dump(cfg.model_dump(mode="json", context=context), sort_keys=False)

@@ -9,15 +9,117 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+#: What a secret becomes wherever a config is shown, recorded or fingerprinted.
+REDACTED = "<redacted>"
+#: ``model_dump(context=REVEAL_SECRETS)`` keeps the secrets: only for the config ``u2s submit`` ships to
+#: the job, which needs them (:func:`u2s.config.dump_config`).
+REVEAL_SECRETS = {"reveal_secrets": True}
+#: ``Field(json_schema_extra=SECRET_VALUES)``: every value of this mapping is a secret (its keys are not).
+SECRET_VALUES = {"secret": "values"}
+
+#: Words that make a key a secret's name: ``hf_token``, ``api_key``, ``AWS_SECRET_ACCESS_KEY``,
+#: ``password``, ``credentials``, ``Authorization``... (``max_num_batched_tokens`` is not one).
+_SECRET_WORDS = re.compile(
+    r"\w*(token|secret|secrets|key|password|passwd|passphrase)|pwd|credentials?|auth(?:n|z|orization|entication)?|cookie|bearer|signature"
+)
+#: A URL's ``user:password@`` part.
+_URL_PASSWORD = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*):[^/@\s]+@")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a key names a secret: one of its words (snake_case, kebab-case, camelCase, UPPER_CASE)
+    is or ends with token, secret, key or password, or is credential(s), auth..., pwd, cookie, bearer or
+    signature. A name ending in ``_env`` or ``_var`` names the environment variable that holds a secret
+    (``api_key_env``), which is not one."""
+    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower())
+    words = [w for w in words if w]
+    if not words or words[-1] in ("env", "var"):
+        return False
+    return any(_SECRET_WORDS.fullmatch(w) for w in words)
+
+
+def redact_secrets(tree: Any, every_value: bool = False) -> Any:
+    """``tree`` (a dumped config, or any part of one) with every secret replaced by :data:`REDACTED`: the
+    value of each key that :func:`is_secret_name` (at any depth), the password of each URL, and with
+    ``every_value`` every value of a mapping."""
+    if isinstance(tree, dict):
+        return {
+            k: REDACTED if v is not None and (every_value or is_secret_name(str(k))) else redact_secrets(v)
+            for k, v in tree.items()
+        }
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(redact_secrets(v) for v in tree)
+    if isinstance(tree, str):
+        return _URL_PASSWORD.sub(rf"\1:{REDACTED}@", tree)
+    return tree
+
+
+def secret_paths(config: BaseModel) -> list[str]:
+    """Dotted paths of the secrets a config holds (``stage1.vllm.env_vars.HF_TOKEN``), never their values."""
+    paths: list[str] = []
+
+    def walk(shown: Any, real: Any, where: str) -> None:
+        if isinstance(real, dict) and isinstance(shown, dict):
+            for key, value in real.items():
+                walk(shown.get(key), value, f"{where}.{key}" if where else str(key))
+        elif isinstance(real, list) and isinstance(shown, list) and len(real) == len(shown):
+            for i, (a, b) in enumerate(zip(shown, real, strict=True)):
+                walk(a, b, f"{where}.{i}")
+        elif shown != real:
+            paths.append(where)
+
+    walk(config.model_dump(mode="json"), config.model_dump(mode="json", context=REVEAL_SECRETS), "")
+    return paths
+
+
+def _secret_values(model: type[BaseModel], name: str) -> bool:
+    field = model.model_fields.get(name)
+    return field is not None and field.json_schema_extra == SECRET_VALUES
 
 
 class ConfigModel(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Secrets never leave a config in clear: ``model_dump`` (what ``u2s config show``, both ``_run.json``
+    records and the config fingerprint are made of), ``repr`` and validation errors redact them (see
+    :func:`redact_secrets`; fields marked :data:`SECRET_VALUES`, such as ``stage1.vllm.env_vars``, have
+    every value redacted). Only ``model_dump(context=REVEAL_SECRETS)`` keeps them.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
+
+    @model_serializer(mode="wrap")
+    def _redact(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        data = handler(self)
+        if (info.context or {}).get("reveal_secrets") or not isinstance(data, dict):
+            return data
+        return {k: self._redacted(k, v) for k, v in data.items()}
+
+    def _redacted(self, name: str, value: Any) -> Any:
+        if value is None:
+            return value
+        if is_secret_name(name):
+            return REDACTED
+        return redact_secrets(value, every_value=_secret_values(type(self), name))
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, value if isinstance(value, BaseModel) or name is None else self._redacted(name, value)
 
 
 #: URI schemes of model locations that u2s stages into the local model cache (:mod:`u2s.io.model_store`).
@@ -69,7 +171,11 @@ class ModelConfig(ConfigModel):
     )  # fmt: skip
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
-    trust_remote_code: bool = Field(False, description="Allow model repos with custom code.")
+    trust_remote_code: bool = Field(
+        False, description="Allow model repos with custom code: it runs in every worker, so a hub model "
+        "also needs `revision` pinned to a commit (40 hex characters; a branch or tag can move). A local "
+        "folder or an s3:// copy is your own code and needs no pin.",
+    )  # fmt: skip
 
     @field_validator("model")
     @classmethod
@@ -78,6 +184,20 @@ class ModelConfig(ConfigModel):
             return model_location(value)  # s3://, checked
         # An existing local folder wins over a hub id (as in `from_pretrained`); pin it for the workers.
         return os.path.abspath(value) if os.path.isdir(value) else value
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _remote_code_pinned(cls, value: bool, info: ValidationInfo) -> bool:
+        """Code from a hub repo runs only at a pinned commit: what was reviewed is what runs."""
+        model, revision = info.data.get("model"), info.data.get("revision")
+        if not value or model is None or model.startswith(("/", "~", ".")) or is_object_store_uri(model):
+            return value
+        if revision is None or not re.fullmatch(r"[0-9a-f]{40}", revision):
+            raise ValueError(
+                "runs the model repository's own code: pin revision to a commit (40 hex characters; a "
+                "branch or tag can move), or use a local copy of the model"
+            )
+        return value
 
     @model_validator(mode="after")
     def _object_store_revision(self) -> ModelConfig:

@@ -147,6 +147,25 @@ def init_ray(
         ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False)
 
 
+def warn_person_name_labels(cfg: JobConfig) -> int:
+    """With ``class_folders`` labels published, warn (one line, counts only: the names are private) when
+    class folders look like people's names (``George_W_Bush``); returns how many do."""
+    if cfg.input.format != "class_folders" or "label" not in cfg.output.publish:
+        return 0
+    from u2s.io.listing import plan_shards
+    from u2s.schema import looks_like_person_name
+
+    folders = [s.uri.rstrip("/").rsplit("/", 1)[-1] for s in plan_shards(cfg.input, cfg.storage)
+               if s.kind == "folder"]  # fmt: skip
+    named = sum(looks_like_person_name(name) for name in folders)
+    if named:
+        logger.warning(
+            "%d of %d class folders look like people's names (First_Last); the safe table publishes them as "
+            "`label`: set output.publish without label to withhold them", named, len(folders),
+        )  # fmt: skip
+    return named
+
+
 class _Records:
     """The run's two ``_run.json`` records, kept in step attempt by attempt."""
 
@@ -245,6 +264,7 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary
     id_key = output_id_key(cfg.input, cfg.output, cfg.storage, resume=resuming)  # stored before any row
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
     listing = list_input(cfg.input, cfg.storage, cfg.ray.decode, id_key)
+    warn_person_name_labels(cfg)
     previous = read_json(uri_join(cfg.output.sensitive_uri, "_run.json"), cfg.storage) if resuming else None
     done = None
     if resuming:

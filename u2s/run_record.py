@@ -7,6 +7,11 @@ Two records per run, both named ``_run.json``:
   attempt starts and again when it ends, so an interrupted run leaves its fingerprints behind;
 - beside the **safe** table, a public record written at the end: counts, versions and the settings,
   with every path and URI redacted (the safe folder is published with the dataset).
+
+Neither holds a secret: the config is dumped redacted (:class:`u2s.config_base.ConfigModel`), so
+``stage1.vllm.env_vars`` values, values under secret names (``engine_kwargs.hf_token``, ``api_key``,
+``password``...) and URL passwords read ``<redacted>`` in both; the full record is beside the sensitive
+table, but others may read it too.
 """
 
 from __future__ import annotations
@@ -59,7 +64,11 @@ def _drop(tree: Any, keys: set[str]) -> Any:
 
 def config_fingerprint(cfg: JobConfig) -> str:
     """sha256 of the settings that decide each row's outcome (models, prompts' settings, editor, seed,
-    input layout, decode limits, metadata policy); pools, cluster and storage settings are left out."""
+    input layout, decode limits, metadata policy); pools, cluster and storage settings are left out.
+
+    Secrets are left out too (the redacted dump: each counts by its name only). A credential does not
+    change what a row becomes, a rotated token must not stop ``--resume``, and a hash of a weak secret
+    in a readable record could be tested against guesses offline."""
     tree = cfg.model_dump(mode="json")
     tree["output"] = {k: v for k, v in tree["output"].items() if k not in _OUTPUT_LAYOUT_KEYS}
     tree["input"] = {k: v for k, v in tree["input"].items() if k != "limit"}  # the listing covers it

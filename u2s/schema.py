@@ -4,8 +4,8 @@ Rows move between stages as Arrow tables with :data:`WORKING_SCHEMA`. The sink p
 two tables that share the row ``id``:
 
 - the **safe table** (:func:`safe_schema`), which users publish: the image (metadata stripped), its
-  public caption and status, and nothing that names where it came from (no path, no categories, no
-  private text, no run bookkeeping);
+  public caption and status, its label unless ``output.publish`` leaves it out, and nothing that names
+  where it came from (no path, no categories, no private text, no run bookkeeping);
 - the **sensitive table** (:data:`SENSITIVE_SCHEMA`), one row per input row at a separate URI: the
   source path, the privacy categories, the review, both captions, the edit instruction (the paper's
   triplets on flagged rows) and per-row timings.
@@ -14,6 +14,7 @@ two tables that share the row ``id``:
 from __future__ import annotations
 
 import json
+import re
 from enum import Enum
 
 import pyarrow as pa
@@ -74,11 +75,14 @@ _FIELDS: dict[str, pa.DataType] = {
 PRIVATE_COLUMNS = ("review", "private_caption", "edit_instruction", "combined_caption")
 
 SAFE_COLUMNS = (
-    "id", "label", "image", "width", "height", "status", "error", "privacy_flag", "public_caption", "editor",
-    "seed",
+    "id", "image", "width", "height", "status", "error", "privacy_flag", "public_caption", "editor", "seed",
 )  # fmt: skip
-#: Columns the safe table can be asked to publish too (``output.publish``); each has a privacy cost.
-PUBLISHABLE_COLUMNS = ("source", "categories")
+#: Columns the safe table publishes only when ``output.publish`` lists them; each has a privacy cost.
+#: label: the class (for class_folders the parent folder's name, which can name a person);
+#: source: the original path or URL; categories: the privacy categories found.
+PUBLISHABLE_COLUMNS = ("label", "source", "categories")
+#: ``output.publish``'s default: the label (the class a classification dataset exists for).
+DEFAULT_PUBLISH = ("label",)
 SENSITIVE_COLUMNS = (
     "id", "source", "label", "status", "error", "privacy_flag", "categories", "review", "private_caption",
     "public_caption", "edit_instruction", "combined_caption", "editor", "seed", "metadata_removed", "timings",
@@ -112,7 +116,7 @@ def _with_hf_features(schema: pa.Schema) -> pa.Schema:
     return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
 
 
-def safe_columns(publish: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+def safe_columns(publish: tuple[str, ...] | list[str] = DEFAULT_PUBLISH) -> tuple[str, ...]:
     """The safe table's columns: :data:`SAFE_COLUMNS` plus the opted-in ``publish`` columns."""
     unknown = set(publish) - set(PUBLISHABLE_COLUMNS)
     if unknown:
@@ -121,12 +125,25 @@ def safe_columns(publish: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
     return SAFE_COLUMNS[:1] + extra + SAFE_COLUMNS[1:]
 
 
-def safe_schema(publish: tuple[str, ...] | list[str] = ()) -> pa.Schema:
+def safe_schema(publish: tuple[str, ...] | list[str] = DEFAULT_PUBLISH) -> pa.Schema:
     """Arrow schema of the safe table, with the Hugging Face features metadata."""
     return _with_hf_features(_schema(safe_columns(publish)))
 
 
+#: The safe table under the default ``output.publish`` (its label included).
 SAFE_SCHEMA = safe_schema()
+
+#: A label such as ``George_W_Bush`` or ``Ana Lima``: two to four capitalised words or initials.
+_PERSON_NAME = re.compile(
+    r"[A-Z][a-z']+(?:-[A-Z][a-z']+)*(?:[_ ](?:[A-Z]\.?|[A-Z][a-z']+(?:-[A-Z][a-z']+)*)){1,3}"
+)
+
+
+def looks_like_person_name(label: str) -> bool:
+    """Whether a label reads like a person's name (``First_Last``, ``First M Last``), as the class folders
+    of face datasets are (LFW: ``George_W_Bush``). A heuristic for a warning: it also takes some class
+    names (``Golden_Retriever``) and misses lower-case names."""
+    return bool(_PERSON_NAME.fullmatch(label))
 
 
 def empty_timings() -> dict[str, float | None]:

@@ -11,6 +11,12 @@ checked. The job's code comes from one of two places:
   image (the u2s image, see the Dockerfile; the nodes need podman). ``image_uri`` combines only with
   ``env_vars``, so the config travels in ``U2S_JOB_CONFIG`` and the image's entrypoint reads it from stdin.
 
+The shipped config keeps the config's secrets (``stage1.vllm.env_vars``, ``engine_kwargs.hf_token``...):
+the job needs them. u2s never prints them (here as everywhere, a config is shown redacted), but Ray keeps
+the submission: the uploaded working dir, or in image mode the job's ``runtime_env``, which the dashboard
+shows and Ray's runtime-env agent logs on the head node, so image mode warns when the config holds any.
+A secret that lives in the cluster's own environment (e.g. ``HF_TOKEN`` on its pods) needs no config entry.
+
 The driver asks for no GPU and no CPU, so it runs on the head, which the cluster configs keep free of work.
 """
 
@@ -32,6 +38,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from u2s import __version__
 from u2s.config import JobConfig, dump_config
+from u2s.config_base import secret_paths
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -59,7 +66,7 @@ class Submission:
     """What goes to `JobSubmissionClient.submit_job`; ``staged`` is a temp dir the caller removes."""
 
     entrypoint: str
-    runtime_env: dict[str, Any]
+    runtime_env: dict[str, Any] = field(repr=False)  # may hold the config, secrets included
     metadata: dict[str, str]
     staged: Path | None = field(default=None, repr=False)
 
@@ -69,8 +76,10 @@ class Submission:
 
 
 def shipped_config(cfg: JobConfig) -> str:
-    """The resolved config as YAML, without a Ray address: inside a job, the job's own cluster is used."""
-    return dump_config(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": None})}))
+    """The resolved config as YAML, secrets included (the job needs them; never print it), without a Ray
+    address: inside a job, the job's own cluster is used."""
+    cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": None})})
+    return dump_config(cfg, reveal_secrets=True)
 
 
 def check_job_args(job_args: list[str]) -> None:
@@ -377,6 +386,14 @@ def submit_job(
     the final status."""
     from ray.job_submission import JobSubmissionClient
 
+    secrets = secret_paths(cfg) if image else []
+    if secrets:
+        print(
+            f"warning: with --image the config travels in the job's runtime_env, which Ray's dashboard shows "
+            f"and its runtime-env agent logs, with its secrets ({', '.join(secrets)}); put them in the "
+            "cluster's environment instead, or submit a working dir",
+            file=sys.stderr,
+        )
     submission = build_submission(cfg, working_dir=working_dir, image=image, job_args=job_args)
     try:
         client = JobSubmissionClient(address)

@@ -97,6 +97,22 @@ def engine_kwargs(model: ModelConfig, vllm: VLLMEngineConfig, vision: bool) -> d
     return kwargs
 
 
+def set_engine_env(vllm: VLLMEngineConfig) -> None:
+    """Put ``vllm.env_vars`` into this process's environment before vLLM starts: its engine core process
+    inherits them, and under tensor parallelism vLLM's Ray executor copies its own (VLLM_*, HF_*, NCCL_*...)
+    and those named in VLLM_RAY_EXTRA_ENV_VARS_TO_COPY (the others, here, unless they name a secret) to
+    its workers. Not through Ray's runtime_env: its agent logs the values, secrets included."""
+    from u2s.config_base import is_secret_name
+
+    if not vllm.env_vars:
+        return
+    os.environ.update(vllm.env_vars)
+    extra = [name for name in vllm.env_vars if not is_secret_name(name)]
+    copied = os.environ.get("VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", "")
+    if extra:
+        os.environ["VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"] = ",".join(filter(None, [copied, *extra]))
+
+
 def streams_from_object_storage(model: ModelConfig, vllm: VLLMEngineConfig) -> bool:
     """Whether vLLM's Run:ai streamer reads this s3:// model itself (else u2s stages it into the cache)."""
     from u2s.config_base import is_object_store_uri
@@ -213,6 +229,7 @@ class VLLMEngine(Engine):
         system_prompt: SystemPrompt = "auto",
         storage: StorageConfig | None = None,
     ) -> None:
+        set_engine_env(vllm)  # first: vLLM reads some of them when it is imported
         import vllm as vllm_lib
         from vllm.renderers.params import ChatParams
 

@@ -137,8 +137,8 @@ def pool_kwargs(resources: Resources, vllm: VLLMEngineConfig) -> dict[str, Any]:
         kwargs[REMOTE_ARGS_FN] = partial(placement_group_strategy, *placement)
     if resources.accelerator_type:
         kwargs["accelerator_type"] = resources.accelerator_type
-    if vllm.env_vars:
-        kwargs["runtime_env"] = {"env_vars": dict(vllm.env_vars)}
+    # No runtime_env for `vllm.env_vars`: Ray's runtime-env agent logs its values (HF_TOKEN...); the
+    # engine sets them in its own process instead (`u2s.stage1.engines.vllm.set_engine_env`).
     return kwargs
 
 
