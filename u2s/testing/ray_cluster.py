@@ -4,7 +4,9 @@
 own temp dir, so it never collides with another cluster on the machine. With ``autoscaling`` it runs
 Ray's fake multi-node provider (``fake_multinode``: the provider Ray's own autoscaler tests use, as
 ``ray.cluster_utils.AutoscalingCluster`` does): the autoscaler launches worker nodes of the configured
-types as extra raylets on this machine.
+types as extra raylets on this machine. :class:`FakeNodeProvider` gives each such node a runtime-env
+directory of its own, as a machine of its own would have, and :meth:`RayHead.kill_node` takes one away
+the way a spot interruption does.
 
 ``ray stop`` (and ``AutoscalingCluster``, which calls ``ray stop --force``) ends *every* Ray process on
 the machine, other users' clusters included. :meth:`RayHead.stop` instead ends only this cluster's
@@ -29,17 +31,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+
 #: Environment variable whose value tags every process of one cluster.
 MARKER = "U2S_TEST_RAY_CLUSTER"
 
 #: The fake provider's cluster config, without node types. The ray wheel lacks
 #: `ray/autoscaler/_private/fake_multi_node/example.yaml`, which AutoscalingCluster reads; these are the
-#: keys of that file in Ray's repository.
+#: keys of that file in Ray's repository, with Ray's ``fake_multinode`` provider type replaced by
+#: :class:`FakeNodeProvider` (an ``external`` provider the autoscaler imports from this module).
 FAKE_PROVIDER_CONFIG: dict[str, Any] = {
     "cluster_name": "fake_multinode",
     "max_workers": 8,
-    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                 "disable_launch_config_check": True},
+    "provider": {"type": "external", "module": f"{__name__}.FakeNodeProvider", "use_node_id_as_ip": True,
+                 "disable_node_updaters": True, "disable_launch_config_check": True},
     "head_node_type": "ray.head.default",
     "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.25, "docker": {},
     "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
@@ -48,6 +53,61 @@ FAKE_PROVIDER_CONFIG: dict[str, Any] = {
     "rsync_exclude": [], "rsync_filter": [],
 }  # fmt: skip
 HEAD_NODE_TYPE = "ray.head.default"
+
+
+class FakeNodeProvider(FakeMultiNodeProvider):
+    """Ray's fake multi-node provider, with two things a cloud's nodes have and Ray's fake ones lack.
+
+    * A disk of their own. Ray's fake nodes share the head's session directory, so they would also share
+      the folder the runtime-env agents unpack a job's ``working_dir`` into; the agent of a node that
+      joins mid-run removes and unpacks that folder again (Ray overwrites it), and the workers of every
+      other node lose their current directory (``os.getcwd()`` fails, actor constructors that call it
+      die). Here each node gets its own ``runtime_resources_<id>``.
+    * An end. A cloud reports an instance that went away (a spot interruption) as terminated, and the
+      autoscaler launches a replacement if work still asks for one. Ray's fake provider keeps listing a
+      node whose raylet is gone, and the autoscaler never removes it: fake nodes keep the
+      ``uninitialized`` status that its liveness check skips, and a dead node stays "needed" for as long
+      as Ray Data's resource requests fit it, so no replacement could start past the type's
+      ``max_workers``. Here a node whose raylet exited is dropped from the listing, as terminated.
+    """
+
+    def non_terminated_nodes(self, tag_filters):
+        from ray._private.ray_constants import PROCESS_TYPE_RAYLET
+
+        with self.lock:
+            for node_id, node in list(self._nodes.items()):
+                ray_node = node.get("node")  # the head's entry has none: that node is not ours
+                if ray_node is not None and any(
+                    kind == PROCESS_TYPE_RAYLET for kind, _ in ray_node.dead_processes()
+                ):
+                    del self._nodes[node_id]
+                    self._terminate_node(node)  # whatever processes the node has left
+            return super().non_terminated_nodes(tag_filters)
+
+    def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+        import ray._private.parameter
+
+        with self.lock:  # the node id the base class gives the node it is about to create
+            name = f"runtime_resources_{self._next_node_id + 1:05d}"
+            ray_params = ray._private.parameter.RayParams
+
+            def own_runtime_env_dir(*args: Any, **kwargs: Any) -> Any:
+                return ray_params(*args, **{"runtime_env_dir_name": name, **kwargs})
+
+            ray._private.parameter.RayParams = own_runtime_env_dir
+            try:
+                super()._create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
+            finally:
+                ray._private.parameter.RayParams = ray_params
+
+
+def _running(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def free_port() -> int:
@@ -177,6 +237,33 @@ class RayHead:
                 if proc.environ().get(MARKER) == self.token:
                     found.append(proc)
         return found
+
+    def node_processes(self, node_id: str) -> list[Any]:
+        """The live processes of one of this cluster's worker nodes (hex ``node_id``): its raylet and all
+        the raylet started (agents, workers). What else the fake provider started for the node (its log
+        monitor) ends when the provider finds the raylet gone (:class:`FakeNodeProvider`)."""
+        import psutil
+
+        found: list[Any] = []
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                if proc.name() == "raylet" and f"--node_id={node_id}" in proc.cmdline():
+                    found += [proc, *proc.children(recursive=True)]
+        return found
+
+    def kill_node(self, node_id: str) -> list[int]:
+        """Take a worker node away as a spot interruption does: SIGKILL all its processes at once (no
+        drain, nothing told to Ray). Returns their pids (none: the node had no live process left)."""
+        import psutil
+
+        procs = self.node_processes(node_id)
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        deadline = time.monotonic() + 10  # gone, or a zombie until its parent (not us) reaps it
+        while time.monotonic() < deadline and any(_running(proc) for proc in procs):
+            time.sleep(0.1)
+        return [proc.pid for proc in procs]
 
     def stop(self, grace_s: float = 5) -> None:
         """End this cluster's processes only (SIGTERM, SIGKILL after ``grace_s``); remove its temp dir."""
