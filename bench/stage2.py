@@ -853,6 +853,15 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", "invalid value encountered in cast", RuntimeWarning)
 
 
+#: Printed under the table: these figures are one edit; stage2.verify multiplies them per flagged row.
+VERIFY_NOTE = (
+    "note: with stage2.verify (on in the paper preset) a flagged row costs, per edit attempt, one edit at "
+    "its ladder rung's figure plus one check (reinspect: one call-A inspection, bench/stage1.py's inspect "
+    "rate; faces: two dlib passes on CPUs); attempts per row = 1 + f + f^2 + ... for a check failure rate "
+    "f, up to max_attempts. u2s plan --verify-fail f prints the total."
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.gpu:

@@ -17,7 +17,7 @@ from u2s.cluster import launcher_max_workers, load_node_groups
 from u2s.config import load_config
 from u2s.instances import INSTANCE_TYPES
 from u2s.pipeline import stage_pools
-from u2s.plan import CARDS, BenchStage, card_for, load_cluster, make_plan
+from u2s.plan import CARDS, BenchStage, card_for, is_verify_pool, load_cluster, make_plan
 from u2s.testing.cluster_job import pool_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,9 +55,13 @@ def test_printed_pool_sizes_apply_to_the_config(paper):
     sets = re.findall(r"--set '([^']+)'", result.output)
     cfg = load_config(preset="paper", overrides=sets)
     pools = stage_pools(cfg)
-    sizes = {name: r.pool_bounds() for name, r in pools.items() if r.num_gpus}
+    sizes = {name: r.pool_bounds() for name, r in pools.items() if r.num_gpus and not is_verify_pool(name)}
     assert len(sets) == len(sizes)
-    assert sum(high * pools[name].num_gpus for name, (_, high) in sizes.items()) == 24
+    # stage2.verify's pools (one per attempt, sized in its own section) are listed as comments.
+    verify = {name: int(n) for name, n in re.findall(r"# (\S+): \[1,(\d+)\] in stage2.verify", result.output)}
+    assert set(verify) == {name for name, r in pools.items() if r.num_gpus and is_verify_pool(name)}
+    gpus = sum(high * pools[name].num_gpus for name, (_, high) in sizes.items())
+    assert gpus + sum(n * pools[name].num_gpus for name, n in verify.items()) == 24
     assert all(low == 1 <= high for low, high in sizes.values())
 
 
@@ -156,7 +160,8 @@ def test_cluster_check_says_when_a_group_is_too_small_for_the_plan():
     pins = pool_overrides("edit", accelerator_type="L40S") + pool_overrides(
         "inspect+describe", accelerator_type="H100"
     )
-    args = ["--images", "10000000", "--gpu", "H100", "--pool-gpu", "edit=L40S", "--gpus", "200"]
+    args = ["--images", "10000000", "--gpu", "H100", "--pool-gpu", "edit=L40S", "--gpus", "200",
+            "--set", "stage2.verify.checks=[]"]  # fmt: skip
     result = run_plan(
         *args, "--cluster", str(REPO / "cluster" / "aws.yaml"), *[a for o in pins for a in ("--set", o)]
     )
@@ -363,3 +368,39 @@ def test_tensor_parallel_pool_lands_on_a_multi_gpu_group(tmp_path):
     assert (
         "note: inspect+describe: placement_group_config.strategy PACK: the 2 engine workers" in result.output
     )
+
+
+# -- stage2.verify ---------------------------------------------------------------------------------------
+
+
+def test_verification_costs_a_check_per_edit_and_a_re_edit_per_failed_check(paper):
+    card = card_for("H100")
+    plan = make_plan(paper, 1_000_000, card, flagged=0.4, verify_fail=0.5)
+    pools = {p.name: p for p in plan.pools}
+    flagged = 1_000_000 * 0.4
+    # Every edit is checked; attempt k sees the flagged rows whose k - 1 checks all failed.
+    assert [pools[n].rows for n in ("edit", "verify", "edit.2", "verify.2", "edit.3", "verify.3")] == [
+        flagged, flagged, flagged / 2, flagged / 2, flagged / 4, flagged / 4
+    ]  # fmt: skip
+    assert pools["edit.3"].rate is None  # the ladder's blur rung runs on CPUs
+    assert pools["edit.2"].gpu_hours == pytest.approx(
+        pools["edit"].gpu_hours / 2
+    )  # same editor, half the rows
+    # A check is call A on the edit: the cost of inspecting, per edited row.
+    assert pools["verify"].rate.rows_per_s > pools["inspect+describe"].rate.rows_per_s
+    off = make_plan(load_config(preset="paper", overrides=["stage2.verify.checks=[]"]), 1_000_000, card,
+                    flagged=0.4)  # fmt: skip
+    assert not any(is_verify_pool(p.name) for p in off.pools) and off.gpu_hours < plan.gpu_hours
+    fewer = make_plan(paper, 1_000_000, card, flagged=0.4, verify_fail=0.1)
+    assert fewer.gpu_hours < plan.gpu_hours
+
+
+def test_plan_prints_what_verification_adds_per_flagged_row():
+    result = run_plan("--images", "100000", "--gpu", "H100", "--verify-fail", "0.5")
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("stage2.verify"))
+    assert "up to 3 edits" in line and "50% of checks" in line and "1.75 edits and checks" in line
+    seconds = float(re.search(r"add ([\d.]+) GPU-s per flagged row", line)[1])
+    assert seconds > 0
+    faces = run_plan("--images", "100000", "--gpu", "H100", "--set", "stage2.verify.checks=[faces]")
+    assert faces.exit_code == 0 and "verify (1 CPU each)" in faces.output  # dlib: a CPU pool

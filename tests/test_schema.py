@@ -49,3 +49,10 @@ def test_safe_parquet_loads_with_datasets_and_decodes_images(tmp_path):
     first = ds[0]
     assert isinstance(first["image"], Image.Image) and first["image"].size == (5, 3)
     assert ds[1]["image"] is None and ds[1]["error"] == "decode: empty file"
+
+
+def test_verification_publishes_only_its_attempt_count_and_verdict():
+    # stage2.verify: what re-flagged (categories, face distances) stays in the sensitive table.
+    assert {"verify_attempts", "verified"} <= set(SAFE_SCHEMA.names) & set(SENSITIVE_SCHEMA.names)
+    assert "verify" in SENSITIVE_SCHEMA.names and "verify" not in SAFE_SCHEMA.names
+    assert "candidate" not in set(SAFE_SCHEMA.names) | set(SENSITIVE_SCHEMA.names)  # a working column only

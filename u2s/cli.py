@@ -209,6 +209,15 @@ def plan(
             "maximum).",
         ),
     ] = None,
+    verify_fail: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="stage2.verify: fraction of edits assumed to fail their check (each is edited and checked "
+            "again).",
+        ),
+    ] = 0.25,
 ) -> None:
     """Size a run: GPUs per stage pool, pool ratios, hours and cost; prints the pool sizes to configure.
 
@@ -222,7 +231,7 @@ def plan(
         cards = parse_pool_cards(pool_gpu or [])
         nodes = load_cluster(cluster) if cluster is not None else None
         result = make_plan(cfg, images, card_for(gpu), read_bench(bench or []), flagged, gpus, hours, price,
-                           cards, nodes, cpu_nodes)  # fmt: skip
+                           cards, nodes, cpu_nodes, verify_fail)  # fmt: skip
     except ValueError as e:
         typer.echo(f"plan: {e}", err=True)
         raise typer.Exit(2) from None

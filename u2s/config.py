@@ -616,6 +616,77 @@ class Stage1Config(_Model):
         return pools
 
 
+class VerifyStep(_Model):
+    """One rung of the re-edit ladder: how an edit attempt after a failed verification edits the row."""
+
+    editor: str | None = Field(
+        None, description="Editor of this attempt (a `stage2.editor` name, e.g. blur). None: stage2.editor."
+    )
+    settings: dict[str, dict[str, Any]] = Field(
+        {}, description="Per editor name, fields of its section overridden for this attempt, e.g. "
+        "{instruct_pix2pix: {guidance_scale: 10.0}, blur: {regions: [faces]}}: the entry of the editor the "
+        "attempt runs applies (so `--set stage2.editor=NAME` keeps a ladder valid), every entry is checked. "
+        "Every attempt also takes a new seed per row.",
+    )  # fmt: skip
+    resources: Resources | None = Field(
+        None, description="This attempt's editor pool. None: stage2.resources (set it for a baseline, which "
+        "needs no GPU: {num_gpus: 0, ...}).",
+    )  # fmt: skip
+
+
+class VerifyConfig(_Model):
+    """Closed-loop verification of edits: every edited image is checked before it is published.
+
+    Off by default (no `checks`). A row whose edit fails a check is edited again, attempt k + 1 taking
+    ``ladder[k - 1]`` (the last rung repeats; an empty ladder: the same editor with a new seed), up to
+    `max_attempts` edits; a row that never passes becomes an error row, ``verify: still private``, with no
+    image. Each attempt is an editor pool and a verification pool in the stream (rows that passed flow
+    through the later pools as Arrow): see docs/architecture.md.
+    """
+
+    checks: list[Literal["reinspect", "faces"]] = Field(
+        [], description="reinspect: stage 1's call A (inspect: same engine, model, prompt and schema) on "
+        "the edited image; it fails when the image is flagged again. faces: dlib face embeddings of the "
+        "original and the edited image; it fails when any face of the original has a counterpart in the edit "
+        "closer than `face_distance`. Empty: verification off.",
+    )  # fmt: skip
+    max_attempts: int = Field(3, ge=1, le=10, description="Edits tried per row, the first one included.")
+    ladder: list[VerifyStep] = Field(
+        [], description="Attempts 2, 3, ...: each a stronger setting or another editor (e.g. more steps, "
+        "higher guidance, then the blur baseline). The last rung repeats for later attempts.",
+    )  # fmt: skip
+    face_distance: float = Field(
+        0.6, gt=0, description="faces: Euclidean distance of dlib's 128-d embeddings below which an edited "
+        "face counts as the original's (0.6 is dlib's same-person threshold).",
+    )  # fmt: skip
+    face_upsample: int = Field(1, ge=0, description="faces: dlib HOG detector upsampling passes.")
+    reinspect_ignore: list[str] = Field(
+        [], description="reinspect: privacy categories that do not fail an edit on their own (a re-flag "
+        "that names only these passes; one that names none fails). Call A over-flags by design (groups of "
+        "people, when unsure), so e.g. [personal_interactions] keeps edited group photos.",
+    )  # fmt: skip
+    resources: Resources | None = Field(
+        None, description="Each verification pool. None: with reinspect, stage1.calls.inspect.resources "
+        "(the VLM's pool); faces only, one CPU per actor.",
+    )  # fmt: skip
+
+    @field_validator("reinspect_ignore")
+    @classmethod
+    def _categories(cls, value: list[str]) -> list[str]:
+        if not value:
+            return value
+        from u2s.schema import Category
+
+        unknown = sorted(set(value) - {c.value for c in Category})
+        if unknown:
+            raise ValueError(f"unknown privacy categories {unknown}")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.checks)
+
+
 class _Stage2Shared(_Model):
     """Settings every editor shares; ``Stage2Config`` narrows ``editor`` to the registered names and adds
     one section per editor."""
@@ -638,6 +709,9 @@ class _Stage2Shared(_Model):
         "smaller than PNG.",
     )
     resources: Resources = Field(default_factory=Resources, description="Editor pool.")
+    verify: VerifyConfig = Field(
+        default_factory=VerifyConfig, description="Closed-loop verification of edits (off unless `checks`)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -657,6 +731,43 @@ class _Stage2Shared(_Model):
         name = name or self.editor
         value = getattr(self, name)
         return value if value is not None else EDITORS[name].config_class()
+
+    @model_validator(mode="after")
+    def _ladder(self) -> _Stage2Shared:
+        for attempt in range(2, self.verify.max_attempts + 1):  # each rung's editor and settings validate
+            self.attempt(attempt)
+        return self
+
+    def attempt(self, attempt: int) -> Any:
+        """The stage-2 config of edit attempt ``attempt`` (1: this one; later ones take their ladder rung:
+        its editor, settings and pool). The row's seed changes per attempt in the runner."""
+        ladder = self.verify.ladder
+        if attempt == 1 or not ladder:
+            return self
+        index = min(attempt - 2, len(ladder) - 1)
+        step = ladder[index]
+        name = step.editor or self.editor
+        where = f"verify.ladder.{index}"
+        if name not in EDITORS:
+            raise ValueError(f"{where}.editor: unknown editor {name!r}; available: {', '.join(EDITORS)}")
+        for editor, fields in step.settings.items():
+            known = EDITORS[editor].config_class.model_fields if editor in EDITORS else None
+            if known is None or set(fields) - set(known):
+                what = "unknown editor" if known is None else f"no fields {sorted(set(fields) - set(known))}"
+                raise ValueError(f"{where}.settings.{editor}: {what}")
+        base = getattr(self, name)
+        try:
+            section = EDITORS[name].config_class.model_validate(
+                {**(base.model_dump() if base is not None else {}), **step.settings.get(name, {})}
+            )
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors(include_input=False)
+            )
+            raise ValueError(f"{where}.settings.{name}: {problems}") from None
+        return self.model_copy(
+            update={"editor": name, name: section, "resources": step.resources or self.resources}
+        )
 
 
 def _all_defaults(config_class: type[EditorConfig]) -> bool:

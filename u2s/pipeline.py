@@ -1,6 +1,7 @@
 """The one place that knows the order of stages: composes a lazy, streaming Ray Data plan and runs it.
 
-    list (Ray tasks) → [drop finished ids] → fetch → decode → stage-1 pools → edit → safe + sensitive sinks
+    list (Ray tasks) → [drop finished ids] → fetch → decode → stage-1 pools → edit → [verify → re-edit
+    → verify ...] → safe + sensitive sinks
 
 Stage 1 runs in one actor pool per model (by default calls A+B on the VLM, C(+D) on the LLM; see
 :meth:`u2s.config.Stage1Config.pools`), on any engine, vLLM included; the edit pool follows. Each pool has
@@ -94,7 +95,24 @@ def stage_pools(cfg: JobConfig) -> dict[str, Resources]:
     pools = {"decode": cfg.ray.decode}
     pools.update({pool.name: pool.resources for pool in cfg.stage1.pools()})
     pools["edit"] = cfg.stage2.resources
+    pools.update(verify_pools(cfg))
     pools["write"] = Resources(num_cpus=cfg.ray.write_num_cpus, pool_size=1)
+    return pools
+
+
+def verify_pools(cfg: JobConfig) -> dict[str, Resources]:
+    """``stage2.verify``'s pools after the first edit pool, in plan order: ``verify`` (attempt 1's
+    checks), then ``edit.2``, ``verify.2``... (each re-edit and its checks). Empty when verify is off."""
+    verify = cfg.stage2.verify
+    if not verify.enabled:
+        return {}
+    from u2s.stage2.verify import verify_resources
+
+    pools = {}
+    for attempt in range(1, verify.max_attempts + 1):
+        if attempt > 1:
+            pools[f"edit.{attempt}"] = cfg.stage2.attempt(attempt).resources
+        pools["verify" if attempt == 1 else f"verify.{attempt}"] = verify_resources(cfg.stage2, cfg.stage1)
     return pools
 
 
@@ -126,7 +144,32 @@ def build_dataset(cfg: JobConfig, listing: Listing, done: Any = None) -> ray.dat
             pool_args = pool_kwargs(pool.resources, cfg.stage1.vllm_for(pool.vision))
         ds = _actor_stage(ds, pool_class(pool), pool.resources, pool_args, stage1=cfg.stage1, pool=pool,
                           storage=cfg.storage)  # fmt: skip
-    return _actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2, storage=cfg.storage)
+    ds = _actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2, storage=cfg.storage)
+    return _verified(cfg, ds)
+
+
+def _verified(cfg: JobConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
+    """``stage2.verify``: after each edit attempt, its checks; before each later attempt, its editor.
+
+    Unrolled, so the plan stays one stream: rows that passed (or were never edited) flow through the
+    later pools as Arrow, untouched, like unflagged rows through the editor.
+    """
+    from u2s.stage2.runner import EditStage
+    from u2s.stage2.verify import VerifyStage
+
+    verify, pools, side = cfg.stage2.verify, verify_pools(cfg), thumbnail_side(cfg)
+    pool_args = None
+    if "reinspect" in verify.checks and cfg.stage1.engine_for("inspect") == "vllm":
+        from u2s.stage1.engines.vllm_pool import pool_kwargs
+
+        pool_args = pool_kwargs(pools["verify"], cfg.stage1.vllm_for(True))
+    for attempt in range(1, verify.max_attempts + 1):
+        if attempt > 1:
+            ds = _actor_stage(ds, EditStage, pools[f"edit.{attempt}"], stage2=cfg.stage2, storage=cfg.storage,
+                              attempt=attempt)  # fmt: skip
+        ds = _actor_stage(ds, VerifyStage, pools["verify"], pool_args, stage2=cfg.stage2, stage1=cfg.stage1,
+                          attempt=attempt, thumbnail_side=side, storage=cfg.storage)  # fmt: skip
+    return ds
 
 
 def init_ray(

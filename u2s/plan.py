@@ -229,6 +229,7 @@ class Plan:
     ignored: list[str]
     paths: dict[str, str]
     fit: ClusterFit | None = None
+    verify_fail: float = 0.0  # stage2.verify: share of verifications assumed to fail (each one re-edits)
 
     @property
     def gpu_pools(self) -> list[PoolPlan]:
@@ -293,10 +294,34 @@ def pool_calls(pool: str) -> list[str]:
     return pool.split("+")
 
 
-def pool_rows(pool: str, images: int, flagged: float) -> float:
+def pool_rows(pool: str, images: int, flagged: float, verify_fail: float = 0.0) -> float:
     """Rows a pool processes: pools with inspect, decode and write see every image, the rest only
-    flagged ones."""
-    return float(images) if pool in ("decode", "write") or "inspect" in pool_calls(pool) else images * flagged
+    flagged ones; under ``stage2.verify``, attempt k's editor and checks (``edit.k``, ``verify.k``) only
+    the flagged rows whose k - 1 earlier edits all failed (``verify_fail`` each)."""
+    if pool in ("decode", "write") or "inspect" in pool_calls(pool):
+        return float(images)
+    return images * flagged * verify_fail ** (verify_attempt(pool) - 1)
+
+
+def verify_attempt(pool: str) -> int:
+    """The edit attempt a pool serves: 2 for ``edit.2`` and ``verify.2``, 1 for every other pool."""
+    name, _, attempt = pool.partition(".")
+    return int(attempt) if name in ("edit", "verify") and attempt.isdigit() else 1
+
+
+def expected_edits(attempts: int, verify_fail: float) -> float:
+    """Edits (and verifications) per flagged row when each verification fails with ``verify_fail``."""
+    return sum(verify_fail**k for k in range(attempts))
+
+
+def verify_tflop_per_row(cfg: JobConfig) -> tuple[float, float] | None:
+    """(prefill, decode) TFLOP of one verification: call A on the edit (``reinspect``); None when only
+    the CPU checks run (dlib faces)."""
+    if "reinspect" not in cfg.stage2.verify.checks:
+        return None
+    prompt, output = CALL_TOKENS["inspect"]
+    per_call = 9 if cfg.stage1.inspect_mode == "per_criterion" else 1
+    return per_call * 2 * VLM_PARAMS * prompt / 1e12, per_call * 2 * VLM_PARAMS * output / 1e12
 
 
 def stage1_tflop_per_row(cfg: JobConfig, pool: str, flagged: float) -> tuple[float, float]:
@@ -340,6 +365,15 @@ def edit_tflop_per_row(cfg: JobConfig) -> float | None:
 
 def estimate_rate(cfg: JobConfig, pool: str, card: Card, flagged: float) -> Rate | None:
     peak = card.peak_tflops
+    if pool.startswith("verify"):
+        tokens = verify_tflop_per_row(cfg)
+        if tokens is None:
+            return None
+        seconds = tokens[0] / (peak * COMPUTE_UTILISATION) + tokens[1] / (peak * DECODE_UTILISATION)
+        return Rate(1 / seconds, False, f"estimate: call A on the edit, {sum(tokens):.2f} TFLOP/row")
+    if pool.startswith("edit."):  # a re-edit: its ladder rung's editor and settings
+        cfg = cfg.model_copy(update={"stage2": cfg.stage2.attempt(verify_attempt(pool))})
+        pool = "edit"
     if pool == "edit":
         tflop = edit_tflop_per_row(cfg)
         if tflop is None:
@@ -404,6 +438,8 @@ def replica_of(cfg: JobConfig, pool: str, request: Resources) -> Replica:
     from u2s.stage1.engines.vllm import world_size
     from u2s.stage1.engines.vllm_pool import actor_gpus, placement_bundles
 
+    if pool.startswith("verify") and "reinspect" in cfg.stage2.verify.checks:  # call A: inspect's engine
+        pool = next(p.name for p in cfg.stage1.pools() if "inspect" in p.calls)
     call_pool = next((p for p in cfg.stage1.pools() if p.name == pool), None)
     if call_pool is None or call_pool.engine != "vllm":
         return Replica(request.num_gpus, request)
@@ -454,12 +490,15 @@ def make_plan(
     pool_cards: dict[str, Card] | None = None,
     cluster: Cluster | None = None,
     cpu_nodes: int | None = None,
+    verify_fail: float = 0.25,
 ) -> Plan:
     """Size every GPU pool of ``cfg`` for ``images`` images on ``card`` (``pool_cards``: other GPU types
     for some pools, e.g. the editor on L40S; ``price`` applies to ``card``). With a ``cluster``, also
     where the pools land, every node's price and what is too small (:func:`fit_cluster`; ``cpu_nodes``:
-    CPU workers held, default each CPU group's maximum). See the module docstring."""
-    from u2s.pipeline import stage_pools
+    CPU workers held, default each CPU group's maximum). ``verify_fail``: under ``stage2.verify``, the
+    share of verifications assumed to fail (each sends its row to another edit). See the module
+    docstring."""
+    from u2s.pipeline import stage_pools, verify_pools
 
     ignored: list[str] = []
     pools, paths = [], {}
@@ -478,13 +517,14 @@ def make_plan(
         overridden = price is not None and pool_card is card
         pool_price = price if overridden else pool_card.usd_per_hour
         source = f"--price ${price:,.2f}/GPU-hour" if overridden else pool_card.price_source
-        plan = PoolPlan(name, request, pool_rows(name, images, flagged), rate, pool_card, pool_price,
+        rows = pool_rows(name, images, flagged, verify_fail)
+        plan = PoolPlan(name, request, rows, rate, pool_card, pool_price,
                         replica=replica_of(cfg, name, request), price_source=source)  # fmt: skip
         if rate is not None:
             plan.gpu_hours = plan.rows / rate.rows_per_s / 3600
         pools.append(plan)
         path = find_path(cfg, request)
-        if path:
+        if path and name not in verify_pools(cfg):  # those are sized in stage2.verify
             paths[name] = path
     gpu_pools = [p for p in pools if p.rate is not None]
     if gpu_pools:
@@ -500,7 +540,7 @@ def make_plan(
     used = sum(p.gpus for p in gpu_pools)
     wall = max((p.gpu_hours / p.gpus for p in gpu_pools), default=0.0)
     result = Plan(images, card, card.usd_per_hour if price is None else price, flagged, pools, used, wall,
-                  ignored, paths)  # fmt: skip
+                  ignored, paths, verify_fail=verify_fail)  # fmt: skip
     if cluster is not None:
         result.fit = fit_cluster(result, cluster, cpu_nodes, price)
     return result
@@ -674,6 +714,27 @@ def group_shortfalls(plan: Plan, cluster: Cluster, where: dict[str, list[str]]) 
     return short
 
 
+def is_verify_pool(pool: str) -> bool:
+    """A pool that ``stage2.verify`` adds: a check (``verify``, ``verify.k``) or a re-edit (``edit.k``)."""
+    return pool.startswith("verify") or verify_attempt(pool) > 1
+
+
+def verify_lines(plan: Plan) -> list[str]:
+    """What ``stage2.verify`` costs per flagged row (empty when it is off)."""
+    pools = [p for p in plan.pools if is_verify_pool(p.name)]
+    if not pools:
+        return []
+    attempts = max(verify_attempt(p.name) for p in pools)
+    flagged = max(plan.images * plan.flagged, 1e-9)
+    seconds = 3600 * sum(p.gpu_hours for p in pools) / flagged
+    return [
+        f"stage2.verify: every edit is checked before it is published, up to {attempts} edits per flagged "
+        f"row; with {plan.verify_fail:.0%} of checks failing (assumed; --verify-fail) that is "
+        f"{expected_edits(attempts, plan.verify_fail):.2f} edits and checks per flagged row, and the verify "
+        f"and re-edit pools add {seconds:.2f} GPU-s per flagged row"
+    ]
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as a table, totals and cost, and the pool sizes to put in the config; with a cluster,
     which groups each pool fits and what is too small."""
@@ -696,6 +757,7 @@ def format_plan(plan: Plan) -> str:
     if cpu:
         listed = ", ".join(f"{p.name} ({p.request.num_cpus:g} CPU each)" for p in cpu)
         lines.append(f"CPU pools, not sized here: {listed}")
+    lines += verify_lines(plan)
     what = "every node" if fit else "GPUs only"
     lines += [
         "",
@@ -746,6 +808,10 @@ def format_plan(plan: Plan) -> str:
     for p in plan.gpu_pools:
         where = plan.paths.get(p.name, p.name)
         assert p.replica is not None
+        if is_verify_pool(p.name):
+            lines.append(f"  # {p.name}: [1,{p.replicas}] in stage2.verify.resources (checks) or the ladder "
+                         "rung's resources (re-edits)")  # fmt: skip
+            continue
         per = f"{p.gpus_per_replica:g} GPU{'' if p.gpus_per_replica == 1 else 's'} per actor"
         if p.replica.workers > 1:
             per += f", {p.replica.workers} engine workers on one node"

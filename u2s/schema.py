@@ -42,11 +42,17 @@ class Category(str, Enum):
     BELONGINGS = "private_belongings_or_behaviours"
 
 
-STAGES = ("decode", "inspect", "describe", "instruct", "combine", "edit")
+STAGES = ("decode", "inspect", "describe", "instruct", "combine", "edit", "verify")
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 REVIEW_TYPE = pa.list_(pa.struct([("item", pa.string()), ("reason", pa.string()), ("category", pa.string())]))
 TIMINGS_TYPE = pa.struct([(stage, pa.float64()) for stage in STAGES])
+#: One verification of one edit attempt (``stage2.verify``): the checks it failed (empty: passed) and
+#: what they saw. Private (which categories re-flagged): sensitive table only.
+VERIFY_TYPE = pa.list_(pa.struct([
+    ("attempt", pa.int32()), ("editor", pa.string()), ("seed", pa.int64()), ("failed", pa.list_(pa.string())),
+    ("categories", pa.list_(pa.string())), ("face_distance", pa.float64()),
+]))  # fmt: skip
 
 _FIELDS: dict[str, pa.DataType] = {
     "id": pa.string(),
@@ -67,15 +73,20 @@ _FIELDS: dict[str, pa.DataType] = {
     "combined_caption": pa.string(),
     "editor": pa.string(),
     "seed": pa.int64(),
+    "candidate": IMAGE_TYPE,  # an edit awaiting verification (working rows only; `image` keeps the original)
+    "verify_attempts": pa.int32(),  # edits tried under stage2.verify (null: not verified)
+    "verified": pa.bool_(),  # stage2.verify: true = an attempt passed every check, false = none did
+    "verify": VERIFY_TYPE,
     "metadata_removed": pa.bool_(),
     "timings": TIMINGS_TYPE,
 }
 
-#: Columns that carry private content and never enter the safe table.
-PRIVATE_COLUMNS = ("review", "private_caption", "edit_instruction", "combined_caption")
+#: Columns that carry private content and never enter the safe table (``verify``: what re-flagged).
+PRIVATE_COLUMNS = ("review", "private_caption", "edit_instruction", "combined_caption", "verify")
 
 SAFE_COLUMNS = (
     "id", "image", "width", "height", "status", "error", "privacy_flag", "public_caption", "editor", "seed",
+    "verify_attempts", "verified",
 )  # fmt: skip
 #: Columns the safe table publishes only when ``output.publish`` lists them; each has a privacy cost.
 #: label: the class (for class_folders the parent folder's name, which can name a person);
@@ -85,7 +96,8 @@ PUBLISHABLE_COLUMNS = ("label", "source", "categories")
 DEFAULT_PUBLISH = ("label",)
 SENSITIVE_COLUMNS = (
     "id", "source", "label", "status", "error", "privacy_flag", "categories", "review", "private_caption",
-    "public_caption", "edit_instruction", "combined_caption", "editor", "seed", "metadata_removed", "timings",
+    "public_caption", "edit_instruction", "combined_caption", "editor", "seed", "verify_attempts", "verified",
+    "verify", "metadata_removed", "timings",
 )  # fmt: skip
 
 

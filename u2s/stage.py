@@ -85,8 +85,9 @@ class Stage:
                 if row["status"] is None:
                     mark_error(row, self.name, f"unexpected {type(e).__name__}")
         seconds = (time.perf_counter() - start) / len(rows)
-        for row in rows:
-            row["timings"] = {**(row["timings"] or {}), self.name: seconds}
+        for row in rows:  # a stage that runs again on a row (a re-edit under stage2.verify) adds its time
+            timings = row["timings"] or {}
+            row["timings"] = {**timings, self.name: (timings.get(self.name) or 0.0) + seconds}
         written = dict.fromkeys(("status", "error", "timings", *self.writes))
         done = replace_columns(todo, {name: [row[name] for row in rows] for name in written})
         return pa.concat_tables([done, batch.filter(pc.invert(mask))])

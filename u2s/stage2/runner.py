@@ -6,6 +6,11 @@ are bucketed by that size, so one editor call sees images of a single size; each
 base seed and its id, so a rerun reproduces its output whatever batch it lands in; the edited image is
 restored to the row's original size before encoding. An output whose pixels equal the editor's input
 is never published: that row becomes an error row.
+
+Under ``stage2.verify`` the stage runs once per edit attempt (``attempt``: the ladder's rung, a new seed):
+it edits the rows whose previous attempt failed verification, and its output waits in ``candidate``
+(``image`` keeps the original, status stays null) for :class:`~u2s.stage2.verify.VerifyStage`, which
+publishes it or sends the row to the next attempt. An unchanged output is then a failed attempt.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from u2s.schema import Status, mark_error
 from u2s.stage import Stage, flagged
 from u2s.stage2.editors import load_editor
 from u2s.stage2.editors.base import EditPrompt
+from u2s.stage2.verify import record_attempt
 
 if TYPE_CHECKING:
     from u2s.config import Stage2Config, StorageConfig
@@ -41,6 +47,11 @@ def row_seed(base_seed: int, row_id: str) -> int:
     """A row's 63-bit seed: sha256 of the base seed and the row id (stable across processes and runs)."""
     digest = hashlib.sha256(f"{base_seed}:{row_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def attempt_seed(base_seed: int, row_id: str, attempt: int = 1) -> int:
+    """The seed of a row's edit attempt: :func:`row_seed` for the first, a new one for each re-edit."""
+    return row_seed(base_seed, row_id if attempt == 1 else f"{row_id}#{attempt}")
 
 
 #: Save options per output format (chosen from bench/encode.py's figures, docs/benchmarks.md): JPEG at
@@ -82,14 +93,17 @@ class EditStage(Stage):
 
     name = "edit"
     reads = ("image", "width", "height", "edit_instruction", "public_caption", "private_caption",
-             "combined_caption")  # fmt: skip
-    writes = ("image", "width", "height", "editor", "seed")
+             "combined_caption", "verify_attempts", "verify")  # fmt: skip
+    writes = ("image", "width", "height", "editor", "seed", "candidate", "verify_attempts", "verify")
 
-    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
-        """``storage``: endpoint and model cache of s3:// models (staged here, on the worker)."""
+    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None, attempt: int = 1) -> None:
+        """``storage``: endpoint and model cache of s3:// models (staged here, on the worker); ``attempt``:
+        which edit attempt under ``stage2.verify`` (its ladder rung: editor, settings, pool)."""
         from u2s.torch_utils import set_threads
 
-        self.config = stage2
+        self.attempt = attempt
+        self.verifying = stage2.verify.enabled
+        self.config = stage2 = stage2.attempt(attempt)
         set_threads(stage2.resources.threads())
         self.editor = load_editor(stage2, storage)
         #: Encoding of edited images: the config's, or under ``auto`` the editor's own.
@@ -98,7 +112,15 @@ class EditStage(Stage):
         )
 
     def wanted(self, batch: pa.Table) -> pa.ChunkedArray:
-        return pc.and_(flagged(batch), pc.is_valid(batch.column("edit_instruction")))
+        """Flagged rows with an instruction; a re-edit: only rows whose previous attempt failed (verified,
+        so no candidate waits)."""
+        rows = pc.and_(flagged(batch), pc.is_valid(batch.column("edit_instruction")))
+        attempts = batch.column("verify_attempts")
+        if self.attempt == 1:
+            return pc.and_(rows, pc.is_null(attempts))
+        failed = pc.and_(pc.fill_null(pc.equal(attempts, self.attempt - 1), False),
+                         pc.is_null(batch.column("candidate")))  # fmt: skip
+        return pc.and_(rows, failed)
 
     def process(self, rows: list[dict]) -> None:
         # Decode one row at a time and keep only its working-size copy: memory stays bounded by one
@@ -125,7 +147,7 @@ class EditStage(Stage):
     def _edit_chunk(self, items: list[_Item]) -> None:
         cfg = self.config
         rows = [row for row, _, _ in items]
-        seeds = [row_seed(cfg.seed, row["id"]) for row in rows]
+        seeds = [attempt_seed(cfg.seed, row["id"], self.attempt) for row in rows]
         try:
             outputs = self.editor.edit(
                 [img for _, img, _ in items], [edit_prompt(row) for row in rows], seeds
@@ -140,16 +162,24 @@ class EditStage(Stage):
         unchanged = 0
         for (row, work, original), out, seed in zip(items, outputs, seeds, strict=True):
             if same_pixels(out, work):  # nothing was hidden: publishing it would publish the original
-                mark_error(row, self.name, UNCHANGED)
+                if self.verifying:  # a failed attempt: the next one edits the row again
+                    record_attempt(row, self.attempt, self.editor.name, seed, ["unchanged"])
+                else:
+                    mark_error(row, self.name, UNCHANGED)
                 unchanged += 1
                 continue
             if out.size != original:
                 out = out.resize(original, Image.Resampling.LANCZOS)
             data, ext = encode_image(out.convert("RGB"), self.output_format)
-            row["image"] = {"bytes": data, "path": f"{row['id']}.{ext}"}
+            image = {"bytes": data, "path": f"{row['id']}.{ext}"}
             row["width"], row["height"] = original
-            row["status"] = Status.EDITED.value
             row["editor"] = self.editor.name
             row["seed"] = seed
+            if self.verifying:  # published only once verified; `image` keeps the original for the checks
+                row["candidate"] = image
+                row["verify_attempts"] = self.attempt
+            else:
+                row["image"] = image
+                row["status"] = Status.EDITED.value
         if unchanged:
             logger.warning("editor %s left %d of %d images unchanged", self.editor.name, unchanged, len(rows))
