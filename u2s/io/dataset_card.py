@@ -40,8 +40,8 @@ COLUMN_DOCS = {
     "public_caption": "A caption with nothing identifying, for flagged rows.",
     "editor": "The editor that produced an `edited` image.",
     "seed": "The editor's seed for this row.",
-    "verify_attempts": "Edits made before the published one passed verification (`stage2.verify`).",
-    "verified": "Whether the published edit passed every configured check.",
+    "verify_attempts": "Edits tried under `stage2.verify` (null: not verified).",
+    "verified": "Whether an edit passed every configured check (`stage2.verify`).",
 }
 
 
