@@ -876,6 +876,7 @@ def main(argv: list[str] | None = None) -> None:
         table = cpu_table(rows)
     print()
     print(table)
+    print(VERIFY_NOTE)
     if args.json:
         stages = stage_figures(rows, info, args)
         write_json(args.json, "gpu" if args.gpu else "cpu", info, "rows", rows, stages=stages)
