@@ -20,13 +20,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from u2s.config import load_config
+from u2s.config import DecodeConfig, HttpEngineConfig, ModelConfig, Stage1Config, load_config
+from u2s.io.decode import DecodeStage, load_rgb
 from u2s.io.writers import read_columns
 from u2s.pipeline import run
-from u2s.schema import SENSITIVE_SCHEMA, safe_schema
+from u2s.schema import SENSITIVE_SCHEMA, new_row, safe_schema
+from u2s.stage1.inspect import InspectStage
 from u2s.testing.chat_server import ChatRequest, OracleChatServer
-from u2s.testing.leak_corpus import PERSON_FILE, PERSON_FOLDER, build_leak_corpus
-from u2s.testing.rows import decoded_rows
+from u2s.testing.leak_corpus import PERSON_FILE, PERSON_FOLDER, build_leak_corpus, encode, photo
+from u2s.testing.rows import decoded_rows, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +38,8 @@ EXIF_ORIENTATION = 0x0112
 
 
 def _signature(img: Image.Image) -> np.ndarray:
-    return np.asarray(img.convert("RGB"), dtype=np.float64).mean(axis=(0, 1))
+    """A 4x4 grid of mean colours: tells the corpus's pictures apart at any thumbnail size."""
+    return np.asarray(img.convert("RGB").resize((4, 4), Image.Resampling.BOX), dtype=np.float64)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +108,8 @@ def test_every_file_is_published_or_edited_as_the_oracle_decided(leak_run):
     edited = np.asarray(Image.open(io.BytesIO(texture["image"]["bytes"])).convert("RGB"))
     assert edited.shape == original.shape and not np.array_equal(edited, original)
     assert leak_run["summary"].metadata_removed >= 5  # every file but the bare texture carried metadata
+    assert leak_run["summary"].multi_frame == len(corpus.multi_frame) == 5
+    assert sum(row["frames"] > 1 for row in leak_run["sensitive"]) == 5
 
 
 def test_no_secret_in_any_byte_of_the_safe_folder(leak_run):
@@ -148,3 +153,66 @@ def test_no_secret_in_rays_logs(leak_run):
             content = log.read_bytes()
             assert leak_run["corpus"].leaks(content) == [], log.name
             assert PRIVATE_CAPTION.encode() not in content and PERSON_FILE.encode() not in content, log.name
+
+
+def _published(leak_run, path: Path) -> bytes:
+    sensitive = {r["source"]: r for r in leak_run["sensitive"]}
+    row = {r["id"]: r for r in leak_run["safe"]}[sensitive[str(path)]["id"]]
+    assert row["status"] == "kept", path.name
+    return row["image"]["bytes"]
+
+
+def test_multi_frame_files_publish_only_the_frame_the_vlm_inspected(leak_run):
+    corpus = leak_run["corpus"]
+    for path in corpus.multi_frame:
+        original = Image.open(path)
+        assert original.n_frames > 1
+        published = Image.open(io.BytesIO(_published(leak_run, path)))
+        assert getattr(published, "n_frames", 1) == 1 and not getattr(published, "is_animated", False)
+        # frame 0, the one decode thumbnailed for the VLM (an APNG's default image, not its animation)
+        np.testing.assert_array_equal(
+            np.asarray(published.convert("RGB")), np.asarray(load_rgb(path.read_bytes()))
+        )
+
+
+def test_colour_under_alpha_zero_is_not_published(leak_run):
+    path = leak_run["corpus"].alpha_hidden
+    original = np.asarray(Image.open(path).convert("RGBA"))
+    hidden = original[..., 3] == 0
+    assert hidden.any() and original[..., :3][hidden].any()  # the corpus file does hide a page of text
+    published = Image.open(io.BytesIO(_published(leak_run, path)))
+    shown = np.asarray(published.convert("RGB"))  # what a training loader sees
+    assert not shown[hidden].any()
+    np.testing.assert_array_equal(np.asarray(published.convert("RGBA"))[~hidden], original[~hidden])
+
+
+def test_with_all_frames_inspected_a_face_in_a_later_frame_flags_the_row():
+    """decode.frames: all: one inspect request per frame over the HTTP engine; the oracle flags only the
+    face, which is frame 2 of an APNG whose default image (frame 0) and frame 1 are harmless."""
+    side = 64
+    face = photo("astronaut").resize((96, 96))
+    harmless = [photo(name).convert("RGB").resize((96, 96)) for name in ("rocket", "brick")]
+    apng = encode(harmless[0], "PNG", save_all=True, default_image=True, append_images=[harmless[1], face])
+    still = encode(harmless[1], "PNG")
+    face_signature = _signature(face)
+    seen = []
+
+    def answer(request: ChatRequest) -> dict:
+        is_face = float(np.abs(_signature(request.image) - face_signature).mean()) < 8
+        seen.append(is_face)
+        return {"privacy_flag": is_face, "categories": ["people"] if is_face else []}
+
+    rows = [new_row("anim", "mem://anim.png", None, apng), new_row("still", "mem://still.png", None, still)]
+    rows = run_stage(DecodeStage(DecodeConfig(frames="all"), thumbnail_side=side), rows)
+    with OracleChatServer(answer) as url:
+        stage1 = Stage1Config(
+            engine="http", http=HttpEngineConfig(base_url=url, api_key_env=None, backoff_s=0.01),
+            vlm=ModelConfig(model="oracle-vlm"), llm=ModelConfig(model="oracle-llm"), image_size=side,
+        )  # fmt: skip
+        stage = InspectStage(stage1)
+        anim, plain = run_stage(stage, rows)
+        stage.engine.close()
+    assert len(seen) == 4 and sum(seen) == 1  # three frames and the still image, each asked once
+    assert anim["privacy_flag"] is True and anim["status"] is None and anim["flagged_frame"] == 2
+    assert anim["categories"] == ["people"]
+    assert plain["privacy_flag"] is False and plain["status"] == "kept" and plain["flagged_frame"] is None

@@ -204,12 +204,28 @@ class OutputConfig(_Model):
 
 
 class DecodeConfig(_Model):
-    """Per-row validation limits; a row that breaks one gets status=error, the job goes on."""
+    """Per-row validation limits and which frames of a multi-frame file are inspected; a row that
+    breaks a limit gets status=error, the job goes on."""
 
     max_pixels: int = Field(
         89_478_485, ge=1, description="Largest width*height accepted (decompression-bomb guard)."
     )
     max_bytes: int = Field(64 * 2**20, ge=1, description="Largest encoded file size accepted.")
+    frames: Literal["first", "all"] = Field(
+        "first",
+        description="Frames of a multi-frame input (APNG, animated WebP or GIF, multi-page TIFF, MPO) that "
+        "the VLM inspects. first: frame 0 only (Pillow's first frame: an APNG's default image, which need "
+        "not be part of its animation), and a kept or edited row publishes that frame alone, as a lossless "
+        "PNG. all: every frame, one inspect request each; a flagged frame flags the row (its index is "
+        "recorded in the sensitive table's `flagged_frame`), a kept animation keeps its frames (metadata "
+        "stripped) and an edited row publishes its edited frame 0.",
+    )
+    max_frames: int = Field(
+        64,
+        ge=1,
+        description="With frames: all, a file with more frames is an error row: it is never published "
+        "with frames nobody inspected.",
+    )
 
 
 class Resources(_Model):

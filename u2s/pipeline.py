@@ -44,6 +44,7 @@ class RunSummary:
     flagged: int
     triplets: int
     metadata_removed: int
+    multi_frame: int  # inputs with several frames (animations, multi-page TIFF, MPO)
     resumed: int  # rows an earlier attempt had finished (not processed again)
     written: int  # rows this attempt wrote
     safe_uri: str
@@ -272,7 +273,7 @@ def verify_outputs(cfg: JobConfig, expected: int) -> dict[str, Any]:
     safe_ids = read_columns(cfg.output.uri, storage, ["id"]).column("id")
     sensitive = read_columns(
         cfg.output.sensitive_uri, storage,
-        ["id", "status", "error", "privacy_flag", "private_caption", "metadata_removed", "timings"],
+        ["id", "status", "error", "privacy_flag", "private_caption", "metadata_removed", "frames", "timings"],
     )  # fmt: skip
     problems = []
     for name, ids in (("safe", safe_ids), ("sensitive", sensitive.column("id"))):
@@ -283,7 +284,10 @@ def verify_outputs(cfg: JobConfig, expected: int) -> dict[str, Any]:
         problems.append("the two tables hold different ids")
     if problems:
         raise JobFailed("exactly-once check failed: " + "; ".join(problems))
-    return asdict(summarize(sensitive))
+    counts = asdict(summarize(sensitive))
+    several = pc.fill_null(pc.greater(sensitive.column("frames"), 1), False)
+    counts["multi_frame"] = pc.sum(several).as_py() or 0
+    return counts
 
 
 def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary:
@@ -356,6 +360,8 @@ def format_summary(summary: RunSummary) -> str:
         )
     if summary.metadata_removed:
         lines.append(f"metadata removed from {summary.metadata_removed} image(s)")
+    if summary.multi_frame:
+        lines.append(f"multi-frame inputs: {summary.multi_frame}")
     skipped = summary.listing.get("skipped_extensions") or {}
     if skipped:
         lines.append(f"files skipped by extension: {sum(skipped.values())}")

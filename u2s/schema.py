@@ -60,6 +60,9 @@ _FIELDS: dict[str, pa.DataType] = {
     "label": pa.string(),
     "image": IMAGE_TYPE,
     "thumbnail": pa.binary(),  # the VLM-sized JPEG decode makes once (working rows only)
+    "frame_thumbnails": pa.list_(pa.binary()),  # decode.frames: all, frames 1.. (working rows only)
+    "frames": pa.int32(),  # frames in the input file (1: a still image)
+    "flagged_frame": pa.int32(),  # decode.frames: all, the first frame inspect flagged
     "width": pa.int32(),
     "height": pa.int32(),
     "status": pa.string(),
@@ -97,7 +100,7 @@ DEFAULT_PUBLISH = ("label",)
 SENSITIVE_COLUMNS = (
     "id", "source", "label", "status", "error", "privacy_flag", "categories", "review", "private_caption",
     "public_caption", "edit_instruction", "combined_caption", "editor", "seed", "verify_attempts", "verified",
-    "verify", "metadata_removed", "timings",
+    "verify", "frames", "flagged_frame", "metadata_removed", "timings",
 )  # fmt: skip
 
 

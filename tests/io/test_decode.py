@@ -106,15 +106,15 @@ def test_cmyk_jpeg_with_adobe_inversion_decodes_to_the_right_colours() -> None:
     assert np.abs(arr[16, 28] - [0, 255, 0]).max() < 12
 
 
-def test_rgba_png_is_composited_over_white() -> None:
+def test_rgba_png_shows_what_convert_rgb_shows_with_hidden_colour_zeroed() -> None:
     arr = np.zeros((8, 12, 4), dtype=np.uint8)
-    arr[:, :4] = (255, 0, 0, 0)  # fully transparent red → white
+    arr[:, :4] = (255, 0, 0, 0)  # fully transparent red: hidden colour → black
     arr[:, 4:8] = (0, 0, 255, 255)  # opaque blue
-    arr[:, 8:] = (0, 0, 0, 128)  # half-transparent black → mid grey
-    out = check_rgb(load_rgb(encode(Image.fromarray(arr, "RGBA"), "PNG")), (12, 8)).astype(int)
-    assert out[0, 0].tolist() == [255, 255, 255]
+    arr[:, 8:] = (10, 200, 30, 1)  # almost transparent green: a loader shows it, so the VLM does too
+    out = check_rgb(load_rgb(encode(Image.fromarray(arr), "PNG")), (12, 8))
+    assert out[0, 0].tolist() == [0, 0, 0]
     assert out[0, 5].tolist() == [0, 0, 255]
-    assert np.abs(out[0, 9] - 127).max() <= 1
+    assert out[0, 9].tolist() == [10, 200, 30]
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "GIF"])
@@ -125,7 +125,28 @@ def test_palette_with_transparency(fmt: str) -> None:
     img.paste(2, (5, 0, 10, 10))  # right: index 2, transparent
     out = check_rgb(load_rgb(encode(img, fmt, transparency=2)), (10, 10))
     assert out[5, 2].tolist() == [255, 0, 0]
-    assert out[5, 7].tolist() == [255, 255, 255]  # not the palette's green
+    assert out[5, 7].tolist() == [0, 0, 0]  # not the palette's green: transparent pixels carry no colour
+
+
+def test_la_hidden_grey_is_zeroed() -> None:
+    arr = np.zeros((4, 6, 2), dtype=np.uint8)
+    arr[:, :3] = (180, 0)  # hidden grey
+    arr[:, 3:] = (90, 255)
+    out = check_rgb(load_rgb(encode(Image.fromarray(arr), "PNG")), (6, 4))
+    assert out[0, 0].tolist() == [0, 0, 0] and out[0, 4].tolist() == [90, 90, 90]
+
+
+def test_decoded_images_carry_no_info() -> None:
+    """Encoders read ``info`` (JPEG's comment, PNG's ICC): nothing of the input may ride along."""
+    exif = Image.Exif()
+    exif[0x013B] = "Artist Name"
+    jpeg = encode(
+        Image.new("RGB", (8, 8), (1, 2, 3)), "JPEG", comment=b"a private comment", exif=exif.tobytes()
+    )
+    assert Image.open(io.BytesIO(jpeg)).info["comment"]
+    img = load_rgb(jpeg)
+    assert img.info == {}
+    assert b"a private comment" not in encode(img, "JPEG") and b"Artist" not in encode(img, "JPEG")
 
 
 def test_palette_without_transparency() -> None:
@@ -275,3 +296,50 @@ def test_decode_stage_skips_rows_already_failed() -> None:
     assert out[0]["error"] == "read: FileNotFoundError"  # not overwritten by "decode: empty file"
     assert out[0]["timings"]["decode"] is None
     assert (out[1]["width"], out[1]["height"]) == (8, 8)
+
+
+# -------------------------------------------------------------------------------------------- frames
+
+
+def _animation() -> bytes:
+    """An APNG: a red default image outside the animation, then a green and a blue frame."""
+    red, green, blue = (Image.new("RGB", (12, 8), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255)))
+    return encode(red, "PNG", save_all=True, default_image=True, append_images=[green, blue])
+
+
+def _colour(thumbnail: bytes) -> list[int]:
+    return np.asarray(Image.open(io.BytesIO(thumbnail)).convert("RGB"))[4, 4].tolist()
+
+
+@pytest.mark.parametrize("metadata", ["strip", "keep"])
+def test_decode_stage_publishes_the_inspected_frame_only(metadata: str) -> None:
+    stage = DecodeStage(DecodeConfig(), thumbnail_side=8, metadata=metadata)
+    (row,) = run_stage(stage, _rows(_animation()))
+    assert row["frames"] == 3 and row["frame_thumbnails"] is None
+    assert np.abs(np.array(_colour(row["thumbnail"])) - [255, 0, 0]).max() < 8  # the default image
+    published = Image.open(io.BytesIO(row["image"]["bytes"]))
+    assert row["image"]["path"] == "id0.png" and getattr(published, "n_frames", 1) == 1
+    assert np.asarray(published.convert("RGB"))[4, 4].tolist() == [255, 0, 0]
+    assert row["metadata_removed"] is True
+
+
+def test_decode_stage_with_all_frames_thumbnails_every_frame_and_keeps_the_animation() -> None:
+    stage = DecodeStage(DecodeConfig(frames="all"), thumbnail_side=8, metadata="strip")
+    still = noise_jpeg(8, 8)
+    animated, plain = run_stage(stage, _rows(_animation(), still))
+    assert animated["frames"] == 3 and len(animated["frame_thumbnails"]) == 2
+    colours = [_colour(t) for t in (animated["thumbnail"], *animated["frame_thumbnails"])]
+    for got, want in zip(colours, ([255, 0, 0], [0, 255, 0], [0, 0, 255]), strict=True):
+        assert np.abs(np.array(got) - want).max() < 8
+    assert Image.open(io.BytesIO(animated["image"]["bytes"])).n_frames == 3  # every frame was inspected
+    assert plain["frames"] == 1 and plain["frame_thumbnails"] is None
+
+
+def test_decode_stage_fails_files_with_more_frames_than_it_may_inspect() -> None:
+    stage = DecodeStage(DecodeConfig(frames="all", max_frames=2), thumbnail_side=8)
+    (row,) = run_stage(stage, _rows(_animation()))
+    assert row["status"] == "error" and row["error"] == "decode: too many frames: 3 exceeds the 2-frame limit"
+    assert row["thumbnail"] is None and row["frame_thumbnails"] is None
+    # frames: first publishes frame 0 alone, however many there are
+    (first,) = run_stage(DecodeStage(DecodeConfig(max_frames=2), thumbnail_side=8), _rows(_animation()))
+    assert first["status"] is None and first["frames"] == 3

@@ -15,14 +15,18 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageCms, ImageOps
 
-from u2s.io.decode import DecodeError, load_rgb
-from u2s.io.metadata import Stripped, strip_metadata
+from u2s.io.decode import DecodeError, decode_image, later_frames, load_rgb
+from u2s.io.metadata import Stripped, publishable, sanitize_icc, strip_metadata
 from u2s.testing.leak_corpus import (
     ARTIST,
     CAMERA_SERIAL,
     DATETIME_ORIGINAL,
     GPS_LATITUDE,
     GPS_LONGITUDE,
+    ICC_COPYRIGHT_PERSON,
+    ICC_DESC_PERSON,
+    ICC_DEVICE_PERSON,
+    ICC_PNG_NAME,
     IPTC_BYLINE,
     IPTC_CAPTION,
     XMP_APP1,
@@ -32,12 +36,15 @@ from u2s.testing.leak_corpus import (
     exif_block,
     extended_xmp_segment,
     gps_rational_bytes,
+    hidden_under_alpha,
+    icc_profile,
     insert_jpeg_segments,
     iptc_segment,
     jpeg_segment,
     photo,
     png_chunk,
     png_with_chunks,
+    png_with_icc_name,
     xmp_packet,
 )
 
@@ -84,6 +91,24 @@ def small(name: str = "astronaut", size: tuple[int, int] = SMALL) -> Image.Image
 
 def srgb_icc() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def check_icc(published: bytes | None, original: bytes) -> None:
+    """``published`` renders colours exactly as ``original`` does and names nobody, no date, no device."""
+    assert published is not None
+
+    def to_lab(icc: bytes) -> np.ndarray:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        transform = ImageCms.buildTransform(profile, ImageCms.createProfile("LAB"), "RGB", "LAB")
+        return np.asarray(ImageCms.applyTransform(small(), transform))
+
+    np.testing.assert_array_equal(to_lab(published), to_lab(original))
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(published))
+    assert ImageCms.getProfileDescription(profile).strip() == "ICC profile"
+    assert ImageCms.getProfileCopyright(profile).strip() == "No copyright information"
+    assert published[24:36] == bytes(12) and published[48:56] == bytes(8)  # no date, maker or model
+    for planted in (ICC_DESC_PERSON, ICC_COPYRIGHT_PERSON, ICC_DEVICE_PERSON, "sRGB built-in"):
+        assert planted.encode("utf-16-be") not in published and planted.encode() not in published
 
 
 def check_upright_exif_only(out: Image.Image, orientation: int) -> None:
@@ -148,7 +173,7 @@ def test_jpeg_drops_every_metadata_segment_and_keeps_the_scans_byte_for_byte(sav
     after = Image.open(io.BytesIO(out.data))
     assert after.format == "JPEG"
     assert not {"xmp", "comment", "photoshop", "flashpix", "mp", "mpoffset"} & set(after.info)
-    assert after.info["icc_profile"] == srgb_icc()  # colour rendering kept
+    check_icc(after.info["icc_profile"], srgb_icc())  # colour rendering kept
     assert after.info["jfif_density"] == (1, 1)
     check_upright_exif_only(after, 6)
     assert ImageOps.exif_transpose(after).size == load_rgb(dirty).size == (SMALL[1], SMALL[0])
@@ -266,8 +291,8 @@ def raw_profile_exif(exif: bytes) -> bytes:
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
 def test_png_keeps_rendering_chunks_and_drops_text(mode):
     img = small().convert(mode) if mode != "RGBA" else small().convert("RGBA")
-    if mode == "RGBA":
-        img.putalpha(Image.linear_gradient("L").resize(img.size))
+    if mode == "RGBA":  # never fully transparent: nothing hidden, so the pixel data is copied
+        img.putalpha(Image.linear_gradient("L").resize(img.size).point(lambda v: max(v, 1)))
     save = {"icc_profile": srgb_icc()} if mode != "P" else {"transparency": 3}
     clean = encode(img, "PNG", **save)
     text = png_chunk(b"tEXt", b"Author\x00" + SECRETS["png text"])
@@ -301,7 +326,8 @@ def test_png_keeps_rendering_chunks_and_drops_text(mode):
     after.load()
     assert not {"Author", "Description", "Comment", "XML:com.adobe.xmp", "xmp"} & set(after.info)
     assert after.info["gamma"] == pytest.approx(0.45455)
-    assert after.info.get("icc_profile") == save.get("icc_profile")
+    if "icc_profile" in save:
+        check_icc(after.info.get("icc_profile"), save["icc_profile"])
     assert after.info.get("transparency") == before.info.get("transparency")
     check_upright_exif_only(after, 3)
 
@@ -341,15 +367,55 @@ def test_sixteen_bit_png_stays_sixteen_bit():
     assert leaked(out.data) == []
 
 
-def test_animated_png_keeps_its_frames():
-    frames = [small(), small("coffee")]
-    clean = encode(frames[0], "PNG", save_all=True, append_images=frames[1:])
-    dirty = png_with_chunks(clean, [png_chunk(b"tEXt", b"Author\x00" + SECRETS["png text"])])
+def apng_hiding_a_face() -> bytes:
+    """An APNG whose default image (what Pillow decodes first) is not part of its animation: a player
+    shows only the frames after it, the astronaut's face among them."""
+    return encode(small("rocket"), "PNG", save_all=True, default_image=True,
+                  append_images=[small(), small("brick")])  # fmt: skip
+
+
+def single_frame(data: bytes) -> Image.Image:
+    after = Image.open(io.BytesIO(data))
+    assert getattr(after, "n_frames", 1) == 1 and not getattr(after, "is_animated", False)
+    return after
+
+
+def test_apng_publishes_only_the_inspected_default_image():
+    dirty = png_with_chunks(apng_hiding_a_face(), [png_chunk(b"tEXt", b"Author\x00" + SECRETS["png text"])])
+    assert Image.open(io.BytesIO(dirty)).n_frames == 3
+
     out = strip_metadata(dirty)
-    after = Image.open(io.BytesIO(out.data))
-    assert after.n_frames == 2
+
+    assert (out.extension, out.removed) == ("png", True)
+    after = single_frame(out.data)
+    assert not {b"acTL", b"fcTL", b"fdAT"} & {out.data[i : i + 4] for i in range(len(out.data) - 3)}
+    np.testing.assert_array_equal(np.asarray(after.convert("RGB")), np.asarray(small("rocket")))
     np.testing.assert_array_equal(decoded(out.data), decoded(dirty))
     assert leaked(out.data) == []
+
+
+def test_apng_whose_frames_were_all_inspected_keeps_its_animation():
+    data = apng_hiding_a_face()
+    dirty = png_with_chunks(data, [png_chunk(b"tEXt", b"Author\x00" + SECRETS["png text"])])
+    decoded_all = decode_image(dirty)
+    for _ in later_frames(dirty, decoded_all.frames):
+        pass
+    decoded_all.all_frames = True
+
+    out = strip_metadata(dirty, decoded=decoded_all)
+
+    after = Image.open(io.BytesIO(out.data))
+    assert (out.extension, after.n_frames) == ("png", 3) and out.data == data  # Pillow wrote no metadata
+    assert leaked(out.data) == []
+
+
+def test_png_with_an_unused_animation_control_chunk_is_published_still():
+    """acTL after the image data is ignored by Pillow (one frame): the published file has none."""
+    clean = encode(small(), "PNG")
+    dirty = png_with_chunks(clean, [], [png_chunk(b"acTL", struct.pack(">II", 1, 0))])
+    assert getattr(Image.open(io.BytesIO(dirty)), "n_frames", 1) == 1
+    out = strip_metadata(dirty)
+    assert b"acTL" not in out.data and out.data == clean
 
 
 def test_clean_png_is_returned_unchanged():
@@ -381,8 +447,8 @@ def vp8x_flags(webp: bytes) -> int:
 )
 def test_webp_drops_exif_and_xmp(save, orientation):
     img = small()
-    if "quality" in save:  # a real alpha channel (an opaque one is dropped by the encoder)
-        img.putalpha(Image.linear_gradient("L").resize(img.size))
+    if "quality" in save:  # a real alpha channel (an opaque one is dropped by the encoder), never 0
+        img.putalpha(Image.linear_gradient("L").resize(img.size).point(lambda v: max(v, 1)))
     exif = exif_block(orientation=orientation, thumbnail=b"\xff\xd8thumb\xff\xd9")
     dirty = encode(img, "WEBP", exif=exif, xmp=xmp_packet(gps=True), **save) + SECRETS["trailer"]
     before = Image.open(io.BytesIO(dirty))
@@ -399,24 +465,26 @@ def test_webp_drops_exif_and_xmp(save, orientation):
     np.testing.assert_array_equal(decoded(out.data), decoded(dirty))
     assert leaked(out.data) == []
     after = Image.open(io.BytesIO(out.data))
-    assert "xmp" not in after.info and after.info.get("icc_profile") == save.get("icc_profile")
+    assert "xmp" not in after.info
+    if "icc_profile" in save:
+        check_icc(after.info.get("icc_profile"), save["icc_profile"])
+    else:
+        assert "icc_profile" not in after.info
     check_upright_exif_only(after, orientation)
 
 
-def test_animated_webp_keeps_its_frames():
-    frames = [small(), small("coffee")]
-    dirty = encode(
-        frames[0],
-        "WEBP",
-        lossless=True,
-        save_all=True,
-        append_images=frames[1:],
-        exif=exif_block(),
-        xmp=xmp_packet(),
-    )
+def test_animated_webp_publishes_only_its_first_frame():
+    frames = [small("rocket"), small()]
+    dirty = encode(frames[0], "WEBP", lossless=True, save_all=True, append_images=frames[1:],
+                   exif=exif_block(), xmp=xmp_packet())  # fmt: skip
+    assert Image.open(io.BytesIO(dirty)).n_frames == 2
+
     out = strip_metadata(dirty)
-    after = Image.open(io.BytesIO(out.data))
-    assert after.n_frames == 2 and "exif" not in after.info and "xmp" not in after.info
+
+    assert (out.extension, out.removed) == ("png", True)
+    after = single_frame(out.data)
+    assert after.format == "PNG" and after.info == {}
+    np.testing.assert_array_equal(np.asarray(after.convert("RGB")), np.asarray(frames[0]))
     np.testing.assert_array_equal(decoded(out.data), decoded(dirty))
     assert leaked(out.data) == []
 
@@ -468,6 +536,139 @@ def test_other_formats_become_a_lossless_png_of_the_decoded_pixels(build):
     assert leaked(out.data) == []
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF", "MPO"], ids=["animated-gif", "multi-page-tiff", "mpo"])
+def test_other_multi_frame_files_publish_their_first_frame_only(fmt):
+    first, face = small("rocket"), small()
+    dirty = encode(first, fmt, save_all=True, append_images=[face], exif=exif_block())
+    assert Image.open(io.BytesIO(dirty)).n_frames == 2
+
+    out = strip_metadata(dirty)
+
+    after = single_frame(out.data)
+    # The MPO keeps its first JPEG byte for byte (lossless); the others become a PNG of frame 0.
+    assert out.extension == ("jpg" if fmt == "MPO" else "png")
+    tolerance = 0 if fmt == "TIFF" else 40  # GIF: a palette; JPEG: the codec
+    assert np.abs(np.asarray(after.convert("RGB"), dtype=int) - np.asarray(first, dtype=int)).mean() < (
+        tolerance or 1e-9
+    )
+    np.testing.assert_array_equal(decoded(out.data), decoded(dirty))
+    assert leaked(out.data) == []
+
+
+# ----------------------------------------------------------------------------------- hidden pixels
+
+
+def test_colour_under_alpha_zero_is_zeroed_and_visible_pixels_kept():
+    visible = small("rocket")
+    secret = small()  # the face a loader would show under the transparent half
+    rgba = hidden_under_alpha(visible, secret)
+    dirty = encode(rgba, "PNG", icc_profile=srgb_icc())
+    hidden = np.asarray(rgba)[..., 3] == 0
+    assert np.asarray(Image.open(io.BytesIO(dirty)).convert("RGB"))[hidden].any()
+
+    out = strip_metadata(dirty)
+
+    assert (out.extension, out.removed) == ("png", True)
+    after = Image.open(io.BytesIO(out.data))
+    assert after.mode == "RGBA"
+    pixels = np.asarray(after)
+    np.testing.assert_array_equal(pixels[~hidden], np.asarray(rgba)[~hidden])  # visible: byte-identical
+    assert (pixels[hidden] == 0).all()
+    assert not np.asarray(after.convert("RGB"))[hidden].any()
+    np.testing.assert_array_equal(decoded(out.data), np.asarray(after.convert("RGB")))  # the VLM's view
+
+
+def test_hidden_colour_in_a_webp_becomes_a_png():
+    rgba = hidden_under_alpha(small("rocket"), small())
+    dirty = encode(rgba, "WEBP", lossless=True, exact=True)  # exact: libwebp keeps the hidden colour
+    hidden = np.asarray(rgba)[..., 3] == 0
+    assert np.asarray(Image.open(io.BytesIO(dirty)).convert("RGB"))[hidden].any()
+    out = strip_metadata(dirty)
+    after = Image.open(io.BytesIO(out.data))
+    assert (out.extension, after.format) == ("png", "PNG")
+    assert not np.asarray(after.convert("RGB"))[hidden].any()
+    np.testing.assert_array_equal(np.asarray(after)[~hidden], np.asarray(rgba)[~hidden])
+
+
+def test_palette_and_grey_alpha_hide_no_colour():
+    palette = Image.new("P", (12, 8), 1)
+    palette.putpalette([0, 0, 0, 20, 40, 200, 250, 10, 120, 30, 220, 90] + [0] * (256 * 3 - 12))
+    palette.paste(2, (6, 0, 9, 8))  # index 2 and 3: transparent, with a colour
+    palette.paste(3, (9, 0, 12, 8))
+    trns = encode(palette, "PNG", transparency=bytes([255, 255, 0, 0]))
+    la = np.zeros((8, 12, 2), dtype=np.uint8)
+    la[:, :6] = (77, 255)
+    la[:, 6:] = (200, 0)  # hidden grey
+    for dirty in (trns, encode(Image.fromarray(la), "PNG")):
+        out = strip_metadata(dirty)
+        rgb = np.asarray(Image.open(io.BytesIO(out.data)).convert("RGB"))
+        assert out.removed and not rgb[:, 6:].any()  # the transparent half shows no colour
+        np.testing.assert_array_equal(rgb[:, :6], np.asarray(load_rgb(dirty))[:, :6])
+        assert rgb[0, 0].any()
+
+
+def test_transparent_pixels_without_colour_keep_the_lossless_path():
+    rgba = hidden_under_alpha(small("rocket"), Image.new("RGB", (4, 4)))  # black under alpha 0
+    clean = encode(rgba, "PNG")
+    dirty = png_with_chunks(clean, [png_chunk(b"tEXt", b"Author\x00" + SECRETS["png text"])])
+    out = strip_metadata(dirty)
+    assert out.data == clean and Image.open(io.BytesIO(out.data)).mode == "RGBA"
+
+
+# --------------------------------------------------------------------------------------------- ICC
+
+
+def test_icc_text_tags_and_png_profile_name_are_neutral():
+    profile = icc_profile()
+    img = small("rocket")
+    files = {
+        "jpg": encode(img, "JPEG", quality=90, icc_profile=profile),
+        "png": png_with_icc_name(encode(img, "PNG"), profile),
+        "webp": encode(img, "WEBP", lossless=True, icc_profile=profile),
+    }
+    planted = [ICC_DESC_PERSON, ICC_COPYRIGHT_PERSON, ICC_DEVICE_PERSON, ICC_PNG_NAME]
+    for extension, dirty in files.items():
+        assert Image.open(io.BytesIO(dirty)).info["icc_profile"] == profile
+        out = strip_metadata(dirty)
+        assert out.extension == extension and out.removed
+        for text in planted:
+            assert text.encode() not in out.data and text.encode("utf-16-be") not in out.data, extension
+        check_icc(Image.open(io.BytesIO(out.data)).info.get("icc_profile"), profile)
+        np.testing.assert_array_equal(decoded(out.data), decoded(dirty))
+    assert b"iCCP" + b"ICC Profile\x00" in strip_metadata(files["png"]).data
+
+
+def test_icc_profile_split_over_jpeg_segments_is_rebuilt_whole():
+    profile = icc_profile(description="x" * 70_000)  # over one APP2 segment's 65 519 bytes
+    dirty = encode(small(), "JPEG", quality=90, icc_profile=profile)
+    assert dirty.count(b"ICC_PROFILE\x00") == 3
+    out = strip_metadata(dirty)
+    assert out.data.count(b"ICC_PROFILE\x00") == 1 and b"x" * 100 not in out.data
+    check_icc(Image.open(io.BytesIO(out.data)).info.get("icc_profile"), profile)
+
+
+@pytest.mark.parametrize("profile", [b"", b"not a profile" * 20, icc_profile()[:200]], ids=str)
+def test_unparseable_icc_profiles_are_dropped(profile):
+    assert sanitize_icc(profile) is None
+    if profile:
+        dirty = encode(small(), "WEBP", lossless=True, icc_profile=profile)
+        out = strip_metadata(dirty)
+        assert b"ICCP" not in out.data and not vp8x_flags(out.data) & 0x20
+
+
+# ------------------------------------------------------------------------------------- keep policy
+
+
+def test_metadata_keep_still_publishes_one_frame_and_no_hidden_colour():
+    jpeg = encode(small(), "JPEG", exif=exif_block())
+    assert publishable(jpeg, decode_image(jpeg), strip=False) == Stripped(jpeg, "jpg", False)
+    for dirty in (apng_hiding_a_face(), encode(hidden_under_alpha(small("rocket"), small()), "PNG")):
+        out = publishable(dirty, decode_image(dirty), strip=False)
+        after = single_frame(out.data)
+        assert out.removed and out.extension == "png"
+        np.testing.assert_array_equal(np.asarray(after.convert("RGB")), decoded(dirty))
+
+
 @pytest.mark.parametrize(
     "data", [b"", b"not an image at all", b"\xff\xd8\xff\xe0garbage", b"\x89PNG\r\n\x1a\nxx"]
 )
@@ -494,6 +695,9 @@ def test_leak_corpus_files_publish_no_secret_and_the_same_pixels(tmp_path):
         assert corpus.leaks(out.data) == [], path.name
         np.testing.assert_array_equal(decoded(out.data), decoded(data))
         assert out.removed == (path != corpus.texture)
-        assert out.extension == {".jpg": "jpg", ".png": "png", ".webp": "webp", ".gif": "png"}[path.suffix]
+        frames = {".jpg": "jpg", ".png": "png", ".webp": "webp", ".gif": "png", ".tif": "png"}
+        assert out.extension == ("png" if path.name.startswith("animation") else frames[path.suffix])
+        single_frame(out.data)
+    assert len(corpus.multi_frame) == 5 and all(Image.open(p).n_frames > 1 for p in corpus.multi_frame)
     upright = Image.open(io.BytesIO(strip_metadata(corpus.person_named.read_bytes()).data))
     check_upright_exif_only(upright, 6)

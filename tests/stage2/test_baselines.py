@@ -375,3 +375,65 @@ def test_edit_stage_nothing_found_with_error_action_is_an_error_row(samples):
     assert coffee["status"] == "error" and coffee["error"] == "edit: editor left the image unchanged"
     assert coffee["image"]["bytes"] == samples["scenes/coffee.jpg"] and coffee["editor"] is None
     assert out["astronaut.jpg"]["status"] == "edited"
+
+
+# --- nothing inherited ---------------------------------------------------------------------------------
+
+COMMENT = b"Photographed at the flat of Wilhelmina Strand-Oduya"
+
+
+def _dirty_jpeg() -> bytes:
+    """A JPEG with a comment (COM), an ICC profile naming people and an EXIF artist."""
+    from u2s.testing.leak_corpus import exif_block, icc_profile
+
+    buf = io.BytesIO()
+    noise_image(96, 64, seed=3).save(buf, "JPEG", quality=90, comment=COMMENT, icc_profile=icc_profile(),
+                                     exif=exif_block())  # fmt: skip
+    return buf.getvalue()
+
+
+def _leaks(data: bytes) -> list[str]:
+    from u2s.testing.leak_corpus import ARTIST, ICC_COPYRIGHT_PERSON, ICC_DESC_PERSON
+
+    texts = {"comment": COMMENT, "artist": ARTIST.encode()}
+    texts["icc desc"] = ICC_DESC_PERSON.encode("utf-16-be")
+    texts["icc cprt"] = ICC_COPYRIGHT_PERSON.encode("utf-16-be")
+    return [name for name, text in texts.items() if text in data]
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda img: baselines.blur_regions(img, [(4, 4, 40, 40)]),
+        lambda img: baselines.pixelate_regions(img, [(4, 4, 40, 40)]),
+        lambda img: baselines.mask_regions(img, [(4, 4, 40, 40)]),
+        baselines.blur_image,
+    ],
+    ids=["blur", "pixelate", "mask", "blur_image"],
+)
+def test_baseline_outputs_inherit_no_info(op):
+    original = Image.open(io.BytesIO(_dirty_jpeg()))
+    original.load()
+    assert {"comment", "icc_profile", "exif"} <= set(original.info)  # what convert() would carry over
+    out = op(original)
+    assert out.info == {}
+    for fmt in ("JPEG", "PNG", "WEBP"):
+        buf = io.BytesIO()
+        out.save(buf, fmt)
+        assert _leaks(buf.getvalue()) == [], fmt
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_edit_stage_output_carries_nothing_of_the_input_under_metadata_keep(fmt):
+    """Under ``output.metadata: keep`` the row's bytes are the original file: the edited image must
+    still carry none of its comment, ICC profile or EXIF (Pillow's JPEG writer defaults the comment
+    from ``info``)."""
+    dirty = _dirty_jpeg()
+    assert _leaks(dirty) == ["comment", "artist", "icc desc", "icc cprt"]
+    config = Stage2Config(editor="blur_image", output_format=fmt, resources=Resources(batch_size=1))
+    (row,) = EditStage(config)(rows_to_table([_flagged("dirty.jpg", dirty)])).to_pylist()
+    assert row["status"] == "edited"
+    published = row["image"]["bytes"]
+    assert _leaks(published) == []
+    after = Image.open(io.BytesIO(published))
+    assert not {"comment", "icc_profile", "exif"} & set(after.info)

@@ -51,7 +51,7 @@ def test_every_listed_secret_is_in_every_file_that_carries_it(corpus):
 
 def test_files_are_real_images_of_the_stated_formats(corpus):
     formats = {opened(path).format for path in corpus.files}
-    assert formats == {"JPEG", "PNG", "WEBP", "GIF"}
+    assert formats == {"JPEG", "PNG", "WEBP", "GIF", "TIFF", "MPO"}
     assert all(min(opened(path).size) >= 256 for path in corpus.files)  # real photos, not thumbnails
     assert corpus.files == tuple(sorted(corpus.files)) and all(p.is_file() for p in corpus.files)
     assert corpus.person_named.relative_to(corpus.root).parts == (PERSON_FOLDER, PERSON_FILE)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -44,17 +46,37 @@ def _wide_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(arr, mode="L")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode → 8-bit RGB. Transparency is composited over white; 16/32-bit is rescaled."""
+def _zero_hidden(img: Image.Image) -> tuple[Image.Image, bool]:
+    """``img`` (a mode with alpha, or with ``tRNS``/palette transparency) as RGBA, or LA for grey, with
+    the colour of every fully transparent pixel set to 0; and whether any such pixel had a colour.
+
+    A pixel with alpha 0 shows nothing in a browser, yet ``convert("RGB")`` (what most training loaders
+    run) shows its colour: text or a face can hide there. Zeroing it changes no visible pixel.
+    """
+    work = img.convert("LA") if img.mode in ("LA", "La") else img.convert("RGBA")
+    arr = np.array(work)  # a writable copy
+    hidden = arr[..., -1] == 0
+    if not arr[..., :-1][hidden].any():
+        return work, False
+    arr[..., :-1][hidden] = 0
+    return Image.fromarray(arr), True
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """Any PIL mode → 8-bit RGB, and the image with alpha whose hidden colour was zeroed (or None).
+
+    16/32-bit is rescaled. An image with transparency (alpha, palette or ``tRNS``) has the colour under
+    alpha 0 zeroed (:func:`_zero_hidden`), then its alpha dropped, not composited: the VLM sees exactly
+    what ``convert("RGB")`` of the published file shows. That view holds every pixel's colour, including
+    the colour of half-transparent pixels that a composite over white would wash out, and after zeroing
+    a fully transparent pixel shows black, so nothing a loader can show goes uninspected.
+    """
     if img.mode in _WIDE_MODES:
-        return _wide_to_l(img).convert("RGB")
-    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
-        img = img.convert("RGBA")  # palette / tRNS transparency → alpha
-    if img.mode in _ALPHA_MODES:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB") if img.mode != "RGB" else img
+        return _wide_to_l(img).convert("RGB"), None
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        work, changed = _zero_hidden(img)
+        return work.convert("RGB"), work if changed else None
+    return (img.convert("RGB") if img.mode != "RGB" else img), None
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -93,13 +115,8 @@ def _upright(img: Image.Image) -> Image.Image:
     return img.transpose(_TRANSPOSE[orientation]) if orientation != 1 else img
 
 
-def load_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Decode ``data`` to an upright (EXIF-transposed) 8-bit RGB image, fully loaded.
-
-    Raises :class:`DecodeError` for empty, truncated or non-image bytes, unsupported formats and colour
-    modes, and for images with more than ``max_pixels`` pixels (checked from the header, before any pixel
-    is decoded).
-    """
+def _open(data: bytes, max_pixels: int | None) -> Image.Image:
+    """``data`` opened (header only) and checked: an image, of a known format, within ``max_pixels``."""
     if not data:
         raise DecodeError("empty file")
     try:
@@ -108,11 +125,25 @@ def load_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
         raise DecodeError("image exceeds the pixel limit") from e
     except Exception as e:  # PIL raises UnidentifiedImageError, SyntaxError, ValueError... by format
         raise DecodeError("not an image (or an unsupported format)") from e
+    _check_size(img, max_pixels)
+    return img
+
+
+def _check_size(img: Image.Image, max_pixels: int | None) -> None:
     width, height = img.size
     if width < 1 or height < 1:
         raise DecodeError(f"image has no pixels: {width}x{height}")
     if max_pixels is not None and width * height > max_pixels:
         raise DecodeError(f"image too large: {width}x{height} exceeds the {max_pixels}-pixel limit")
+
+
+def _frame(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """The current frame of ``img``: loaded, upright, as :func:`_to_rgb` gives it, with no ``info``.
+
+    Nothing the file says besides its pixels travels with the result: encoders read ``info`` (Pillow's
+    JPEG writer takes its comment from there, PNG and WebP writers their ICC profile), so an image made
+    from these pixels and saved carries nothing of the input's metadata.
+    """
     try:
         img.load()
     except Image.DecompressionBombError as e:
@@ -121,9 +152,96 @@ def load_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
         raise DecodeError(f"corrupt or truncated image data ({type(e).__name__})") from e
     img = _upright(img)
     try:
-        return _to_rgb(img)
+        rgb, transparent = _to_rgb(img)
     except (OSError, ValueError) as e:  # e.g. LAB / YCbCr-with-alpha modes Pillow cannot convert
         raise DecodeError(f"unsupported colour mode {img.mode}") from e
+    rgb.info = {}
+    if transparent is not None:
+        transparent.info = {}
+    return rgb, transparent
+
+
+def _frame_count(img: Image.Image) -> int:
+    try:
+        return max(1, int(getattr(img, "n_frames", 1)))
+    except Exception as e:  # the frame walk hit a corrupt frame: which frames exist is unknown
+        raise DecodeError(f"corrupt or truncated image data ({type(e).__name__})") from e
+
+
+@dataclass
+class Decoded:
+    """An input image as decode inspects it, and what publishing it needs to know.
+
+    "The inspected frame" is frame 0 as Pillow opens the file: a still image's only frame, the first
+    frame of a GIF, WebP animation or multi-page TIFF, the first image of an MPO, and an APNG's default
+    image (its ``IDAT``, which is also the animation's first frame unless the file says otherwise).
+    """
+
+    image: Image.Image
+    """Frame 0, upright 8-bit RGB: the VLM's view and what ``convert("RGB")`` of the published file shows."""
+    transparent: Image.Image | None
+    """Frame 0, upright RGBA (LA for grey) with its hidden colour zeroed, when it had any; else None."""
+    frames: int
+    """Frames in the file (1 for a still image)."""
+    format: str
+    """Pillow's name of the file's format (``JPEG``, ``PNG``, ``MPO``...)."""
+    all_frames: bool = False
+    """Every frame was decoded and inspected (``decode.frames: all``), not only frame 0."""
+    hidden: bool = False
+    """Some decoded frame had colour under alpha 0."""
+
+    def close(self) -> None:
+        self.image.close()
+        if self.transparent is not None:
+            self.transparent.close()
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Decoded:
+    """Decode frame 0 of ``data`` (see :class:`Decoded`) and count its frames.
+
+    Raises :class:`DecodeError` for empty, truncated or non-image bytes, unsupported formats and colour
+    modes, and for images with more than ``max_pixels`` pixels (checked from the header, before any pixel
+    is decoded).
+    """
+    img = _open(data, max_pixels)
+    frames = _frame_count(img)
+    if frames > 1:
+        img.seek(0)  # counting frames may have moved the file to another one
+    rgb, transparent = _frame(img)
+    return Decoded(rgb, transparent, frames, img.format or "", hidden=transparent is not None)
+
+
+def later_frames(
+    data: bytes, frames: int, max_pixels: int | None = None
+) -> Iterator[tuple[Image.Image, bool]]:
+    """Frames 1 .. ``frames``-1 of ``data`` one at a time, each as :func:`decode_image` gives frame 0
+    (upright RGB), with whether it had colour under alpha 0. A frame is valid only until the next one.
+
+    Frames are what a player shows: Pillow composites APNG, GIF and WebP frames onto their canvas.
+    Raises :class:`DecodeError` like :func:`decode_image`, also for a frame larger than ``max_pixels``.
+    """
+    img = _open(data, max_pixels)
+    for index in range(1, frames):
+        try:
+            img.seek(index)
+        except Exception as e:  # a frame the header promised is missing or corrupt
+            raise DecodeError(f"corrupt or truncated image data ({type(e).__name__})") from e
+        _check_size(img, max_pixels)
+        rgb, transparent = _frame(img)
+        yield rgb, transparent is not None
+
+
+def load_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode ``data`` to an upright (EXIF-transposed) 8-bit RGB image of its frame 0, fully loaded.
+
+    Transparency is not composited: the colour of fully transparent pixels is zeroed and alpha dropped
+    (see :func:`_to_rgb`). The image has an empty ``info``. Raises :class:`DecodeError` as
+    :func:`decode_image` does.
+    """
+    decoded = decode_image(data, max_pixels)
+    if decoded.transparent is not None:
+        decoded.transparent.close()
+    return decoded.image
 
 
 #: Encoding of the VLM thumbnail decode writes once per row (visually lossless at a few tens of KB).
@@ -146,54 +264,72 @@ def thumbnail(img: Image.Image, side: int) -> bytes:
 class DecodeStage(Stage):
     """Validate each row's image once, at full resolution; bad rows get ``decode`` errors.
 
-    For every image that decodes it records the upright size, writes the VLM thumbnail (stage 1 never
-    touches the full-size bytes again) and, with ``metadata="strip"``, replaces the bytes with the
-    publishable file: same pixels, no metadata (:func:`u2s.io.metadata.strip_metadata`), named
-    ``{id}.{ext}`` (never the source path).
+    For every image that decodes it records the upright size and the number of frames, writes the VLM
+    thumbnail of frame 0 (stage 1 never touches the full-size bytes again) and, with ``decode.frames:
+    all``, one thumbnail per later frame (``frame_thumbnails``; a file with more than ``max_frames``
+    frames fails). It replaces the bytes with the publishable file
+    (:func:`u2s.io.metadata.publishable`), named ``{id}.{ext}`` (never the source path): with
+    ``metadata="strip"`` the same pixels without metadata; with either policy, a multi-frame file
+    whose later frames were not inspected becomes frame 0 alone, and colour under alpha 0 is zeroed.
     """
 
     name = "decode"
     reads = ("image",)
-    writes = ("image", "width", "height", "thumbnail", "metadata_removed")
+    writes = ("image", "width", "height", "thumbnail", "frame_thumbnails", "frames", "metadata_removed")
 
     def __init__(self, decode: DecodeConfig, thumbnail_side: int, metadata: str = "strip") -> None:
         self.config = decode
         self.thumbnail_side = thumbnail_side
         self.metadata = metadata
 
-    def check(self, data: bytes | None) -> Image.Image:
-        """The upright RGB image of ``data``; raises :class:`DecodeError` when it breaks a limit."""
+    def check(self, data: bytes | None) -> Decoded:
+        """Frame 0 of ``data`` decoded; raises :class:`DecodeError` when it breaks a limit."""
         if data is None:
             raise DecodeError("no image bytes")
         if len(data) > self.config.max_bytes:
             raise DecodeError(
                 f"file too large: {len(data)} bytes exceeds the {self.config.max_bytes}-byte limit"
             )
-        return load_rgb(data, max_pixels=self.config.max_pixels)
+        return decode_image(data, max_pixels=self.config.max_pixels)
+
+    def frame_thumbnails(self, data: bytes, decoded: Decoded) -> list[bytes]:
+        """Thumbnails of frames 1.. (``decode.frames: all``); marks ``decoded`` as wholly inspected."""
+        if decoded.frames > self.config.max_frames:
+            raise DecodeError(
+                f"too many frames: {decoded.frames} exceeds the {self.config.max_frames}-frame limit"
+            )
+        thumbnails = []
+        for rgb, hidden in later_frames(data, decoded.frames, self.config.max_pixels):
+            thumbnails.append(thumbnail(rgb, self.thumbnail_side))
+            decoded.hidden |= hidden
+        decoded.all_frames = True
+        return thumbnails
 
     def process(self, rows: list[dict]) -> None:
+        from u2s.io.metadata import publishable
+
         for row in rows:
             data = (row["image"] or {}).get("bytes")
             try:
-                img = self.check(data)
+                decoded = self.check(data)
+                others = None
+                if self.config.frames == "all" and decoded.frames > 1:
+                    others = self.frame_thumbnails(data, decoded)
+                # The decoded pixels are reused if the file must be re-encoded: one full decode of frame 0.
+                published = publishable(data, decoded, strip=self.metadata == "strip")
             except DecodeError as e:
                 mark_error(row, self.name, str(e))
                 continue
-            row["width"], row["height"] = img.size
-            row["thumbnail"] = thumbnail(img, self.thumbnail_side)
-            if self.metadata == "strip":
-                from u2s.io.metadata import strip_metadata
-
-                # The decoded pixels are reused if the file must be re-encoded: still one full decode.
-                stripped = strip_metadata(data, max_pixels=self.config.max_pixels, decoded=img)
-                data, extension, row["metadata_removed"] = stripped.data, stripped.extension, stripped.removed
-            else:
-                with Image.open(io.BytesIO(data)) as original:  # the header only: its format's extension
-                    extension = _EXTENSIONS.get(original.format or "", "img")
-            img.close()
-            row["image"] = {"bytes": data, "path": f"{row['id']}.{extension}"}
+            row["width"], row["height"] = decoded.image.size
+            row["frames"] = decoded.frames
+            row["thumbnail"] = thumbnail(decoded.image, self.thumbnail_side)
+            row["frame_thumbnails"] = others
+            row["metadata_removed"] = published.removed
+            decoded.close()
+            row["image"] = {"bytes": published.data, "path": f"{row['id']}.{published.extension}"}
 
 
 #: File extensions of the formats decode accepts, for the published file's name.
-_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif",
-               "PPM": "ppm", "ICO": "ico", "JPEG2000": "jp2", "AVIF": "avif", "QOI": "qoi"}  # fmt: skip
+EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
+              "TIFF": "tif", "PPM": "ppm", "ICO": "ico", "JPEG2000": "jp2", "AVIF": "avif",
+              "QOI": "qoi"}  # fmt: skip

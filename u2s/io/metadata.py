@@ -6,13 +6,29 @@ container: metadata segments/chunks are dropped and every byte of pixel data is 
 other format, and any file whose container cannot be parsed with certainty, is decoded with
 :func:`u2s.io.decode.load_rgb` and re-encoded as a lossless PNG of exactly those pixels.
 
+Pixels, not only metadata, decide what else is rewritten (:func:`publishable`, whichever the metadata
+policy):
+
+* **One frame, the inspected one.** Unless every frame was inspected (``decode.frames: all``), a
+  multi-frame file (APNG, animated WebP or GIF, multi-page TIFF) becomes a lossless PNG of frame 0, the
+  frame :func:`~u2s.io.decode.load_rgb` decodes and the VLM inspected (an APNG's default image); an MPO
+  keeps its first JPEG image byte for byte and loses the others. A kept APNG or WebP whose frames were
+  all inspected keeps its animation, stripped.
+* **No hidden colour.** A pixel with alpha 0 keeps no colour: when any has one, the image becomes a
+  lossless PNG (RGBA, or LA for grey) with that colour zeroed and every visible pixel unchanged (a WebP
+  too: PNG is lossless whatever the source's compression). Its ``convert("RGB")`` is the VLM's view.
+
 What is kept, and why:
 
 * **Orientation**, as a minimal EXIF block holding only the Orientation tag (when it is not 1), so viewers
   and ``ImageOps.exif_transpose`` show the image upright, as u2s decoded and measured it.
-* **The ICC colour profile** (JPEG ``APP2 ICC_PROFILE``, PNG ``iCCP``, WebP ``ICCP``): without it
-  wide-gamut images (Display P3 phone photos, Adobe RGB) render with wrong colours. A profile describes a
-  colour space, not a person, but it can name a device model or a vendor; the re-encode fallback drops it.
+* **The ICC colour profile** (JPEG ``APP2 ICC_PROFILE``, PNG ``iCCP``, WebP ``ICCP``), rebuilt by
+  :func:`sanitize_icc`: without it wide-gamut images (Display P3 phone photos, Adobe RGB) render with
+  wrong colours. Only its colorimetric tags are copied (byte for byte: the colours are unchanged); its
+  free-text tags (description, copyright, device maker and model, metadata dictionaries...) are dropped
+  or replaced by neutral text, and the header's creation date, creator, device and platform fields are
+  cleared. PNG's profile name becomes ``ICC Profile``. A profile that cannot be parsed with certainty is
+  dropped, as the re-encode fallback drops every profile.
 * **JPEG ``APP14 Adobe``** (cut to its 12 standard bytes): it says whether a CMYK/YCCK or 3-channel image
   is colour-transformed, so decoders give different pixels without it.
 * **JFIF ``APP0``** without its thumbnail (density and version only; decoders use its presence to pick
@@ -34,7 +50,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from u2s.io.decode import exif_orientation, load_rgb
+from u2s.io.decode import EXTENSIONS, Decoded, decode_image, exif_orientation
 
 logger = logging.getLogger(__name__)
 
@@ -51,27 +67,42 @@ class Stripped:
     """Whether anything was removed, or the image was re-encoded (``data`` differs from the input)."""
 
 
-def strip_metadata(
-    data: bytes, *, max_pixels: int | None = None, decoded: Image.Image | None = None
-) -> Stripped:
-    """``data`` without metadata; its pixels, as :func:`~u2s.io.decode.load_rgb` decodes them, unchanged.
+def strip_metadata(data: bytes, *, max_pixels: int | None = None, decoded: Decoded | None = None) -> Stripped:
+    """``data`` without metadata; its inspected pixels, as :func:`~u2s.io.decode.load_rgb` decodes them.
 
     JPEG, PNG and WebP keep their format and pixel data byte for byte; anything else (GIF, TIFF, BMP...)
     and any container that cannot be parsed with certainty becomes a lossless PNG of the decoded, upright
-    RGB pixels: ``decoded`` when the caller already has them (``load_rgb(data)``), else decoded here,
-    bounded by ``max_pixels``. Raises :class:`~u2s.io.decode.DecodeError` when ``data`` is not a
-    decodable image.
+    RGB pixels. A file with frames nobody inspected (frame 0 is, see :class:`~u2s.io.decode.Decoded`) or
+    with colour under alpha 0 is re-encoded too (see the module's docstring). ``decoded``: the file's
+    :func:`~u2s.io.decode.decode_image` when the caller has it (``decode.frames: all`` sets its
+    ``all_frames``), else decoded here, bounded by ``max_pixels``. Raises
+    :class:`~u2s.io.decode.DecodeError` when ``data`` is not a decodable image.
     """
+    if decoded is None:
+        decoded = decode_image(data, max_pixels)
+    one_frame = decoded.frames == 1 or decoded.all_frames
     for kind, (extension, strip) in _LOSSLESS.items():
-        if _MAGIC[kind](data):
-            try:
-                out = strip(data)
-            except Exception as e:  # any parse doubt: the re-encode below is always safe
-                logger.debug("cannot strip %s losslessly (%s); re-encoding", kind, type(e).__name__)
-                break
-            return Stripped(out, extension, out != data)
-    img = decoded if decoded is not None else load_rgb(data, max_pixels=max_pixels)
-    return Stripped(_reencode_png(img), "png", True)
+        if decoded.hidden or not _MAGIC[kind](data) or not (one_frame or kind == "jpeg"):
+            continue
+        try:
+            out = strip(data, decoded.frames > 1)
+            # A JPEG keeps its first image only; anything else that still has several frames must not.
+            if not one_frame and _frame_count(out) != 1:
+                raise _Doubt("frames left")
+        except Exception as e:  # any parse doubt: the re-encode below is always safe
+            logger.debug("cannot strip %s losslessly (%s); re-encoding", kind, type(e).__name__)
+            break
+        return Stripped(out, extension, out != data)
+    return Stripped(_reencode_png(decoded), "png", True)
+
+
+def publishable(data: bytes, decoded: Decoded, *, strip: bool = True) -> Stripped:
+    """The file to publish for ``data``: :func:`strip_metadata`'s, or with ``strip=False``
+    (``output.metadata: keep``) ``data`` byte for byte unless its pixels must change (uninspected
+    frames, colour under alpha 0), which only a re-encode can do."""
+    if strip or decoded.hidden or not (decoded.frames == 1 or decoded.all_frames):
+        return strip_metadata(data, decoded=decoded)
+    return Stripped(data, EXTENSIONS.get(decoded.format, "img"), False)
 
 
 # ------------------------------------------------------------------------------------------- shared
@@ -109,12 +140,97 @@ def _open(data: bytes, formats: tuple[str, ...]) -> Image.Image:
     return Image.open(io.BytesIO(data), formats=formats)
 
 
-def _reencode_png(img: Image.Image) -> bytes:
-    """A lossless PNG of ``img`` (upright 8-bit RGB, as ``load_rgb`` gives it): nothing but the pixels."""
-    clean = Image.frombytes("RGB", img.size, img.tobytes())  # no info dict: no ICC, EXIF, text, dpi
+def _frame_count(data: bytes) -> int:
+    with Image.open(io.BytesIO(data)) as img:
+        return getattr(img, "n_frames", 1)
+
+
+def _reencode_png(decoded: Decoded) -> bytes:
+    """A lossless PNG of the inspected frame, upright: with its alpha when it had hidden colour (zeroed
+    now), else 8-bit RGB as ``load_rgb`` gives it; nothing but the pixels."""
+    img = decoded.transparent if decoded.transparent is not None else decoded.image
+    clean = Image.frombytes(img.mode, img.size, img.tobytes())  # no info dict: no ICC, EXIF, text, dpi
     buf = io.BytesIO()
     clean.save(buf, "PNG")
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- ICC
+# An ICC profile (ICC.1:2022 §7) is a 128-byte header, a tag table and tag data. Colour management reads
+# the colorimetric tags only; the text ones (desc, cprt, dmnd, dmdd, meta...) are free text a profile
+# editor, a camera or a person wrote. The profile is rebuilt from an allowlist rather than edited in
+# place: a tag or type this list does not know (a vendor's private tag) can hold anything.
+
+_ICC_HEADER, _ICC_ENTRY = 128, 12
+#: Tags that define colours (device ↔ PCS transforms, primaries, curves, white and black points...).
+_ICC_COLOUR_TAGS = frozenset(
+    b"A2B0 A2B1 A2B2 A2B3 B2A0 B2A1 B2A2 B2A3 D2B0 D2B1 D2B2 D2B3 B2D0 B2D1 B2D2 B2D3 rXYZ gXYZ bXYZ "
+    b"rTRC gTRC bTRC kTRC wtpt bkpt lumi chad chrm clro gamt meas view rig0 tech ciis cicp pre0 pre1 "
+    b"pre2".split()
+)
+#: Numeric tag types (no text inside): XYZ, curves, LUTs, multi-process elements, signatures...
+_ICC_NUMERIC_TYPES = frozenset(
+    {b"XYZ ", b"curv", b"para", b"mft1", b"mft2", b"mAB ", b"mBA ", b"mpet", b"sf32", b"uf32", b"ui08"}
+    | {b"ui16", b"ui32", b"sig ", b"chrm", b"meas", b"view", b"clro", b"cicp"}
+)
+#: The text that replaces a profile's description and copyright (both are required tags).
+ICC_DESCRIPTION, ICC_COPYRIGHT = "ICC profile", "No copyright information"
+#: Header fields cleared: creation date and time, primary platform, device manufacturer and model,
+#: creator, profile ID (an MD5 of the whole profile; zero means "not computed").
+_ICC_CLEARED = ((24, 36), (40, 44), (48, 56), (80, 100))
+
+
+def _icc_text(signature: bytes, text: str, unicode: bool) -> bytes:
+    """Tag data holding ``text``: ``mluc`` (v4) or, in a v2 profile, ``desc`` / ``text``."""
+    if unicode:
+        encoded = text.encode("utf-16-be")
+        return b"mluc" + struct.pack(">III2s2sII", 0, 1, 12, b"en", b"US", len(encoded), 28) + encoded
+    ascii_text = text.encode("ascii") + b"\x00"
+    if signature == b"desc":  # textDescriptionType: ASCII, an empty Unicode and an empty ScriptCode part
+        return b"desc" + struct.pack(">II", 0, len(ascii_text)) + ascii_text + b"\x00" * (8 + 3 + 67)
+    return b"text" + b"\x00" * 4 + ascii_text
+
+
+def sanitize_icc(profile: bytes) -> bytes | None:
+    """``profile`` with its colorimetric tags byte for byte and nothing free-form: a neutral description
+    and copyright, no other text, no creation date, creator or device. None when it is not a profile
+    this can parse with certainty (the caller drops it)."""
+    if len(profile) < _ICC_HEADER + 4 or profile[36:40] != b"acsp":
+        return None
+    size = struct.unpack_from(">I", profile, 0)[0]
+    count = struct.unpack_from(">I", profile, _ICC_HEADER)[0]
+    table_end = _ICC_HEADER + 4 + _ICC_ENTRY * count
+    if not table_end <= size <= len(profile):
+        return None
+    unicode = profile[8] >= 4
+    kept: list[tuple[bytes, int, int]] = []
+    for index in range(count):
+        signature, offset, length = struct.unpack_from(">4sII", profile, _ICC_HEADER + 4 + _ICC_ENTRY * index)
+        if offset < table_end or length < 8 or offset + length > size:
+            return None
+        kind = profile[offset : offset + 4]
+        if signature == b"desc" and kind in (b"mluc", b"desc"):  # write the type the profile used
+            unicode = kind == b"mluc"
+        elif signature in _ICC_COLOUR_TAGS and kind in _ICC_NUMERIC_TYPES:
+            kept.append((signature, offset, length))
+    tags = [(sig, profile[offset : offset + length]) for sig, offset, length in kept]
+    tags += [(b"desc", _icc_text(b"desc", ICC_DESCRIPTION, unicode)),
+             (b"cprt", _icc_text(b"cprt", ICC_COPYRIGHT, unicode))]  # fmt: skip
+    header = bytearray(profile[:_ICC_HEADER])
+    for start, stop in _ICC_CLEARED:
+        header[start:stop] = bytes(stop - start)
+    table, body, placed = [], bytearray(), {}
+    data_start = _ICC_HEADER + 4 + _ICC_ENTRY * len(tags)
+    for signature, data in tags:  # tags that shared their data (rTRC = gTRC = bTRC) still do
+        if data not in placed:
+            body += b"\x00" * (-len(body) % 4)
+            placed[data] = data_start + len(body)
+            body += data
+        table.append(struct.pack(">4sII", signature, placed[data], len(data)))
+    body += b"\x00" * (-len(body) % 4)
+    out = header + struct.pack(">I", len(tags)) + b"".join(table) + body
+    out[0:4] = struct.pack(">I", len(out))
+    return bytes(out)
 
 
 # --------------------------------------------------------------------------------------------- JPEG
@@ -149,8 +265,8 @@ def _jpeg_keep(marker: int, payload: bytes) -> bytes | None:
         if len(payload) < _JFIF_LEN:
             raise _Doubt("short JFIF segment")
         return payload[: _JFIF_LEN - 2] + b"\x00\x00"
-    if marker == _APP2:  # ICC profile chunks stay; MPF and FlashPix go
-        return payload if payload.startswith(b"ICC_PROFILE\x00") else None
+    if marker == _APP2:  # ICC profile chunks are rebuilt by _strip_jpeg; MPF and FlashPix go
+        return None
     if marker == _APP14:  # Adobe colour transform stays, cut to its standard length
         return payload[:_ADOBE_LEN] if payload.startswith(_ADOBE) and len(payload) >= _ADOBE_LEN else None
     if _APP0 <= marker <= _APP15 or marker == _COM:  # EXIF, XMP, IPTC/Photoshop, Ducky, comments...
@@ -158,8 +274,28 @@ def _jpeg_keep(marker: int, payload: bytes) -> bytes | None:
     raise _Doubt(f"unexpected marker 0x{marker:02X}")
 
 
-def _strip_jpeg(data: bytes) -> bytes:
+_ICC_JPEG = b"ICC_PROFILE\x00"
+_ICC_JPEG_CHUNK = 0xFFFF - 2 - len(_ICC_JPEG) - 2  # a segment's payload after its header and numbers
+
+
+def _jpeg_icc(chunks: list[bytes]) -> list[bytes]:
+    """The APP2 segments of the sanitized profile the ``ICC_PROFILE`` payloads carry, or none."""
+    numbered = sorted(chunks, key=lambda chunk: chunk[len(_ICC_JPEG)])
+    n = len(numbered)
+    if [c[len(_ICC_JPEG)] for c in numbered] != list(range(1, n + 1)) or {c[13] for c in numbered} != {n}:
+        return []  # not one complete profile: drop it
+    profile = sanitize_icc(b"".join(chunk[len(_ICC_JPEG) + 2 :] for chunk in numbered))
+    if profile is None:
+        return []
+    parts = [profile[i : i + _ICC_JPEG_CHUNK] for i in range(0, len(profile), _ICC_JPEG_CHUNK)]
+    return [_segment(_APP2, _ICC_JPEG + bytes((i + 1, len(parts))) + p) for i, p in enumerate(parts)]
+
+
+def _strip_jpeg(data: bytes, animation: bool = False) -> bytes:
+    """(``animation`` is unused: a JPEG keeps its first image only.)"""
     out: list[bytes] = [b"\xff\xd8"]
+    icc: list[bytes] = []
+    icc_at = None
     pos, end, frames, scans = 2, len(data), 0, 0
     while True:
         if pos >= end or data[pos] != 0xFF:
@@ -187,11 +323,17 @@ def _strip_jpeg(data: bytes) -> bytes:
             pos, scans = found.start(), scans + 1
             continue
         frames += marker in _SOF
+        if marker == _APP2 and payload.startswith(_ICC_JPEG) and len(payload) > len(_ICC_JPEG) + 2:
+            icc_at = len(out) if icc_at is None else icc_at
+            icc.append(payload)
+            continue
         kept = _jpeg_keep(marker, payload)
         if kept is not None:
             out.append(_segment(marker, kept))
     if not frames or not scans:
         raise _Doubt("no frame or no scan")
+    if icc_at is not None:
+        out[icc_at:icc_at] = _jpeg_icc(icc)
     orientation = _orientation(_open(data, ("JPEG", "MPO")))
     if orientation != 1:  # after SOI and a leading JFIF segment, where readers look for EXIF
         at = 2 if len(out) > 1 and out[1][1] == _APP0 and out[1][4:9] == _JFIF else 1
@@ -234,7 +376,28 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def _strip_png(data: bytes) -> bytes:
+_APNG = frozenset({b"acTL", b"fcTL", b"fdAT"})
+_ICC_PNG_NAME = b"ICC Profile"  # what Pillow writes: the name is free text (often the profile's description)
+_ICC_MAX = 64 * 2**20
+
+
+def _png_icc(body: bytes) -> bytes | None:
+    """An ``iCCP`` chunk of the sanitized profile, with a neutral name; None to drop it."""
+    name_end = body.find(b"\x00")
+    if not 1 <= name_end <= 79 or body[name_end + 1 : name_end + 2] != b"\x00":
+        return None
+    inflate = zlib.decompressobj()
+    try:
+        profile = inflate.decompress(body[name_end + 2 :], _ICC_MAX)
+    except zlib.error:
+        return None
+    if not inflate.eof or inflate.unconsumed_tail or (profile := sanitize_icc(profile)) is None:
+        return None
+    return _png_chunk(b"iCCP", _ICC_PNG_NAME + b"\x00\x00" + zlib.compress(profile, 9))
+
+
+def _strip_png(data: bytes, animation: bool = False) -> bytes:
+    """``animation``: keep APNG's frames (all inspected); else a still image, as Pillow decodes it."""
     chunks = _png_chunks(data)
     kinds = [kind for kind, _ in chunks]
     if kinds[0] != b"IHDR" or b"IDAT" not in kinds:
@@ -249,7 +412,10 @@ def _strip_png(data: bytes) -> bytes:
     for index, (kind, chunk) in enumerate(chunks):
         if index == first_idat and orientation != 1:  # eXIf must precede the image data
             out.append(_png_chunk(b"eXIf", _minimal_exif(orientation)[len(_EXIF_HEADER) :]))
-        if kind in _PNG_KEEP:
+        if kind == b"iCCP":
+            icc = _png_icc(chunk[8:-4])
+            out += [icc] if icc is not None else []
+        elif kind in _PNG_KEEP and (animation or kind not in _APNG):
             out.append(chunk)
     return b"".join(out)
 
@@ -283,7 +449,8 @@ def _riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
     return fourcc + struct.pack("<I", len(payload)) + payload + b"\x00" * (len(payload) & 1)
 
 
-def _strip_webp(data: bytes) -> bytes:
+def _strip_webp(data: bytes, animation: bool = False) -> bytes:
+    """(``animation`` is unused: a WebP whose frames were not all inspected is never stripped.)"""
     end = 8 + struct.unpack_from("<I", data, 4)[0]
     if end > len(data):
         raise _Doubt("truncated")
@@ -305,10 +472,16 @@ def _strip_webp(data: bytes) -> bytes:
                 frame = _riff_chunks(payload, _ANMF_HEADER, len(payload))
                 kept = (_riff_chunk(k, p) for k, p in frame if k in _WEBP_KEEP)
                 payload = payload[:_ANMF_HEADER] + b"".join(kept)
+            if fourcc == b"ICCP":
+                payload = sanitize_icc(payload)
+                if payload is None:
+                    continue
             if fourcc in _WEBP_KEEP - {b"VP8X"}:
                 body.append(_riff_chunk(fourcc, payload))
         orientation = _orientation(_open(data, ("WEBP",)))
-        flags = chunks[0][1][0] & ~(_VP8X_EXIF | _VP8X_XMP)
+        flags = chunks[0][1][0] & ~(_VP8X_EXIF | _VP8X_XMP | _VP8X_ICC)
+        if any(chunk.startswith(b"ICCP") for chunk in body):
+            flags |= _VP8X_ICC
         if orientation != 1:  # EXIF comes after the image data
             body.append(_riff_chunk(b"EXIF", _minimal_exif(orientation)[len(_EXIF_HEADER) :]))
             flags |= _VP8X_EXIF
@@ -322,7 +495,7 @@ _MAGIC: dict[str, Callable[[bytes], bool]] = {
     "png": lambda data: data.startswith(_PNG_SIGNATURE),
     "webp": lambda data: len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP",
 }
-_LOSSLESS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
+_LOSSLESS: dict[str, tuple[str, Callable[[bytes, bool], bytes]]] = {
     "jpeg": ("jpg", _strip_jpeg),
     "png": ("png", _strip_png),
     "webp": ("webp", _strip_webp),

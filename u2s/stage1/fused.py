@@ -14,6 +14,7 @@ from u2s.schema import Status
 from u2s.stage1.call import ModelCallStage
 from u2s.stage1.describe import DescribeStage
 from u2s.stage1.prompts import fused_messages
+from u2s.stage1.rows import inspect_frames
 from u2s.stage1.schemas import FusedFlagged, FusedResult
 
 if TYPE_CHECKING:
@@ -30,12 +31,18 @@ class FusedInspectStage(ModelCallStage):
     name = "inspect"
     vision = True
     result_model = FusedResult
-    reads = ("thumbnail", "label")
-    writes = (*DescribeStage.writes, "privacy_flag", "categories")
+    reads = ("thumbnail", "frame_thumbnails", "label")
+    writes = (*DescribeStage.writes, "privacy_flag", "categories", "flagged_frame")
 
     @staticmethod
     def messages(stage1: Stage1Config, row: dict) -> list[dict]:
         return fused_messages(row["label"] or stage1.default_class_hint)
+
+    def process(self, rows: list[dict]) -> None:
+        if any(row.get("frame_thumbnails") for row in rows):  # decode.frames: all, multi-frame rows
+            inspect_frames(rows, self.process, self.writes)
+            return
+        super().process(rows)
 
     @staticmethod
     def apply(row: dict, result: FusedResult) -> None:

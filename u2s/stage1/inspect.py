@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from u2s.schema import Category, Status, mark_error
 from u2s.stage1.call import ModelCallStage
 from u2s.stage1.prompts import apply_system_prompt, criterion_messages, inspect_messages
+from u2s.stage1.rows import inspect_frames
 from u2s.stage1.schemas import CriterionResult, InspectResult, OutputError
 
 if TYPE_CHECKING:
@@ -26,14 +27,15 @@ class InspectStage(ModelCallStage):
     Single mode: a row counts as flagged when the model says TRUE *or* lists any category: over-flagging
     is the paper's choice for recall (when unsure → TRUE), and a named category is evidence of private
     content. Per-criterion mode: categories = those answered TRUE, flag = any TRUE; a row with any
-    invalid answer (after the retry) is failed.
+    invalid answer (after the retry) is failed. With ``decode.frames: all`` each frame of a multi-frame
+    row is asked separately (:func:`~u2s.stage1.rows.inspect_frames`).
     """
 
     name = "inspect"
     vision = True
     result_model = InspectResult
-    reads = ("thumbnail",)
-    writes = ("privacy_flag", "categories")
+    reads = ("thumbnail", "frame_thumbnails")
+    writes = ("privacy_flag", "categories", "flagged_frame")
 
     @staticmethod
     def messages(stage1: Stage1Config, row: dict) -> list[dict]:
@@ -44,6 +46,9 @@ class InspectStage(ModelCallStage):
         _flag(row, [c.value for c in result.categories], result.privacy_flag)
 
     def process(self, rows: list[dict]) -> None:
+        if any(row.get("frame_thumbnails") for row in rows):  # decode.frames: all, multi-frame rows
+            inspect_frames(rows, self.process, self.writes)
+            return
         if self.config.inspect_mode != "per_criterion":
             super().process(rows)
             return

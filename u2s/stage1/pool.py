@@ -54,8 +54,9 @@ class CallPoolStage(StageChain):
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch = super().__call__(batch)
         if self.drops_thumbnails:
-            index = batch.schema.get_field_index("thumbnail")
-            batch = batch.set_column(index, "thumbnail", pa.nulls(batch.num_rows, pa.binary()))
+            for name in ("thumbnail", "frame_thumbnails"):
+                index = batch.schema.get_field_index(name)
+                batch = batch.set_column(index, name, pa.nulls(batch.num_rows, batch.schema.field(name).type))
         return batch
 
 

@@ -1,4 +1,5 @@
-"""Row helpers shared by the stage-1 stages: thumbnails with per-row errors, sampling seeds."""
+"""Row helpers shared by the stage-1 stages: thumbnails with per-row errors, every frame inspected,
+sampling seeds."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from PIL import Image
 from u2s.schema import mark_error
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from PIL.Image import Image as PILImage
 
@@ -35,6 +36,36 @@ def load_thumbnails(rows: list[dict], stage: str) -> tuple[list[dict], list[PILI
             continue
         ready.append(row)
     return ready, images
+
+
+def inspect_frames(rows: list[dict], inspect: Callable[[list[dict]], None], writes: tuple[str, ...]) -> None:
+    """Run the inspect call ``inspect`` on every frame of ``rows`` (``decode.frames: all``): one request
+    per frame, each frame a copy of its row with that frame's thumbnail (frame 0: ``thumbnail``; frame
+    i: ``frame_thumbnails[i-1]``, id ``{id}#frame{i}`` so each frame gets its own sampling seed).
+
+    A row is flagged when any frame is: it takes the ``writes`` of its first flagged frame (frame 0's
+    when none is), the categories every frame named, and ``flagged_frame``. A frame the model could
+    not answer fails the row: a frame that was not inspected is never published.
+    """
+    frames = []
+    for row in rows:
+        thumbnails = [row["thumbnail"], *(row.get("frame_thumbnails") or [])]
+        copies = [dict(row, thumbnail=t, frame_thumbnails=None) for t in thumbnails]
+        for index, copy in enumerate(copies[1:], start=1):
+            copy["id"] = f"{row['id']}#frame{index}"
+        frames.append(copies)
+    inspect([copy for copies in frames for copy in copies])
+    for row, copies in zip(rows, frames, strict=True):
+        failed = next((copy for copy in copies if copy["status"] == "error"), None)
+        if failed is not None:
+            row.update(status=failed["status"], error=failed["error"])
+            continue
+        flagged = [index for index, copy in enumerate(copies) if copy["privacy_flag"]]
+        chosen = copies[flagged[0]] if flagged else copies[0]
+        row.update({name: chosen[name] for name in (*writes, "status") if name != "flagged_frame"})
+        named = [c for copy in copies for c in copy.get("categories") or []]
+        row["categories"] = list(dict.fromkeys(named))
+        row["flagged_frame"] = flagged[0] if flagged else None
 
 
 def sampling_seeds(keys: Iterable[str]) -> list[int]:

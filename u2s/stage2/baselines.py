@@ -3,6 +3,8 @@
 Pure functions of a PIL image and boxes ``(left, top, right, bottom)`` (right/bottom exclusive, see
 :mod:`u2s.stage2.detectors`). Each returns a new RGB image of the same size and leaves the input
 alone; every pixel outside the boxes is copied exactly. Overlapping boxes are processed in order.
+Outputs carry pixels only: nothing of the input's ``info`` (ICC profile, EXIF, a JPEG comment), which
+Pillow's encoders would otherwise write into the published file under any metadata policy.
 """
 
 from __future__ import annotations
@@ -13,6 +15,17 @@ from collections.abc import Sequence
 from PIL import Image, ImageFilter
 
 from u2s.stage2.detectors import Box, clip_box
+
+
+def _pixels(image: Image.Image) -> Image.Image:
+    """A new RGB image of ``image``'s pixels and nothing else.
+
+    ``convert`` copies ``info``, and encoders read it: Pillow's JPEG writer takes its comment from
+    ``info["comment"]``, the PNG and WebP writers their ICC profile from ``info["icc_profile"]``.
+    """
+    out = image.convert("RGB")
+    out.info = {}
+    return out
 
 
 def _boxes(image: Image.Image, boxes: Sequence[Box]) -> list[Box]:
@@ -27,7 +40,7 @@ def blur_regions(image: Image.Image, boxes: Sequence[Box], blur_radius: float = 
     The blur reads a margin of surrounding pixels (so a box's border does not smear its own edge
     pixels inwards) but only the box is written.
     """
-    out = image.convert("RGB")
+    out = _pixels(image)
     for left, top, right, bottom in _boxes(out, boxes):
         radius = blur_radius * min(right - left, bottom - top)
         margin = math.ceil(3 * radius)
@@ -42,7 +55,7 @@ def blur_regions(image: Image.Image, boxes: Sequence[Box], blur_radius: float = 
 def pixelate_regions(image: Image.Image, boxes: Sequence[Box], pixel_size: int = 12) -> Image.Image:
     """Pixelate each box: ``pixel_size`` cells across its short side (fewer if the side is shorter),
     square-ish cells along the long side; each cell is its pixels' mean, upsampled with nearest."""
-    out = image.convert("RGB")
+    out = _pixels(image)
     for left, top, right, bottom in _boxes(out, boxes):
         width, height = right - left, bottom - top
         short = min(width, height)
@@ -58,7 +71,7 @@ def mask_regions(
     image: Image.Image, boxes: Sequence[Box], mask_color: tuple[int, int, int] = (0, 0, 0)
 ) -> Image.Image:
     """Fill each box with a solid ``mask_color`` (RGB)."""
-    out = image.convert("RGB")
+    out = _pixels(image)
     for left, top, right, bottom in _boxes(out, boxes):
         out.paste(tuple(mask_color), (left, top, right, bottom))
     return out
@@ -66,5 +79,5 @@ def mask_regions(
 
 def blur_image(image: Image.Image, blur_radius: float = 0.1) -> Image.Image:
     """Gaussian-blur the whole image; the radius is ``blur_radius`` × the image's short side."""
-    out = image.convert("RGB")
+    out = _pixels(image)
     return out.filter(ImageFilter.GaussianBlur(blur_radius * min(out.size)))

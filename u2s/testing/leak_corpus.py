@@ -36,6 +36,10 @@ IPTC_CAPTION = "Family reunion at 14 Larkspur Close"
 JPEG_COMMENT = "Taken at the home of Priya Vanterpool-Sato"
 GIF_COMMENT = "Gift for Hamid Oyelaran-Vance"
 WEBP_PERSON = "Ingrid Solberg-Mwangi"
+ICC_DESC_PERSON = "Monitor of Henrietta Vasquez-Oyelowo"
+ICC_COPYRIGHT_PERSON = "Barnaby Okafor-Lindgren, all rights reserved"
+ICC_DEVICE_PERSON = "Phone of Ludmila Ferreira-Tanaka"
+ICC_PNG_NAME = "Profile of Severin Achebe-Holm"
 #: A person's name as a file name, and another as the folder holding it.
 PERSON_FILE = "jane_doe_passport.jpg"
 PERSON_FOLDER = "amelie_fontaine"
@@ -184,6 +188,56 @@ def png_with_chunks(png: bytes, before_idat: list[bytes], after_idat: list[bytes
     return png[:first_idat] + b"".join(before_idat) + png[first_idat:iend] + b"".join(after_idat) + png[iend:]
 
 
+def _mluc(text: str) -> bytes:
+    encoded = text.encode("utf-16-be")
+    return b"mluc" + struct.pack(">III2s2sII", 0, 1, 12, b"en", b"US", len(encoded), 28) + encoded
+
+
+def icc_profile(
+    description: str = ICC_DESC_PERSON, copyright: str = ICC_COPYRIGHT_PERSON, device: str = ICC_DEVICE_PERSON
+) -> bytes:
+    """Little CMS's sRGB profile as a calibration tool might leave it: its description, copyright and
+    device-model (``dmdd``) tags name people. Deterministic (the same bytes on every call)."""
+    from PIL import ImageCms
+
+    base = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    count = struct.unpack_from(">I", base, 128)[0]
+    tags = {}
+    for index in range(count):
+        signature, offset, length = struct.unpack_from(">4sII", base, 132 + 12 * index)
+        tags[signature] = base[offset : offset + length]
+    tags.update({b"desc": _mluc(description), b"cprt": _mluc(copyright), b"dmdd": _mluc(device)})
+    table, body = [], b""
+    start = 132 + 12 * len(tags)
+    for signature, data in tags.items():
+        table.append(struct.pack(">4sII", signature, start + len(body), len(data)))
+        body += data + b"\x00" * (-len(data) % 4)
+    profile = bytearray(base[:128] + struct.pack(">I", len(tags)) + b"".join(table) + body)
+    profile[0:4] = struct.pack(">I", len(profile))
+    profile[24:36] = struct.pack(
+        ">6H", 2019, 7, 14, 15, 22, 41
+    )  # a fixed creation date: same bytes every call
+    return bytes(profile)
+
+
+def png_with_icc_name(png: bytes, profile: bytes, name: str = ICC_PNG_NAME) -> bytes:
+    """``png`` with an ``iCCP`` chunk holding ``profile`` under the free-text profile ``name``."""
+    chunk = png_chunk(b"iCCP", name.encode("latin-1") + b"\x00\x00" + zlib.compress(profile))
+    return png_with_chunks(png, [chunk])
+
+
+def hidden_under_alpha(img: Image.Image, secret: Image.Image) -> Image.Image:
+    """``img`` as RGBA whose right half is fully transparent and holds ``secret``'s pixels: a browser
+    shows nothing there, ``convert("RGB")`` shows ``secret``."""
+    out = img.convert("RGBA")
+    half = (out.width // 2, 0, out.width, out.height)
+    out.paste(secret.convert("RGB").resize((half[2] - half[0], out.height)), half[:2])
+    alpha = Image.new("L", out.size, 255)
+    alpha.paste(0, half)
+    out.putalpha(alpha)
+    return out
+
+
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
     """``img`` encoded as ``fmt`` with Pillow's save options ``kwargs``."""
     buf = io.BytesIO()
@@ -240,6 +294,11 @@ class LeakCorpus:
     texture: Path
     """A plain texture with no face and no text and no metadata (a baseline finds nothing in it)."""
     secrets: tuple[Secret, ...]
+    multi_frame: tuple[Path, ...] = ()
+    """Files with several frames: a harmless frame 0 (what ``load_rgb`` decodes, an APNG's default
+    image), the astronaut's face in a later frame that a player shows."""
+    alpha_hidden: Path | None = None
+    """A PNG whose fully transparent half holds a page of text (``convert("RGB")`` shows it)."""
 
     def leaks(self, blob: bytes) -> list[str]:
         """Names of the secrets found in ``blob`` (empty when nothing leaked)."""
@@ -276,9 +335,18 @@ def build_leak_corpus(folder: Path) -> LeakCorpus:
         trip/party.webp                         flower, lossless; EXIF (Artist, GPS) and XMP (a name)
         trip/cat.gif                            chelsea; a GIF comment naming a person
         textures/brick.png                      brick; no face, no text, no metadata
+        frames/animation.png                    APNG: default image rocket, not part of its animation
+                                                (astronaut, brick)
+        frames/animation.webp                   animated WebP: hubble deep field, then the astronaut
+        frames/animation.gif                    animated GIF: immunohistochemistry, then the astronaut
+        frames/pages.tif                        multi-page TIFF: the camera man, then the astronaut
+        frames/stereo.jpg                       MPO: colour wheel, then the astronaut
+        frames/sticker.png                      clock, right half fully transparent over a page of text
+        frames/profile.jpg, frames/profile.png  grass, moon; an ICC profile whose description, copyright
+                                                and device model name people (the PNG's iCCP name too)
     """
     folder = Path(folder)
-    for sub in (PERSON_FOLDER, "trip", "textures"):
+    for sub in (PERSON_FOLDER, "trip", "textures", "frames"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     person_named = folder / PERSON_FOLDER / PERSON_FILE
     beach, receipt = folder / "trip" / "beach.jpg", folder / "trip" / "receipt.png"
@@ -329,6 +397,7 @@ def build_leak_corpus(folder: Path) -> LeakCorpus:
     encode_gif = encode(photo("chelsea"), "GIF", comment=GIF_COMMENT.encode())
     cat.write_bytes(encode_gif)
     texture.write_bytes(encode(photo("brick"), "PNG"))
+    multi_frame, alpha_hidden, icc_files = _frames_and_pixels(folder / "frames", astronaut)
 
     lat, lon = decimal_degrees(GPS_LATITUDE), decimal_degrees(GPS_LONGITUDE)
     gps_forms = (
@@ -352,8 +421,50 @@ def build_leak_corpus(folder: Path) -> LeakCorpus:
         Secret("png_ztxt_note", (*_text_forms(PNG_ZTXT_NOTE), ztxt_body), (receipt,)),
         Secret("webp_person", _text_forms(WEBP_PERSON), (party,)),
         Secret("gif_comment", _text_forms(GIF_COMMENT), (cat,)),
+        Secret(
+            "icc_text",  # the PNG carries the profile compressed
+            (
+                *_text_forms(ICC_DESC_PERSON, ICC_COPYRIGHT_PERSON, ICC_DEVICE_PERSON),
+                zlib.compress(icc_profile()),
+            ),
+            icc_files,
+        ),
+        Secret("icc_png_name", _text_forms(ICC_PNG_NAME), icc_files[1:]),
         Secret("person_file_name", _text_forms("jane_doe", "jane doe", "Jane Doe"), (person_named,), True),
         Secret("person_folder_name", _text_forms(PERSON_FOLDER), (person_named,), True),
     )
-    files = tuple(sorted((person_named, beach, receipt, party, cat, texture)))
-    return LeakCorpus(folder, files, person_named, texture, secrets)
+    files = tuple(sorted((person_named, beach, receipt, party, cat, texture, *multi_frame, alpha_hidden,
+                          *icc_files)))  # fmt: skip
+    return LeakCorpus(folder, files, person_named, texture, secrets, multi_frame, alpha_hidden)
+
+
+def _frames_and_pixels(
+    folder: Path, astronaut: Image.Image
+) -> tuple[tuple[Path, ...], Path, tuple[Path, ...]]:
+    """The multi-frame files, the alpha-hidden PNG and the ICC files of :func:`build_leak_corpus`."""
+    size = (384, 288)  # real photos, not thumbnails
+    face = astronaut.transpose(Image.Transpose.ROTATE_270).resize(size)  # upright again
+    frame0 = {name: photo(name).convert("RGB").resize(size) for name in
+              ("rocket", "hubble_deep_field", "immunohistochemistry", "camera", "colorwheel")}  # fmt: skip
+    builds = {
+        "animation.png": lambda: encode(frame0["rocket"], "PNG", save_all=True, default_image=True,
+                                        append_images=[face, photo("brick").convert("RGB").resize(size)]),
+        "animation.webp": lambda: encode(frame0["hubble_deep_field"], "WEBP", save_all=True, lossless=True,
+                                         append_images=[face]),
+        "animation.gif": lambda: encode(frame0["immunohistochemistry"], "GIF", save_all=True,
+                                        append_images=[face]),
+        "pages.tif": lambda: encode(frame0["camera"], "TIFF", save_all=True, append_images=[face]),
+        "stereo.jpg": lambda: encode(frame0["colorwheel"], "MPO", save_all=True, append_images=[face]),
+    }  # fmt: skip
+    multi_frame = []
+    for name, build in builds.items():
+        (folder / name).write_bytes(build())
+        multi_frame.append(folder / name)
+    alpha_hidden = folder / "sticker.png"
+    clock = photo("clock").convert("RGB").resize(size)
+    alpha_hidden.write_bytes(encode(hidden_under_alpha(clock, photo("text")), "PNG"))
+    profile = icc_profile()
+    icc_jpeg, icc_png = folder / "profile.jpg", folder / "profile.png"
+    icc_jpeg.write_bytes(encode(photo("grass").convert("RGB").resize(size), "JPEG", icc_profile=profile))
+    icc_png.write_bytes(png_with_icc_name(encode(photo("moon").convert("RGB").resize(size), "PNG"), profile))
+    return tuple(multi_frame), alpha_hidden, (icc_jpeg, icc_png)
