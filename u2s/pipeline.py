@@ -159,6 +159,8 @@ def _verified(cfg: JobConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
     from u2s.stage2.verify import VerifyStage
 
     verify, pools, side = cfg.stage2.verify, verify_pools(cfg), thumbnail_side(cfg)
+    if not verify.enabled:
+        return ds
     pool_args = None
     if "reinspect" in verify.checks and cfg.stage1.engine_for("inspect") == "vllm":
         from u2s.stage1.engines.vllm_pool import pool_kwargs
