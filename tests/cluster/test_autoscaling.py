@@ -36,11 +36,6 @@ def node_accelerator(node) -> str | None:
     return names[0] if names else None
 
 
-def autoscaler_log(head: RayHead) -> str:
-    logs = sorted(head.temp_dir.glob("session_*/logs/monitor.*"))
-    return "".join(path.read_text(errors="replace") for path in logs)
-
-
 def test_gpu_pools_scale_from_zero_on_their_node_types(tiny_models, few_images, tmp_path):
     from ray.util.state import list_actors, list_nodes
 
@@ -67,7 +62,7 @@ def test_gpu_pools_scale_from_zero_on_their_node_types(tiny_models, few_images, 
         assert re.search(r"job raysubmit_\w+: SUCCEEDED", result.stdout)
         nodes = {n.node_id: n for n in list_nodes(address=head.dashboard_url, detail=True)}
         actors = list_actors(address=head.dashboard_url, detail=True, limit=1000)
-        launched = autoscaler_log(head)
+        launched = head.autoscaler_log()
 
     # The autoscaler launched a node of each GPU type (its launcher's log line, and the event it sends to
     # the driver), and that node advertises the type's accelerator.

@@ -63,11 +63,6 @@ def edit_actor_node(head: RayHead) -> str | None:
     return alive[0].node_id if alive else None
 
 
-def autoscaler_log(head: RayHead) -> str:
-    logs = sorted(head.temp_dir.glob("session_*/logs/monitor.*"))
-    return "".join(path.read_text(errors="replace") for path in logs)
-
-
 def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes_in_place(tiny_models, noise_images, tmp_path):
     from ray.util.state import list_actors, list_nodes
 
@@ -124,7 +119,7 @@ def test_a_node_lost_mid_run_is_replaced_and_the_job_finishes_in_place(tiny_mode
         edit_actors = list_actors(
             address=head.dashboard_url, filters=[("class_name", "=", EDIT_ACTOR)], detail=True
         )
-        launches = autoscaler_log(head)
+        launches = head.autoscaler_log()
 
     assert killed, "the edit actor's node had no process to kill"
     assert 0 < len(written_before) < IMAGES, "the node was lost mid-run, after the first rows were written"

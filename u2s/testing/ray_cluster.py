@@ -251,6 +251,11 @@ class RayHead:
                     found += [proc, *proc.children(recursive=True)]
         return found
 
+    def autoscaler_log(self) -> str:
+        """What the autoscaler (Ray's monitor) has logged so far: node launches and terminations."""
+        logs = sorted(self.temp_dir.glob("session_*/logs/monitor.*"))
+        return "".join(path.read_text(errors="replace") for path in logs)
+
     def kill_node(self, node_id: str) -> list[int]:
         """Take a worker node away as a spot interruption does: SIGKILL all its processes at once (no
         drain, nothing told to Ray). Returns their pids (none: the node had no live process left)."""
