@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
+from u2s.run_record import REDACTED
 from u2s.schema import IMAGE_TYPE
 
 CARD_NAME = "README.md"
@@ -80,6 +81,8 @@ def _size_category(rows: int) -> str:
 def _model(spec: dict[str, Any] | None) -> str:
     if not spec:
         return "none"
+    if spec.get("model") == REDACTED:  # a local folder or an s3:// copy: its location is not published
+        return "a model from a private location"
     revision = f" (revision `{spec['revision']}`)" if spec.get("revision") else ""
     return f"`{spec.get('model')}`{revision}"
 
@@ -133,7 +136,9 @@ def _metadata_line(output: dict[str, Any]) -> str:
                 "files byte for byte, EXIF, GPS and comments included.")  # fmt: skip
     return ("- **Metadata**: removed (`output.metadata: strip`): no EXIF but the orientation, no XMP, IPTC, "
             "comments, text chunks, embedded thumbnails or trailing data; kept JPEG, PNG and WebP files "
-            "lose those segments without re-encoding, other formats are re-encoded losslessly.")  # fmt: skip
+            "lose those segments without re-encoding, other formats are re-encoded losslessly. A multi-frame "
+            "file is published as the frame that was inspected, and colour under fully transparent pixels "
+            "is cleared.")  # fmt: skip
 
 
 def dataset_card(public_record: dict[str, Any], schema: pa.Schema) -> str:
@@ -155,7 +160,9 @@ def dataset_card(public_record: dict[str, Any], schema: pa.Schema) -> str:
         f"| `{f.name}` | {_type_name(f.type)} | {COLUMN_DOCS.get(f.name, '')} |" for f in schema
     )
     publish = (config.get("output") or {}).get("publish") or []
-    published = f" It also publishes {', '.join(f'`{c}`' for c in publish)} by choice." if publish else ""
+    published = (
+        f" It publishes {', '.join(f'`{c}`' for c in publish)} too (`output.publish`)." if publish else ""
+    )
     made_with = ", ".join(f"{k} {v}" for k, v in versions.items())
     return f"""---
 {header}---
