@@ -82,7 +82,7 @@ def _model(spec: dict[str, Any] | None) -> str:
     if not spec:
         return "none"
     if spec.get("model") == REDACTED:  # a local folder or an s3:// copy: its location is not published
-        return "a model from a private location"
+        return "(private location)"
     revision = f" (revision `{spec['revision']}`)" if spec.get("revision") else ""
     return f"`{spec.get('model')}`{revision}"
 
