@@ -173,6 +173,7 @@ def test_paper_plan_on_vllm_is_one_lazy_stream_of_engine_pools(tmp_path, ray_clu
     cfg = load_config(preset="paper", overrides=[
         f"input.uri={tmp_path}", f"output.uri={tmp_path}/safe", f"output.sensitive_uri={tmp_path}/sensitive",
         "stage1.vllm_llm.tensor_parallel_size=2",
+        "stage2.verify.checks=[]",  # the verification pools: tests/test_pipeline_pools.py
     ])  # fmt: skip
     listing = list_input(cfg.input, cfg.storage, cfg.ray.decode, IdKey.generate())
     groups = len(placement_group_table())
