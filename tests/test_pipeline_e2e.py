@@ -276,10 +276,11 @@ def safe_download(job, tmp_path_factory) -> Path:
     return local
 
 
-def test_the_safe_output_loads_with_datasets_by_its_card_alone(job, safe_download):
+def test_the_safe_output_loads_with_datasets_by_its_card_alone(job, safe_download, tmp_path):
     import datasets
 
-    ds = datasets.load_dataset(str(safe_download), split="train")  # no data_files: the card says
+    cache = str(tmp_path / "hf-datasets")  # datasets' own cache could hold an earlier run's table
+    ds = datasets.load_dataset(str(safe_download), split="train", cache_dir=cache)  # no data_files
     assert isinstance(ds.features["image"], datasets.Image)
     assert sorted(ds["id"]) == sorted(row["id"] for row in job["safe"])
     for row in ds:
@@ -287,7 +288,7 @@ def test_the_safe_output_loads_with_datasets_by_its_card_alone(job, safe_downloa
             assert row["image"] is None
         else:
             assert isinstance(row["image"], Image.Image) and row["image"].size[0] == row["width"]
-    card = datasets.load_dataset_builder(str(safe_download)).info
+    card = datasets.load_dataset_builder(str(safe_download), cache_dir=cache).info
     assert set(card.features) == set(SAFE_SCHEMA.names)
 
 
