@@ -30,6 +30,11 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a field: key.path=value (value parsed as YAML)."),
 ]
 
+RAY_ADDRESS_HELP = (
+    "Ray cluster address; default: $RAY_ADDRESS, else a running `ray start` head, else a private local "
+    "cluster (`local` forces a private one)."
+)
+
 
 def io_overrides(
     input: str | None = None,
@@ -68,7 +73,7 @@ def run(
     sensitive_output: Annotated[
         str | None, typer.Option(help="Sensitive table URI (captions, instructions, source paths).")
     ] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)] = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -330,7 +335,7 @@ def eval_(
     ] = None,
     set_: SetOpt = None,
     endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS).")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)] = None,
 ) -> None:
     """Evaluate anonymized runs against the originals: Quality, Cheating and Privacy metrics per method."""
     from u2s.eval.config import load_eval_config
@@ -413,7 +418,7 @@ def eval_utility(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML UtilityConfig.")] = None,
     set_: SetOpt = None,
     endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS).")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)] = None,
 ) -> None:
     """Utility: train a classifier per training split (Ray Train), report top-1 on the original test split.
 

@@ -823,7 +823,9 @@ class RayConfig(_Model):
     """How to reach Ray. Inside `ray job submit` the job attaches to its cluster automatically."""
 
     address: str | None = Field(
-        None, description="Ray address; None: attach if a cluster runs, else start one."
+        None,
+        description="Ray address; None: $RAY_ADDRESS, else a running `ray start` head, else start a "
+        "private local cluster (`local` forces that).",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started cluster.")
     object_store_memory: int | None = Field(

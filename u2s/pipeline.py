@@ -178,19 +178,45 @@ def _verified(cfg: JobConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
 def init_ray(
     address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None
 ) -> None:
-    """Attach to a running cluster (``address``, RAY_ADDRESS or `ray job submit`) or start a local one
-    with ``num_cpus`` and ``object_store_memory`` (every u2s command starts Ray this way)."""
+    """Attach to a running cluster or start a private local one (every u2s command starts Ray this way).
+
+    ``address`` (``ray.address``), else ``$RAY_ADDRESS`` (set by `ray job submit`), else the head that a
+    local `ray start --head` recorded: u2s attaches there and says so in one line, leaving the cluster's
+    own sizes as they are (``num_cpus`` and ``object_store_memory`` size only a cluster u2s starts).
+    ``address="local"``, or nothing running, starts a private cluster of those sizes.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        # A private, throwaway local cluster: Ray 2.60's default token auth only gets in the way here.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False)
+    target = running_cluster(address)
+    if target is not None:
+        sizes = {"ray.num_cpus": num_cpus, "ray.object_store_memory": object_store_memory}
+        ignored = [name for name, value in sizes.items() if value]
+        logger.info("attaching to the Ray cluster at %s%s", target,
+                    f" ({', '.join(ignored)} apply to a local cluster only)" if ignored else "")  # fmt: skip
+        ray.init(address=target)
+        return
+    # A private, throwaway local cluster: Ray 2.60's default token auth only gets in the way here.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
+             include_dashboard=False)  # fmt: skip
+
+
+def running_cluster(address: str | None = None) -> str | None:
+    """The cluster to attach to: ``address``, else ``$RAY_ADDRESS``, else the head that `ray start
+    --head` recorded on this machine (Ray's own lookup); None: start a private one (``"local"`` forces it)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address == "local":
+        return None
+    if address and address != "auto":
+        return address
+    # Ray's own lookup of what `ray start` recorded; a record left by a head that no longer runs (no GCS
+    # process on this machine) is stale: start a private cluster instead of failing to connect.
+    from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+    recorded = find_bootstrap_address(None)
+    return recorded if recorded and find_gcs_addresses() else None
 
 
 def warn_person_name_labels(cfg: JobConfig) -> int:
@@ -312,6 +338,7 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary
     resuming = prepare_outputs(cfg.output, cfg.storage, resume=resume)  # both checked: no bucket made
     id_key = output_id_key(cfg.input, cfg.output, cfg.storage, resume=resuming)  # stored before any row
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    retry_transient_errors(cfg.storage)  # before the listing's Dataset exists: it keeps the context it saw
     listing = list_input(cfg.input, cfg.storage, cfg.ray.decode, id_key)
     warn_person_name_labels(cfg)
     previous = read_json(uri_join(cfg.output.sensitive_uri, "_run.json"), cfg.storage) if resuming else None
@@ -326,7 +353,6 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary
     records.save()
     sink = SafeAndSensitiveDatasink(cfg.output, cfg.storage)
     storage = cfg.storage
-    retry_transient_errors(storage)
     try:
         dataset = build_dataset(cfg, listing, ray.put(done) if done is not None else None)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.write_num_cpus})
