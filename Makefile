@@ -46,11 +46,11 @@ test: venv
 demo: venv
 	$(BIN)/u2s tiny-models $(U2S_TINY_MODELS)
 	$(BIN)/u2s sample-data demo-data/images
-	$(BIN)/u2s run --preset cpu-tiny
+	$(BIN)/u2s run --preset cpu-tiny --set output.overwrite=true
 	@echo "== baselines for the evaluation: blur and pixelate over detected faces and text (the same row ids)"
-	$(BIN)/u2s run --preset cpu-tiny --set stage2.editor=blur --output demo-out/blur \
+	$(BIN)/u2s run --preset cpu-tiny --set output.overwrite=true --set stage2.editor=blur --output demo-out/blur \
 		--sensitive-output demo-out/blur-sensitive --set input.id_key_from=demo-out/sensitive
-	$(BIN)/u2s run --preset cpu-tiny --set stage2.editor=pixelate --output demo-out/pixelate \
+	$(BIN)/u2s run --preset cpu-tiny --set output.overwrite=true --set stage2.editor=pixelate --output demo-out/pixelate \
 		--sensitive-output demo-out/pixelate-sensitive --set input.id_key_from=demo-out/sensitive
 	@echo "== evaluation: the run and both baselines against the originals"
 	$(BIN)/u2s eval --original demo-data/images --anonymized demo-out/safe --sensitive demo-out/sensitive \

@@ -21,6 +21,13 @@ def test_presets_validate_and_round_trip(tmp_path):
         assert load_config(path=dumped) == cfg
 
 
+def test_no_preset_replaces_an_output():
+    """A rerun without --resume fails fast on an existing output: replacing one is the user's own choice."""
+    for preset in ("cpu-tiny", "paper"):
+        assert "overwrite" not in yaml.safe_load(preset_text(preset)).get("output", {})
+        assert load_config(preset=preset).output.overwrite is False
+
+
 def test_paper_preset_carries_the_papers_models():
     cfg = load_config(preset="paper")
     # The paper's InternVL2.5-8B is remote code: it runs on the vLLM engine, one 448 px tile.

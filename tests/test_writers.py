@@ -60,7 +60,7 @@ def test_only_finished_rows_publish_an_image_and_nothing_private():
     assert {"source", "categories"} <= set(published)
 
 
-def test_prepare_outputs_refuses_to_clobber_unless_overwrite_or_resume(tmp_path):
+def test_prepare_outputs_refuses_to_clobber_unless_overwrite_or_resume(tmp_path, caplog):
     output = _output(tmp_path)
     assert prepare_outputs(output, StorageConfig()) is False
     (tmp_path / "safe" / "old.parquet").write_bytes(b"x")
@@ -68,8 +68,11 @@ def test_prepare_outputs_refuses_to_clobber_unless_overwrite_or_resume(tmp_path)
         prepare_outputs(output, StorageConfig())
     assert prepare_outputs(output, StorageConfig(), resume=True) is True
     assert (tmp_path / "safe" / "old.parquet").exists()
-    prepare_outputs(output.model_copy(update={"overwrite": True}), StorageConfig())
+    with caplog.at_level("WARNING", logger="u2s.io.writers"):
+        prepare_outputs(output.model_copy(update={"overwrite": True}), StorageConfig())
     assert list((tmp_path / "safe").iterdir()) == []
+    said = [r.getMessage() for r in caplog.records if "replacing" in r.getMessage()]  # never silently
+    assert said == [f"output.overwrite: replacing {output.uri} (deleting its 1 existing file(s))"]
 
 
 def test_datasink_writes_both_tables_in_one_pass(ray_cluster, tmp_path):

@@ -162,6 +162,8 @@ def prepare_outputs(output: OutputConfig, storage: StorageConfig, resume: bool =
                     f"{uri} is not empty: pass --resume to continue an interrupted run there, or set "
                     "output.overwrite=true to replace it"
                 )
+            logger.warning("output.overwrite: replacing %s (deleting its %d existing file(s))", uri,
+                           len(fs.find(path)))  # fmt: skip
             if is_local(uri):
                 fs.rm(path, recursive=True)
             else:  # the objects under the prefix; a recursive rm of a bare bucket would delete the bucket
