@@ -93,8 +93,14 @@ def run(
     from u2s.io.writers import OutputExistsError
     from u2s.pipeline import JobFailed, format_summary
     from u2s.pipeline import run as run_job
+    from u2s.preflight import PreflightError, check_job
     from u2s.run_record import ResumeRefused
 
+    try:
+        check_job(cfg)  # before Ray starts: each problem is one line with its fix
+    except PreflightError as e:
+        typer.echo(f"u2s run: {e}", err=True)
+        raise typer.Exit(2) from None
     try:
         summary = run_job(cfg, resume=resume, force=force)
     except (InputError, OutputExistsError, OutputUnavailable, ResumeRefused) as e:
@@ -483,8 +489,11 @@ def sample_data(out: Annotated[Path, typer.Argument(help="Folder to write the sa
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    # u2s's own messages at INFO; other libraries' (botocore's "Found credentials"...) only from WARNING,
+    # unless --verbose asks for everything.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.getLogger("u2s").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 if __name__ == "__main__":

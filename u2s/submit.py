@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -397,6 +398,13 @@ def submit_job(
     submission = build_submission(cfg, working_dir=working_dir, image=image, job_args=job_args)
     try:
         client = JobSubmissionClient(address)
+    except ConnectionError:  # Ray checks the dashboard's version here: nothing answers at that address
+        submission.cleanup()
+        where = address or os.environ.get("RAY_ADDRESS") or "the local cluster"
+        raise SubmitError(
+            f"cannot reach a Ray dashboard at {where}: start the cluster, or pass --address "
+            "http://HEAD:8265 (the dashboard's address)"
+        ) from None
     except BaseException:
         submission.cleanup()
         raise
