@@ -8,7 +8,8 @@ constructor loads its model (heavy imports happen there, never at module import)
 ``__call__`` adapts that to Ray Data's Arrow batches: rows the stage does not want pass through as
 Arrow, never converted to Python; wanted rows materialise only the columns the stage reads, and their
 other columns (image bytes included) are carried over as Arrow. It also records per-row seconds in
-``timings`` and turns an unexpected failure into per-row errors, so one bad batch never kills the job.
+``timings`` and turns an unexpected failure into per-row errors, so one bad batch never kills the job;
+a device or engine failure restarts the actor and isolates the row that caused it (:mod:`u2s.healing`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from u2s.healing import BatchGuard, classify
 from u2s.schema import WORKING_SCHEMA, mark_error
 
 logger = logging.getLogger(__name__)
@@ -76,14 +78,13 @@ class Stage:
         columns = list(dict.fromkeys((*LIFECYCLE, *self.reads, *self.writes)))
         rows = todo.select(columns).to_pylist()
         start = time.perf_counter()
-        try:
-            self.process(rows)
-        except Exception as e:  # a bug or a device failure: fail these rows, keep the job
-            # Only the exception type reaches the row and the log: messages may quote private text.
-            logger.error("stage %s failed on %d rows: %s", self.name, len(rows), type(e).__name__)
+        guard = BatchGuard(self.name, [row["id"] for row in rows])
+        if guard.suspect:  # an actor died while this batch was in flight: isolate the row that kills it
             for row in rows:
-                if row["status"] is None:
-                    mark_error(row, self.name, f"unexpected {type(e).__name__}")
+                self._run([row], guard)
+        else:
+            self._run(rows, guard)
+        guard.done()
         seconds = (time.perf_counter() - start) / len(rows)
         for row in rows:  # a stage that runs again on a row (a re-edit under stage2.verify) adds its time
             timings = row["timings"] or {}
@@ -91,6 +92,30 @@ class Stage:
         written = dict.fromkeys(("status", "error", "timings", *self.writes))
         done = replace_columns(todo, {name: [row[name] for row in rows] for name in written})
         return pa.concat_tables([done, batch.filter(pc.invert(mask))])
+
+    def _run(self, rows: list[dict], guard: BatchGuard) -> None:
+        """:meth:`process` on ``rows`` (a whole batch, or one row of a suspect batch); an error fails them.
+
+        A fatal device or engine error exits the actor first (:meth:`BatchGuard.died`), in a Ray actor."""
+        if guard.suspect:
+            (row,) = rows
+            if row["status"] is not None:
+                return
+            reason = guard.poison(row["id"])
+            if reason is not None:
+                mark_error(row, self.name, reason)
+                return
+            guard.running(row["id"])
+        try:
+            self.process(rows)
+        except Exception as e:  # a bug or a device failure: fail these rows, keep the job
+            # Only the exception type reaches the row and the log: messages may quote private text.
+            logger.error("stage %s failed on %d rows: %s", self.name, len(rows), type(e).__name__)
+            if classify(e) == "fatal":
+                guard.died(e)
+            for row in rows:
+                if row["status"] is None:
+                    mark_error(row, self.name, f"unexpected {type(e).__name__}")
 
 
 class StageChain:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from u2s.healing import OutOfMemory, classify, split_on_oom
 from u2s.io.decode import DecodeError, load_rgb
 from u2s.schema import Status, mark_error
 from u2s.stage import Stage, flagged
@@ -144,23 +145,36 @@ class EditStage(Stage):
             for start in range(0, len(items), step):
                 self._edit_chunk(items[start : start + step])
 
+    def _edit(self, items: list[tuple[_Item, int]]) -> list[Image.Image]:
+        """One editor call on ``items`` (each with its seed); one output image per item."""
+        outputs = self.editor.edit(
+            [img for (_, img, _), _ in items], [edit_prompt(row) for (row, _, _), _ in items],
+            [seed for _, seed in items],
+        )  # fmt: skip
+        if len(outputs) != len(items):
+            raise RuntimeError("editor returned a wrong number of images")
+        return outputs
+
     def _edit_chunk(self, items: list[_Item]) -> None:
+        """Edit one chunk; out of device memory, its halves run separately (:func:`~u2s.healing.split_on_oom`)
+        and a row that does not fit alone becomes an error row "out of memory"."""
         cfg = self.config
         rows = [row for row, _, _ in items]
         seeds = [attempt_seed(cfg.seed, row["id"], self.attempt) for row in rows]
         try:
-            outputs = self.editor.edit(
-                [img for _, img, _ in items], [edit_prompt(row) for row in rows], seeds
-            )
-            if len(outputs) != len(rows):
-                raise RuntimeError("editor returned a wrong number of images")
+            outputs = split_on_oom(self._edit, list(zip(items, seeds, strict=True)))
         except Exception as e:  # fail this chunk only; the message may quote private text, so drop it
+            if classify(e) == "fatal":  # the device is gone: the stage restarts the actor
+                raise
             logger.error("editor %s failed on %d rows: %s", self.editor.name, len(rows), type(e).__name__)
             for row in rows:
                 mark_error(row, self.name, f"editor failed ({type(e).__name__})")
             return
         unchanged = 0
         for (row, work, original), out, seed in zip(items, outputs, seeds, strict=True):
+            if isinstance(out, OutOfMemory):
+                mark_error(row, self.name, out.reason)
+                continue
             if same_pixels(out, work):  # nothing was hidden: publishing it would publish the original
                 if self.verifying:  # a failed attempt: the next one edits the row again
                     record_attempt(row, self.attempt, self.editor.name, seed, ["unchanged"])
