@@ -177,6 +177,15 @@ def test_bad_config_fails_before_ray_starts():
     assert "Started a local Ray instance" not in done.stderr + done.stdout
 
 
+def test_an_unknown_set_key_is_answered_with_the_closest_valid_keys():
+    done = _u2s("run", "--preset", "cpu-tiny", "--set", "stage2.num_steps=5")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (
+        "stage2.num_steps: unknown key; did you mean stage2.instruct_pix2pix.num_inference_steps"
+        in done.stderr
+    )
+
+
 def test_cli_imports_no_heavy_packages():
     """`u2s --help` stays fast because the CLI imports no model or cluster library."""
     code = (
@@ -232,14 +241,16 @@ def test_stage2_errors_name_the_editor_field():
         load_config(
             preset="cpu-tiny", overrides=["stage2.editor=flowedit_sd3", "stage2.flowedit_sd3.n_min=5"]
         )
-    with pytest.raises(ConfigError, match=r"stage2\.blur\.blur_radus: Extra inputs"):
+    with pytest.raises(
+        ConfigError, match=r"stage2\.blur\.blur_radus: unknown key; did you mean stage2\.blur\.blur_radius"
+    ):
         load_config(preset="cpu-tiny", overrides=["stage2.editor=blur", "stage2.blur.blur_radus=1"])
     with pytest.raises(ConfigError, match=r"stage2\.editor: Input should be 'instruct_pix2pix'"):
         load_config(preset="cpu-tiny", overrides=["stage2.editor=nope"])
     # a diffusion editor chosen without its section: the missing model is named
     with pytest.raises(ConfigError, match=r"stage2\.flux_kontext\.model: Field required"):
         load_config(preset="cpu-tiny", overrides=["stage2.editor=flux_kontext", "stage2.flux_kontext="])
-    with pytest.raises(ConfigError, match=r"stage2\.num_inference_steps: Extra inputs"):  # the old flat field
+    with pytest.raises(ConfigError, match=r"stage2\.num_inference_steps: unknown key"):  # the old flat field
         load_config(preset="cpu-tiny", overrides=["stage2.num_inference_steps=4"])
 
 

