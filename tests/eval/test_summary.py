@@ -61,3 +61,34 @@ def test_accumulator_counts_errors_skips_and_missing_rows_apart():
     text = format_summary(summary)
     assert "SSIM" in text and "↓" in text and "error rows (not scored): 1 (edit=1)" in text
     assert "skipped: no face in the anonymized image (1)" in text
+
+
+def test_unavailable_metric_reads_n_a_once_with_how_to_enable_it():
+    acc = Accumulator(["blur", "u2s"], ["ssim", "face_sim"])
+    unavailable = "unavailable: ModuleNotFoundError (torchvision)"
+    rows = []
+    for method, ssim in (("blur", 0.5), ("u2s", 0.25)):
+        rows += [
+            {"id": "a", "method": method, "status": "edited", "eval_status": "scored", "ssim": ssim,
+             "face_sim__skipped": unavailable},
+            {"id": "b", "method": method, "status": "edited", "eval_status": "scored", "ssim": ssim + 0.1,
+             "face_sim__skipped": unavailable},
+            {"id": "c", "method": method, "status": "kept", "eval_status": "scored", "ssim": 1.0,
+             "face_sim__skipped": unavailable},
+        ]  # fmt: skip
+    acc.add(_rows(rows))
+    summary = acc.summary(resamples=500, seed=0)
+    (note,) = summary["unavailable"]
+    assert (note["reason"], note["metrics"], note["methods"]) == (unavailable, ["face_sim"], ["blur", "u2s"])
+    assert "pip install torchvision" in note["hint"]
+    edited = summary["methods"]["u2s"]["metrics"]["ssim"]["edited"]
+    assert edited["n"] == 2 and edited["mean"] == pytest.approx(0.3)
+    low, high = edited["ci95"]
+    assert 0.25 <= low < 0.3 < high <= 0.35
+    text = format_summary(summary)
+    assert text.count("n/a*") == 4 and "unavailable" not in text.replace(
+        f"* n/a: FaceSim: {unavailable}.", ""
+    )
+    assert text.count("pip install torchvision") == 1
+    ssim_line = next(line for line in text.splitlines() if "SSIM" in line and "0.300" in line)
+    assert ssim_line.split()[2:5] == ["0.300", f"[{low:.3f},", f"{high:.3f}]"]  # edited mean and CI first

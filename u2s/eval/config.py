@@ -163,7 +163,7 @@ class EvalResources(_Model):
 class ReportConfig(_Model):
     """The before/after grid of ``report.html``."""
 
-    rows: int = Field(8, ge=0, description="Sampled rows per method (flagged rows first).")
+    rows: int = Field(8, ge=0, description="Sampled rows per method (edited, then error, then kept rows).")
     thumb_size: int = Field(256, ge=32, description="Long side of the embedded images.")
     private_text: Literal["auto", "never"] = Field(
         "auto", description="auto: captions and edit instructions appear only when `out` lies under the "

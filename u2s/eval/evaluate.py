@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from u2s.eval.job import SKIP_SUFFIX, build_plan, metric_fields, metric_names, sample_key
+from u2s.eval.random_models import random_models
 from u2s.eval.report import Sample, render_report
 from u2s.eval.summary import Accumulator
 
@@ -68,19 +69,21 @@ def private_text_allowed(cfg: EvalConfig) -> bool:
 
 
 class _Samples:
-    """The report's rows: per method the ``k`` best by :func:`sample_key` among rows with thumbnails."""
+    """The report's rows: per method the ``k`` best by :func:`sample_key` among rows with thumbnails and
+    error rows (shown with their reason, without images)."""
 
     def __init__(self, k: int, seed: int, metrics: list[str], texts: bool) -> None:
         self.k, self.seed, self.metrics, self.texts = k, seed, metrics, texts
         self.rows: dict[str, list[tuple[tuple, Sample]]] = {}
 
     def add(self, table: pa.Table) -> None:
-        mask = pc.is_valid(table.column("thumb_original"))
+        errors = pc.equal(table.column("eval_status"), "error")
+        mask = pc.or_(pc.is_valid(table.column("thumb_original")), errors)
         for row in table.filter(mask).to_pylist():
             sample = Sample(
                 id=row["id"], method=row["method"], status=row["status"], privacy_flag=row["privacy_flag"],
                 original_jpeg=row["thumb_original"], anonymized_jpeg=row["thumb_anonymized"],
-                scores={m: row[m] for m in self.metrics},
+                scores={m: row[m] for m in self.metrics}, error=row["error"],
                 public_caption=row["public_caption"] if self.texts else None,
                 edit_instruction=row["edit_instruction"] if self.texts else None,
             )  # fmt: skip
@@ -156,6 +159,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     summary = accumulator.summary(cfg.bootstrap_resamples, cfg.seed)
     summary["skip_suffix"] = SKIP_SUFFIX
     summary["config"] = cfg.model_dump(mode="json")
+    summary["random_models"] = random_models(cfg)
     _write_text(targets["summary.json"], json.dumps(summary, indent=2), cfg)
     report = render_report(summary, values, samples.by_method(list(cfg.methods)), private_text_allowed(cfg))
     _write_text(targets["report.html"], report, cfg)

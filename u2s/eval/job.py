@@ -9,8 +9,9 @@ One row per (image, method). ``prepare`` sets ``eval_status``: ``scored`` when b
 ``anonymized_error`` otherwise; ``original_only`` for originals a method lacks (counted as missing).
 Each metric family (:data:`u2s.eval.metrics.FAMILIES`) runs in its own actor pool, loading its models
 once per actor, and adds a value column and a ``<metric>__skipped`` reason column per metric. The last
-stage keeps small JPEG thumbnails for the report's sample only (a streaming top-k per method: flagged
-rows first, then a seeded hash of the id) and drops the image bytes.
+stage keeps small JPEG thumbnails for the report's sample only (a streaming top-k per method: edited rows
+first, then the rest (error rows get no thumbnail); flagged rows first within each; then a seeded hash
+of the id) and drops the image bytes.
 """
 
 from __future__ import annotations
@@ -302,10 +303,15 @@ def thumbnail(data: bytes, size: int) -> bytes:
     return buf.getvalue()
 
 
+#: Report order of row statuses: what the method changed first, then its failures, then kept rows.
+SAMPLE_ORDER = {"edited": 0, "error": 1}
+
+
 def sample_key(row: dict, seed: int) -> tuple[int, int, int]:
-    """Report order (smallest first): flagged rows, then edited ones, then a seeded hash of the id."""
+    """Report order (smallest first): edited rows, error rows, the rest (kept); flagged rows first within
+    each; then a seeded hash of the id."""
     digest = int.from_bytes(hashlib.sha1(f"{seed}:{row['id']}".encode()).digest()[:8], "big")
-    return (0 if row.get("privacy_flag") else 1, 0 if row.get("status") == "edited" else 1, digest)
+    return (SAMPLE_ORDER.get(row.get("status") or "", 2), 0 if row.get("privacy_flag") else 1, digest)
 
 
 class ThumbnailStage:

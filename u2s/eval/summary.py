@@ -17,6 +17,15 @@ import pyarrow as pa
 from u2s.eval.job import SKIP_SUFFIX
 from u2s.eval.metrics import METRICS
 
+#: Skip reasons of a metric family that could not load (:func:`u2s.eval.metrics.unavailable_reason`).
+UNAVAILABLE = "unavailable: "
+
+#: How to enable a metric whose family misses a module (module → hint); others: ``pip install <module>``.
+INSTALL_HINTS = {
+    "torchvision": "pip install torchvision (the build matching the installed torch); LPIPS then "
+    "downloads its VGG weights once",
+}
+
 #: eval_status values that are not scored, with the words the summary uses for them.
 NOT_SCORED = {
     "no_original": "no original with this id",
@@ -133,7 +142,38 @@ class Accumulator:
                 "missing": len(self.originals - m.ids),
                 "metrics": stats,
             }
+        out["unavailable"] = unavailable_metrics(out)
         return out
+
+
+def enable_hint(reason: str) -> str:
+    """How to make a metric that is ``unavailable: <type> (<module>)`` available (content-free)."""
+    if "ModuleNotFoundError (" in reason:
+        module = reason.rsplit("(", 1)[1].rstrip(")")
+        return INSTALL_HINTS.get(module, f"pip install {module}")
+    return "check the metric's model setting (models.* in the eval config) and that it loads offline"
+
+
+def unavailable_metrics(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per reason a metric family could not load: ``{reason, metrics, methods, hint}``, over
+    the metrics :func:`is_unavailable` for some method."""
+    notes: dict[str, dict[str, Any]] = {}
+    for method, m in summary["methods"].items():
+        for metric, stat in m["metrics"].items():
+            if not is_unavailable(stat):
+                continue
+            reason = next(iter(stat["skipped_reasons"]))
+            note = notes.setdefault(reason, {"reason": reason, "metrics": [], "methods": [],
+                                             "hint": enable_hint(reason)})  # fmt: skip
+            note["metrics"] += [] if metric in note["metrics"] else [metric]
+            note["methods"] += [] if method in note["methods"] else [method]
+    return list(notes.values())
+
+
+def is_unavailable(stat: dict[str, Any]) -> bool:
+    """Whether a method's metric statistics are all ``unavailable`` skips (no value at all)."""
+    reasons = list(stat["skipped_reasons"])
+    return not stat["n"] and len(reasons) == 1 and reasons[0].startswith(UNAVAILABLE)
 
 
 def _definition(name: str) -> dict[str, str]:
@@ -146,21 +186,35 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _mean(stat: dict[str, Any]) -> str:
+    return _fmt(stat["mean"]) if stat["n"] else "–"
+
+
+def _ci(stat: dict[str, Any]) -> str:
+    ci = stat["ci95"]
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "n/a"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """A fixed-width table per method: metric, direction, mean [95% CI], n, skipped; then row counts."""
+    """A fixed-width table per method: metric, direction, then mean [95% CI] n over edited rows and over
+    all rows, skipped; then row counts. Unavailable metrics read ``n/a*``, explained once at the end."""
     lines = []
+    unavailable = summary.get("unavailable") or unavailable_metrics(summary)
     for method, m in summary["methods"].items():
         counts = ", ".join(f"{k}={v}" for k, v in m["by_status"].items())
         lines.append(f"{method}: {m['rows']} rows ({counts}), {m['scored']} scored")
-        lines.append(f"  {'metric':<20}{'':<2}{'mean':>8}  {'95% CI':<17}{'n':>6}{'skipped':>9}  edited mean")
+        lines.append(f"  {'metric':<20}{'':<2}{'edited mean':>12}  {'95% CI':<17}{'n':>5}"
+                     f"{'all mean':>10}  {'95% CI':<17}{'n':>5}{'skipped':>9}")  # fmt: skip
         for name, s in m["metrics"].items():
             info = summary["metrics"][name]
-            ci = s["ci95"]
-            ci_text = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "n/a"
             arrow = "↑" if info["direction"] == "up" else "↓"
+            if is_unavailable(s):
+                lines.append(f"  {info['label']:<20}{arrow:<2}{'n/a*':>12}  {'':<17}{'':>5}{'n/a*':>10}")
+                continue
+            e = s["edited"]
             lines.append(
-                f"  {info['label']:<20}{arrow:<2}{_fmt(s['mean']):>8}  {ci_text:<17}{s['n']:>6}"
-                f"{s['skipped']:>9}  {_fmt(s['edited']['mean'])}"
+                f"  {info['label']:<20}{arrow:<2}{_mean(e):>12}  {_ci(e):<17}{e['n']:>5}"
+                f"{_mean(s):>10}  {_ci(s):<17}{s['n']:>5}{s['skipped']:>9}"
             )
             if not s["n"] and s["skipped_reasons"]:
                 lines.append(
@@ -174,4 +228,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         if m["missing"]:
             extra.append(f"originals missing from this method: {m['missing']}")
         lines += [f"  {text}" for text in extra]
+    for note in unavailable:
+        labels = ", ".join(summary["metrics"][name]["label"] for name in note["metrics"])
+        lines.append(f"* n/a: {labels}: {note['reason']}. To enable: {note['hint']}.")
     return "\n".join(lines)

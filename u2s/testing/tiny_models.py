@@ -8,6 +8,8 @@ Tokenizers are byte-level and built in memory, so no hub access is ever needed. 
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,24 @@ TINY_MODELS = {
     "flux_kontext": "build_tiny_flux_kontext",
     "clip": "build_tiny_clip",
 }
+
+#: The file every builder writes into its folder: it marks the weights as random, so an evaluation of a
+#: run on these models can say so (``{"u2s_tiny": true, "builder": ..., "seed": ...}``).
+TINY_MARKER = "u2s-tiny-model.json"
+
+
+def _marked(builder: Callable[..., Path]) -> Callable[..., Path]:
+    """Write :data:`TINY_MARKER` into the folder ``builder`` saved."""
+
+    @functools.wraps(builder)
+    def build(out: str | Path, seed: int = 0, **kwargs: Any) -> Path:
+        path = builder(out, seed, **kwargs)
+        marker = {"u2s_tiny": True, "weights": "random", "builder": builder.__name__, "seed": seed}
+        (path / TINY_MARKER).write_text(json.dumps(marker), encoding="utf-8")
+        return path
+
+    return build
+
 
 #: Default weight seeds. A random VLM's greedy flag is often the same for every image; with seed 10
 #: the demo samples get a mix of flagged and unflagged rows, so both paths of the pipeline run.
@@ -97,6 +117,7 @@ def _save_generation_config(tok, out: Path) -> None:
     GenerationConfig(eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")).save_pretrained(out)
 
 
+@_marked
 def build_tiny_llm(out: str | Path, seed: int = 0) -> Path:
     """Qwen2 causal LM (head_dim 64, which vLLM's CPU attention needs) + tokenizer, saved to ``out``."""
     import torch
@@ -112,6 +133,7 @@ def build_tiny_llm(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+@_marked
 def build_tiny_vlm(out: str | Path, seed: int = 0) -> Path:
     """LLaVA (CLIP vision tower + Qwen2 text) with a full `LlavaProcessor`, saved to ``out``."""
     import torch
@@ -146,6 +168,7 @@ def build_tiny_vlm(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+@_marked
 def build_tiny_instruct_pix2pix(out: str | Path, seed: int = 0) -> Path:
     """InstructPix2Pix pipeline (8-channel UNet, tiny VAE and CLIP text encoder), saved to ``out``."""
     import torch
@@ -231,6 +254,7 @@ def _tiny_t5(tok, d_model: int):
     )  # fmt: skip
 
 
+@_marked
 def build_tiny_sd3(out: str | Path, seed: int = 0) -> Path:
     """Stable Diffusion 3 (two projected CLIP encoders, T5, SD3 transformer, 8x VAE), saved to ``out``."""
     import torch
@@ -255,6 +279,7 @@ def build_tiny_sd3(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+@_marked
 def build_tiny_flux_kontext(out: str | Path, seed: int = 0) -> Path:
     """FLUX.1 Kontext (CLIP + T5 encoders, FLUX transformer, 8x VAE), saved to ``out``."""
     import torch
@@ -282,6 +307,7 @@ def build_tiny_flux_kontext(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+@_marked
 def build_tiny_clip(out: str | Path, seed: int = 0) -> Path:
     """CLIP (`CLIPModel`, 32 px ViT + byte-level text tower) with a `CLIPProcessor`, saved to ``out``: the
     evaluation's CLIP scores load it exactly as they load ``openai/clip-vit-large-patch14``."""
@@ -313,6 +339,7 @@ def build_tiny_clip(out: str | Path, seed: int = 0) -> Path:
 TINY_SCRFD_KPS = ((-0.3, -0.2), (0.3, -0.2), (0.0, 0.1), (-0.25, 0.4), (0.25, 0.4))
 
 
+@_marked
 def build_tiny_antelopev2(out: str | Path, seed: int = 0, embedding_dim: int = 64) -> Path:
     """An InsightFace ``antelopev2``-shaped folder of two tiny ONNX models, exported with torch.onnx.
 
