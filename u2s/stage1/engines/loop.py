@@ -10,6 +10,7 @@ so every caller shares one client, whether or not the calling thread runs a loop
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
@@ -29,15 +30,24 @@ class LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
 
-    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run ``coro`` on the loop and return its result (blocks the calling thread; thread-safe)."""
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
+        """Run ``coro`` on the loop and return its result (blocks the calling thread; thread-safe).
+
+        ``timeout``: seconds to wait; past it the coroutine is cancelled on the loop and
+        :class:`TimeoutError` raised (a hung engine fails the call instead of stalling the actor).
+        """
         if threading.current_thread() is self.thread:
             coro.close()
             raise RuntimeError(f"{self.name}: called from its own event loop")
         if self.loop.is_closed():
             coro.close()
             raise RuntimeError(f"{self.name} is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # cancels the task on the loop: its requests are aborted, its slots freed
+            raise TimeoutError(f"{self.name}: no result after {timeout:g}s") from None
 
     def stop(self, cleanup: Coroutine[Any, Any, Any] | None = None, timeout: float = 5.0) -> None:
         """Run ``cleanup`` on the loop (best effort), then stop the loop and join its thread."""

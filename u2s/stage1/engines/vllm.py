@@ -14,8 +14,11 @@ Prefix caching is on by default: every row of a call shares its system prompt.
 
 Robustness follows ray.data.llm's engine stage: a semaphore caps requests in flight at
 1.1 × ``max_num_seqs`` × pipeline stages; a dead engine (vLLM's ``EngineDeadError``, Ray's
-``VLLM_FATAL_ERRORS``) exits the actor process so Ray restarts it and retries the batch; any other
-failure fails that row only, as a content-free :class:`~u2s.stage1.engines.base.EngineError`.
+``VLLM_FATAL_ERRORS``) raises out of :meth:`VLLMEngine.generate`, and the stage exits the actor so Ray
+restarts it and retries the batch, which then runs row by row so that a row that kills the engine each
+time becomes an error row "engine died on this row" (:mod:`u2s.healing`); a request that takes longer
+than ``request_timeout_s`` is aborted and fails its row ("engine timed out"); any other failure fails
+that row only, as a content-free :class:`~u2s.stage1.engines.base.EngineError`.
 """
 
 from __future__ import annotations
@@ -240,6 +243,7 @@ class VLLMEngine(Engine):
         self._calls: Counter[int] = Counter()
         self._call_ids = itertools.count()  # next() is atomic: calls may come from several threads
         self._fatal = fatal_errors()
+        self._timeout = vllm.request_timeout_s
         self._chat_params = ChatParams(chat_template_kwargs=dict(vllm.chat_template_kwargs))
         model = model_for_engine(model, vllm, storage)
         args = vllm_lib.AsyncEngineArgs(model=model.model, **engine_kwargs(model, vllm, vision))
@@ -315,14 +319,17 @@ class VLLMEngine(Engine):
     async def _request(
         self, messages: list[dict], fallback: list[dict] | None, params: Any, call: int
     ) -> Any:
-        """One row: render, generate, and never raise (failures become EngineError; a dead engine exits)."""
+        """One row: render, generate, and never raise (failures become EngineError) unless the engine died."""
+        import asyncio
+
         async with self._slots:
             self._enter(call)
             try:
-                prompt = await self._render(messages, fallback)
-                final = None
-                async for output in self._engine.generate(prompt, params, uuid.uuid4().hex):
-                    final = output
+                async with asyncio.timeout(self._timeout):  # leaving the generator early aborts the request
+                    prompt = await self._render(messages, fallback)
+                    final = None
+                    async for output in self._engine.generate(prompt, params, uuid.uuid4().hex):
+                        final = output
                 if final is None or not final.outputs:
                     self.stats.failed += 1
                     return EngineError("no output")
@@ -330,6 +337,10 @@ class VLLMEngine(Engine):
             except self._fatal as e:
                 self._die(e)
                 raise
+            except TimeoutError:
+                self.stats.failed += 1
+                logger.warning("vllm engine: request timed out after %gs", self._timeout)
+                return EngineError("engine timed out")
             except Exception as e:  # this row only; the type, never the message (it may quote the prompt)
                 self.stats.failed += 1
                 logger.warning("vllm engine: request failed with %s", type(e).__name__)
@@ -365,11 +376,9 @@ class VLLMEngine(Engine):
             del self._calls[call]
 
     def _die(self, error: BaseException) -> None:
-        """A dead engine serves nothing more. In a Ray actor, exit so Ray restarts it (a system error, so
-        the task is retried on a healthy actor, as ray.data.llm does); elsewhere the caller gets the error."""
+        """A dead engine serves nothing more: the error goes up to the stage, which exits the actor (in
+        Ray) after recording the batches in flight (:class:`~u2s.healing.BatchGuard`)."""
         logger.error("vllm engine: fatal %s", type(error).__name__)
-        if _in_ray_actor():
-            os._exit(1)
 
 
 async def _semaphore(n: int) -> Any:
