@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
 from u2s.config import PRESETS, ConfigError, JobConfig, StorageConfig, dump_config, load_config
+from u2s.eval.config import VLM_METRICS, MetricName
 
 app = typer.Typer(
     help="Unsafe2Safe: turn image datasets with private content into privacy-safe datasets, on Ray.",
@@ -17,17 +18,62 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(help="Inspect job configurations.", no_args_is_help=True)
+
+
+def _conventional_help_types() -> None:
+    """Show option values the way command lines do (``TEXT``, ``URI``, ``KEY=VALUE``) and flags bare.
+
+    typer 0.29 prints Python types instead (``<str>``, ``<list[str]>``), even for flags and ``--help``
+    (``<bool>``); an option's own ``metavar`` still wins, and an argument with one shows just its name.
+    """
+    from typer.core import TyperArgument, TyperOption
+
+    def conventional(label: str | None) -> str | None:
+        if label and label.startswith("<") and label.endswith(">"):
+            name = label[1:-1].removeprefix("list[").removesuffix("]")
+            return {"str": "TEXT", "int": "INTEGER", "float": "FLOAT"}.get(name, name.upper())
+        return label
+
+    option_type, argument_type = TyperOption.display_type_rich, TyperArgument.display_type_rich
+
+    def option(self: TyperOption, ctx: typer.Context) -> str | None:
+        return None if self.is_flag else conventional(self.metavar or option_type(self, ctx))
+
+    def argument(self: TyperArgument, ctx: typer.Context) -> str | None:
+        return None if self.metavar else conventional(argument_type(self, ctx))
+
+    TyperOption.display_type_rich = option  # type: ignore[method-assign]
+    TyperArgument.display_type_rich = argument  # type: ignore[method-assign]
+
+
+_conventional_help_types()
 app.add_typer(config_app, name="config")
 
 PresetOpt = Annotated[
-    str | None, typer.Option("--preset", "-p", help=f"Bundled preset: {', '.join(PRESETS)}.")
+    str | None,
+    typer.Option(
+        "--preset",
+        "-p",
+        metavar="NAME",
+        rich_help_panel="Config",
+        help=f"Bundled preset: {', '.join(PRESETS)}.",
+    ),
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML job config (merged over the preset).")
+    Path | None,
+    typer.Option(
+        "--config", "-c", rich_help_panel="Config", help="YAML job config (merged over the preset)."
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a field: key.path=value (value parsed as YAML)."),
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        rich_help_panel="Config",
+        help="Override a config field, e.g. stage2.seed=7 (value parsed as YAML; repeatable).",
+    ),
 ]
 
 RAY_ADDRESS_HELP = (
@@ -60,29 +106,91 @@ def resolve_config(preset: str | None, config: Path | None, overrides: list[str]
         raise typer.Exit(2) from None
 
 
+#: Help panels of the run and submit options.
+IO_PANEL, CONFIG_PANEL, RESUME_PANEL, CLUSTER_PANEL = "Input and output", "Config", "Resuming", "Cluster"
+
+
+def _input_formats() -> str:
+    import typing
+
+    from u2s.config import InputConfig
+
+    return ", ".join(typing.get_args(InputConfig.model_fields["format"].annotation))
+
+
+def preset_defaults(key: str) -> str:
+    """`` (default: cpu-tiny: X; paper: Y)`` for a dotted config key the presets set (help texts)."""
+    import yaml
+
+    from u2s.config import preset_text
+
+    values = []
+    for name in PRESETS:
+        node: object = yaml.safe_load(preset_text(name))
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            values.append(f"{name}: {node}")
+    return f" (default: {'; '.join(values)})" if values else ""
+
+
 @app.command()
 def run(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    input: Annotated[str | None, typer.Option(help="Input URI (local path or s3://).")] = None,
+    input: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URI",
+            rich_help_panel=IO_PANEL,
+            help="Input images: a local path or s3:// prefix." + preset_defaults("input.uri"),
+        ),
+    ] = None,
     input_format: Annotated[
-        str | None, typer.Option(help="image_folder, class_folders, coco, parquet or manifest.")
+        str | None,
+        typer.Option(
+            metavar="FORMAT",
+            rich_help_panel=IO_PANEL,
+            help=f"{_input_formats()}." + preset_defaults("input.format"),
+        ),
     ] = None,
-    output: Annotated[str | None, typer.Option(help="Safe dataset URI.")] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URI",
+            rich_help_panel=IO_PANEL,
+            help="Safe dataset (published)." + preset_defaults("output.uri"),
+        ),
+    ] = None,
     sensitive_output: Annotated[
-        str | None, typer.Option(help="Sensitive table URI (captions, instructions, source paths).")
+        str | None,
+        typer.Option(
+            metavar="URI",
+            rich_help_panel=IO_PANEL,
+            help="Sensitive table (captions, instructions, source paths)."
+            + preset_defaults("output.sensitive_uri"),
+        ),
     ] = None,
-    ray_address: Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(metavar="ADDRESS", rich_help_panel=CLUSTER_PANEL, help=RAY_ADDRESS_HELP)
+    ] = None,
     resume: Annotated[
         bool,
         typer.Option(
+            "--resume",
+            rich_help_panel=RESUME_PANEL,
             help="Continue an interrupted run in the same outputs: rows it finished are kept and not "
-            "processed again. Refused if the config or the input changed since, unless --force."
+            "processed again. Refused if the config or the input changed since, unless --force.",
         ),
     ] = False,
     force: Annotated[
-        bool, typer.Option(help="With --resume: resume even if the config or input changed.")
+        bool,
+        typer.Option(
+            "--force",
+            rich_help_panel=RESUME_PANEL,
+            help="With --resume: resume even if the config or input changed.",
+        ),
     ] = False,
 ) -> None:
     """Anonymize a dataset: stage 1 (inspect, describe, instruct), stage 2 (edit), Parquet sinks."""
@@ -117,15 +225,38 @@ def submit(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    input: Annotated[str | None, typer.Option(help="Input URI (as the cluster sees it).")] = None,
-    input_format: Annotated[
-        str | None, typer.Option(help="image_folder, class_folders, coco, parquet or manifest.")
+    input: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URI",
+            rich_help_panel=IO_PANEL,
+            help="Input images, as the cluster sees them." + preset_defaults("input.uri"),
+        ),
     ] = None,
-    output: Annotated[str | None, typer.Option(help="Safe dataset URI.")] = None,
-    sensitive_output: Annotated[str | None, typer.Option(help="Sensitive table URI.")] = None,
+    input_format: Annotated[
+        str | None, typer.Option(metavar="FORMAT", rich_help_panel=IO_PANEL, help=f"{_input_formats()}.")
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URI", rich_help_panel=IO_PANEL, help="Safe dataset." + preset_defaults("output.uri")
+        ),
+    ] = None,
+    sensitive_output: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URI",
+            rich_help_panel=IO_PANEL,
+            help="Sensitive table." + preset_defaults("output.sensitive_uri"),
+        ),
+    ] = None,
     address: Annotated[
         str | None,
-        typer.Option(help="Ray dashboard address, e.g. http://head:8265. Default: $RAY_ADDRESS, else local."),
+        typer.Option(
+            metavar="URL",
+            rich_help_panel=CLUSTER_PANEL,
+            help="Ray dashboard address, e.g. http://head:8265. Default: $RAY_ADDRESS, else local.",
+        ),
     ] = None,
     working_dir: Annotated[
         Path, typer.Option(help="u2s checkout uploaded as the job's working dir, with the config.")
@@ -315,11 +446,12 @@ def _named_uri(value: str, option: str) -> tuple[str | None, str]:
 def eval_(
     original: Annotated[str, typer.Option(help="The original images (local path or s3://).")],
     anonymized: Annotated[
-        str, typer.Option(help="[NAME=]URI: a run's safe table (NAME default: the run's editor).")
+        str, typer.Option(metavar="[NAME=]URI", help="A run's safe table (NAME default: the run's editor).")
     ],
     out: Annotated[str, typer.Option(help="Output folder: metrics.parquet, summary.json, report.html.")],
     method: Annotated[
-        list[str] | None, typer.Option(help="NAME=URI: another safe table to compare (repeatable).")
+        list[str] | None,
+        typer.Option(metavar="NAME=URI", help="Another safe table to compare (repeatable)."),
     ] = None,
     original_format: Annotated[
         str | None, typer.Option(help="image_folder, class_folders, coco, parquet or manifest.")
@@ -329,7 +461,12 @@ def eval_(
         str | None, typer.Option(help="The anonymized run's sensitive table (directional CLIP, texts).")
     ] = None,
     metrics: Annotated[
-        str | None, typer.Option(help="Comma-separated metrics (default: all but VLM).")
+        str | None,
+        typer.Option(
+            metavar="NAME,...",
+            help=f"Comma-separated metrics, of: {', '.join(get_args(MetricName))} "
+            f"(default: all but the VLM ones, {', '.join(VLM_METRICS)}).",
+        ),
     ] = None,
     sample: Annotated[int | None, typer.Option(help="Evaluate only the first N originals.")] = None,
     clip_model: Annotated[str | None, typer.Option(help="CLIP HF id or path.")] = None,
