@@ -78,6 +78,45 @@ def test_split_on_oom_lets_other_errors_through():
         split_on_oom(lambda items: items[:1], [1, 2])
 
 
+def test_an_engine_batch_out_of_memory_splits_and_fails_only_the_row_too_long_alone(tiny_models):
+    """The tiny transformers LLM through the engine interface; a forward pre-hook plays a device that
+    holds one sequence of a short prompt's length, no batch of two and no long prompt."""
+    from u2s.config import ModelConfig
+    from u2s.stage1.engines.base import EngineError
+    from u2s.stage1.engines.transformers import TransformersEngine
+    from u2s.stage1.prompts import instruct_messages
+    from u2s.stage1.schemas import InstructResult, json_schema
+
+    engine = TransformersEngine(
+        ModelConfig(model=str(tiny_models["llm"]), dtype="float32", device="cpu"), False
+    )
+    captions = ["A cat.", "A dog.", "A person " + "in a long coat " * 60, "A tree."]
+    conversations = [instruct_messages(caption) for caption in captions]
+    lengths: list[int] = []
+    probe = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    engine.generate(conversations[:1], None, json_schema(InstructResult), max_new_tokens=4)
+    probe.remove()
+    calls: list[tuple[int, int]] = []
+
+    def small_device(module, args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[0] > 1 or ids.shape[1] > lengths[0] + 50:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+        calls.append(tuple(ids.shape))
+
+    hook = engine.model.register_forward_pre_hook(small_device, with_kwargs=True)
+    try:
+        texts = engine.generate(conversations, None, json_schema(InstructResult), max_new_tokens=4)
+    finally:
+        hook.remove()
+        engine.close() if hasattr(engine, "close") else None
+    assert [isinstance(t, str) for t in texts] == [True, True, False, True]
+    assert isinstance(texts[2], EngineError) and str(texts[2]) == "out of memory"
+    assert calls and all(batch == 1 for batch, _ in calls)
+
+
 # -- a hung engine call ---------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from u2s.healing import OutOfMemory, split_on_oom
 from u2s.stage1.schemas import OutputError, Result, json_schema, parse_output
 
 if TYPE_CHECKING:
@@ -69,7 +70,9 @@ class Engine(ABC):
         ``conversations`` are OpenAI-style message lists (see :mod:`u2s.stage1.prompts`); ``images``
         holds one image per conversation for vision models (None for text models). Temperature 0
         decodes greedily; otherwise conversation ``i`` samples under ``seeds[i]`` when given, so its
-        answer does not depend on which other conversations share the batch.
+        answer does not depend on which other conversations share the batch. A batch that runs out of
+        device memory is split (:func:`~u2s.healing.split_on_oom`); a row that does not fit alone comes back
+        as ``EngineError("out of memory")``.
         """
         if not conversations:
             return []
@@ -77,8 +80,18 @@ class Engine(ABC):
             raise ValueError("a vision engine needs one image per conversation")
         if seeds is not None and len(seeds) != len(conversations):
             raise ValueError(f"{len(seeds)} seeds for {len(conversations)} conversations")
-        decoding = Decoding(schema, max_new_tokens, temperature, None if seeds is None else tuple(seeds))
-        return self._generate(conversations, images, decoding)
+        seeds = None if seeds is None else tuple(seeds)
+
+        def call(rows: list[int]) -> list[str | EngineError]:
+            part = Decoding(
+                schema, max_new_tokens, temperature, None if seeds is None else tuple(seeds[i] for i in rows)
+            )
+            part_images = None if images is None else [images[i] for i in rows]
+            return self._generate([conversations[i] for i in rows], part_images, part)
+
+        # Out of device memory, the batch runs again in halves; a row that does not fit alone fails.
+        results = split_on_oom(call, list(range(len(conversations))))
+        return [EngineError(r.reason) if isinstance(r, OutOfMemory) else r for r in results]
 
     @abstractmethod
     def _generate(
