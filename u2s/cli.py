@@ -631,6 +631,10 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     logging.getLogger("u2s").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        from u2s.quiet import quiet_driver
+
+        quiet_driver()
 
 
 if __name__ == "__main__":

@@ -196,12 +196,21 @@ def init_ray(
         ignored = [name for name, value in sizes.items() if value]
         logger.info("attaching to the Ray cluster at %s%s", target,
                     f" ({', '.join(ignored)} apply to a local cluster only)" if ignored else "")  # fmt: skip
-        ray.init(address=target)
+        ray.init(address=target, runtime_env=_worker_env())
         return
     # A private, throwaway local cluster: Ray 2.60's default token auth only gets in the way here.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
-             include_dashboard=False)  # fmt: skip
+             include_dashboard=False, runtime_env=_worker_env())  # fmt: skip
+
+
+def _worker_env() -> dict[str, Any]:
+    """The job's workers silence known-harmless library messages (:mod:`u2s.quiet`) unless the driver
+    runs verbose (DEBUG logging)."""
+    from u2s.quiet import WORKER_SETUP_HOOK
+
+    verbose = logging.getLogger("u2s").isEnabledFor(logging.DEBUG)
+    return {} if verbose else {"worker_process_setup_hook": WORKER_SETUP_HOOK}
 
 
 def running_cluster(address: str | None = None) -> str | None:
@@ -353,7 +362,6 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary
     records = _Records(cfg, previous, listing)
     records.save()
     sink = SafeAndSensitiveDatasink(cfg.output, cfg.storage)
-    storage = cfg.storage
     try:
         dataset = build_dataset(cfg, listing, ray.put(done) if done is not None else None)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.write_num_cpus})
