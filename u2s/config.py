@@ -251,14 +251,15 @@ class Resources(_Model):
         None, ge=1, description="torch intra-op threads per actor. Default: max(1, num_cpus)."
     )
     max_restarts: int = Field(
-        3,
+        8,
         ge=0,
-        description="Restarts per actor after a fatal device or engine error (Ray's `max_restarts`; the "
-        "actor exits so Ray starts a fresh one, see `u2s.healing`). A fatal error on the last life fails "
-        "the job with a message that says so.",
+        description="Restarts per actor after it died: a fatal device or engine error (the actor exits so "
+        "Ray starts a fresh one, see `u2s.healing`), or a kill (out of memory). Ray's `max_restarts`; Ray "
+        "Data's default is unbounded. A fatal error on the last life fails the job with a message that "
+        "says so.",
     )
     max_task_retries: int = Field(
-        3,
+        4,
         ge=0,
         description="Retries of a batch whose actor died (Ray's `max_task_retries`). A retried batch runs "
         "one row at a time and each death turns the row that caused it into an error row, so a batch with "
