@@ -173,6 +173,11 @@ def test_report_as_chromium_renders_it(report_parts, tmp_path):
         error = cards[2]
         assert f"error: {ERROR}" in error["text"] and "x1" in error["text"] and error["images"] == 0
         assert [card["images"] for card in cards if card is not error] == [2] * 4
+        assert all(
+            "SSIM 0.700" in card["text"] and "LPIPS" not in card["text"]
+            for card in cards
+            if card is not error
+        )
     # random models are announced, naming which
     assert len(seen["banner"]) == 1 and "Random models" in seen["banner"][0]
     assert "models.clip" in seen["banner"][0] and "stage1.vlm" in seen["banner"][0]

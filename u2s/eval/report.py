@@ -207,8 +207,11 @@ def counts_table(summary: dict[str, Any]) -> str:
     return "".join(rows)
 
 
-def sample_card(sample: Sample, summary: dict[str, Any], private_text: bool) -> str:
-    """A row's card: both images and its scores, or, for an error row, its reason."""
+def sample_card(
+    sample: Sample, summary: dict[str, Any], private_text: bool, hidden: frozenset[str] = frozenset()
+) -> str:
+    """A row's card: both images and its scores (but the ``hidden`` metrics: unavailable ones), or, for
+    an error row, its reason."""
     flag = "<span class='flag'>flagged</span> " if sample.privacy_flag else ""
     status = html.escape(sample.status or "")
     meta = f"<div class='muted'>{flag}{status} · id {html.escape(sample.id[:20])}</div>"
@@ -217,7 +220,9 @@ def sample_card(sample: Sample, summary: dict[str, Any], private_text: bool) -> 
         return (f"<div class='card error' data-status='{status}'>{meta}"
                 f"<div class='reason'>error: {reason}</div></div>")  # fmt: skip
     scores = " · ".join(
-        f"{html.escape(summary['metrics'][k]['label'])} {_fmt(v)}" for k, v in sample.scores.items()
+        f"{html.escape(summary['metrics'][k]['label'])} {_fmt(v)}"
+        for k, v in sample.scores.items()
+        if k not in hidden
     )
     texts = ""
     if private_text:
@@ -308,10 +313,12 @@ def render_report(
             parts.append("<div class='muted'>no row to show</div>")
             continue
         sections = sample_sections(rows)
+        stats = summary["methods"].get(method, {}).get("metrics", {})
+        hidden = frozenset(metric for metric, stat in stats.items() if is_unavailable(stat))
         for key, heading in SECTIONS:
             if shown := sections[key]:
                 parts.append(f"<h4 class='section'>{heading} ({len(shown)})</h4><div class='grid'>")
-                parts += [sample_card(sample, summary, private_text) for sample in shown]
+                parts += [sample_card(sample, summary, private_text, hidden) for sample in shown]
                 parts.append("</div>")
     parts.append("</body></html>")
     return "".join(parts)
