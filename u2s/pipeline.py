@@ -298,33 +298,27 @@ class _Records:
         self.attempt.update(status=status, finished=now(), **fields)
 
 
-def verify_outputs(cfg: JobConfig, expected: int) -> dict[str, Any]:
-    """Read the ids of both tables: every listed row exactly once in each, else raise :class:`JobFailed`.
+def verify_outputs(cfg: JobConfig, expected: int, fingerprint: str | None = None) -> dict[str, Any]:
+    """Every listed row exactly once in each table, else raise :class:`JobFailed`; returns the run's counts.
 
-    Returns the whole run's counts, computed from the sensitive table's light columns.
+    Both tables are counted in Ray tasks (:func:`~u2s.io.writers.count_outputs`): the driver gets row
+    counts and order-independent digests, never rows. Each table must hold ``expected`` rows, the two the
+    same ids, and the sensitive table's ``(id, source)`` digest must equal the listing's ``fingerprint``
+    (so a doubled row next to a missing one fails too).
     """
-    import pyarrow.compute as pc
+    from u2s.io.writers import count_outputs
 
-    from u2s.io.writers import read_columns, summarize
-
-    storage = cfg.storage
-    safe_ids = read_columns(cfg.output.uri, storage, ["id"]).column("id")
-    sensitive = read_columns(
-        cfg.output.sensitive_uri, storage,
-        ["id", "status", "error", "privacy_flag", "private_caption", "metadata_removed", "frames", "timings"],
-    )  # fmt: skip
-    problems = []
-    for name, ids in (("safe", safe_ids), ("sensitive", sensitive.column("id"))):
-        distinct = pc.count_distinct(ids).as_py() if len(ids) else 0
-        if len(ids) != expected or distinct != expected:
-            problems.append(f"{name} table: {len(ids)} rows, {distinct} distinct ids, {expected} expected")
-    if not problems and not pc.all(pc.is_in(safe_ids, value_set=sensitive.column("id"))).as_py():
+    safe, sensitive = count_outputs(cfg.output, cfg.storage)
+    problems = [f"{name} table: {c.rows} rows, {expected} expected"
+                for name, c in (("safe", safe), ("sensitive", sensitive)) if c.rows != expected]  # fmt: skip
+    if not problems and safe.ids != sensitive.ids:
         problems.append("the two tables hold different ids")
+    if not problems and fingerprint is not None and f"{sensitive.rows}:{sensitive.pairs:016x}" != fingerprint:
+        problems.append("the tables' ids are not the listed ones (a row doubled, another missing)")
     if problems:
         raise JobFailed("exactly-once check failed: " + "; ".join(problems))
-    counts = asdict(summarize(sensitive))
-    several = pc.fill_null(pc.greater(sensitive.column("frames"), 1), False)
-    counts["multi_frame"] = pc.sum(several).as_py() or 0
+    counts = asdict(sensitive.summary)
+    counts["multi_frame"] = sensitive.multi_frame
     return counts
 
 
@@ -374,7 +368,7 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary
         ) from e
     finally:
         remove_placement_groups()  # vLLM engine actors' groups (Ray Data leaves them reserved)
-    counts = verify_outputs(cfg, listing.rows)
+    counts = verify_outputs(cfg, listing.rows, listing.fingerprint)
     summary = RunSummary(
         **counts, wall_seconds=time.perf_counter() - start, resumed=0 if done is None else len(done),
         written=sink.summary.rows, safe_uri=cfg.output.uri, sensitive_uri=cfg.output.sensitive_uri,

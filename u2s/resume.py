@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from u2s.config import OutputConfig, StorageConfig
 from u2s.io.storage import filesystem
-from u2s.io.writers import parquet_files, read_columns
+from u2s.io.writers import parquet_files, read_columns, remove_broken_files
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def _remove_temporaries(uri: str, storage: StorageConfig) -> int:
 
 def reconcile(output: OutputConfig, storage: StorageConfig) -> ResumeState:
     """Clean up after an interrupted attempt and return the ids it finished."""
+    remove_broken_files(output, storage)  # no valid footer: not committed (with its twin)
     safe = set(parquet_files(output.uri, storage))
     orphans = [name for name in parquet_files(output.sensitive_uri, storage) if name not in safe]
     fs, root = filesystem(output.sensitive_uri, storage)

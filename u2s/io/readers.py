@@ -198,12 +198,52 @@ def _fetch_records(batch: pa.Table, input: InputConfig, storage: StorageConfig, 
 # ---------------------------------------------------------------- the plan's source
 
 
-def drop_done(batch: pa.Table, done: Any) -> pa.Table:
-    """Manifest rows whose id is not in ``done`` (an Arrow array of finished ids, or its object ref)."""
+#: Finished ids, ready for lookups, per object ref: built once per worker process, not once per block.
+_DONE_LOOKUPS: dict[Any, Any] = {}
+
+
+def _done_lookup(done: Any) -> Any:
+    """``done`` as a sorted NumPy array of fixed-width ids (searched, not hashed, per block), or as the
+    Arrow array itself when ids differ in length. Cached per object ref (the last one only)."""
+    import numpy as np
     import ray
 
-    ids = ray.get(done) if isinstance(done, ray.ObjectRef) else done
-    return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=ids)))
+    key = done.hex() if isinstance(done, ray.ObjectRef) else id(done)
+    if key not in _DONE_LOOKUPS:
+        ids = ray.get(done) if isinstance(done, ray.ObjectRef) else done
+        ids = ids.cast(pa.binary()) if len(ids) else ids
+        lengths = pc.min_max(pc.binary_length(ids)).as_py() if len(ids) else {"min": 0, "max": 0}
+        if len(ids) and lengths["min"] == lengths["max"] > 0 and not ids.null_count:
+            width = lengths["max"]
+            data = ids.buffers()[2]  # the ids back to back: a fixed-width array without a copy
+            start = int(np.frombuffer(ids.buffers()[1], dtype=np.int32)[ids.offset])  # a slice's first id
+            lookup: Any = np.sort(np.frombuffer(data, dtype=f"S{width}", count=len(ids), offset=start))
+        else:
+            lookup = ids
+        _DONE_LOOKUPS.clear()
+        _DONE_LOOKUPS[key] = lookup
+    return _DONE_LOOKUPS[key]
+
+
+def drop_done(batch: pa.Table, done: Any) -> pa.Table:
+    """Manifest rows whose id is not in ``done`` (an Arrow array of finished ids, or its object ref).
+
+    The finished ids (up to every row of the input) are prepared once per worker (:func:`_done_lookup`);
+    each block is then a binary search of its ids, not a new hash set of all of them.
+    """
+    import numpy as np
+
+    lookup = _done_lookup(done)
+    ids = batch.column("id")
+    if not isinstance(lookup, np.ndarray):
+        return batch.filter(pc.invert(pc.is_in(ids, value_set=lookup)))
+    if not len(lookup) or not batch.num_rows:
+        return batch
+    wanted = np.array(ids.cast(pa.binary()).to_pylist(), dtype=lookup.dtype)
+    at = np.minimum(np.searchsorted(lookup, wanted), len(lookup) - 1)
+    lengths = pc.binary_length(ids.cast(pa.binary())).to_numpy(zero_copy_only=False)
+    finished = (lookup[at] == wanted) & (lengths == lookup.dtype.itemsize)  # no match by truncation
+    return batch.filter(pa.array(~finished))
 
 
 def fetch(

@@ -12,8 +12,11 @@ Exactly once, whatever Ray retries:
   task that Ray re-runs after its worker died rewrites the very same files instead of adding copies.
 - **Commit order.** Each sensitive file is closed (made visible) before its safe twin, so a safe file is
   the commit record of its rows: a crash between the two leaves a sensitive file without a safe twin,
-  which ``--resume`` deletes. An S3 object appears whole or not at all; local files are written under a
-  hidden temporary name and renamed.
+  which ``--resume`` deletes. An S3 object appears whole or not at all (a multipart upload completed on
+  commit, aborted on error); local files are written under a hidden temporary name and renamed.
+- **No debris.** A write task first deletes every file of an earlier attempt of itself (its name prefix,
+  both tables), so a retry that splits its rows differently leaves none of the first attempt's files;
+  ``--resume`` deletes files without a valid Parquet footer, with their twins (:func:`remove_broken_files`).
 - **Bounded memory.** Ray hands a write task about ``max_file_bytes`` of rows, or a sixteenth of the
   cluster's object store if that is less (:func:`write_bundle_bytes`); the task streams them block by block
   into row groups of ``row_group_bytes`` and closes a file at ``rows_per_file`` rows or ``max_file_bytes``
@@ -27,6 +30,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -49,12 +53,16 @@ from u2s.schema import SENSITIVE_SCHEMA, STAGES, WORKING_SCHEMA, Status, safe_sc
 
 logger = logging.getLogger(__name__)
 
-#: Test-only fault hook, ``exit:<marker>`` or ``hang:<marker>``: the first write task to commit a file
-#: pair creates the marker file, then ``exit`` ends its worker at once (``os._exit``, as a spot preemption
-#: would; Ray re-runs the task) and ``hang`` stops it, and every write task after it, before writing more
-#: (so a test can kill the driver with exactly one file pair committed).
+#: Test-only fault hook, ``<mode>:<marker>``: the first write task to commit a file pair creates the
+#: marker file, then ``exit`` ends its worker at once (``os._exit``, as a spot preemption would; Ray
+#: re-runs the task) and ``hang`` stops it, and every write task after it, before writing more (so a test
+#: can kill the driver with exactly one file pair committed). ``exit-mid-file`` and ``fail-mid-file`` fire
+#: in the first write task to have written a row group of a pair it has not committed: the worker exits,
+#: or the task fails (a non-transient error), with both files half written; the marker holds the task's
+#: file name prefix.
 FAULT_AFTER_COMMIT = "U2S_FAULT_AFTER_COMMIT"
 _HANG_SECONDS = 3600
+MID_FILE_MODES = ("exit-mid-file", "fail-mid-file")
 
 UNFINISHED = "pipeline: row left every stage without a final status"
 PUBLISHED = (Status.KEPT.value, Status.EDITED.value)
@@ -176,14 +184,23 @@ def prepare_outputs(output: OutputConfig, storage: StorageConfig, resume: bool =
 
 
 class _ParquetFile:
-    """One output file being written: a hidden temporary name on local disk, renamed on close."""
+    """One output file being written, committed explicitly or discarded: never half there.
+
+    Local files are written under a hidden temporary name and renamed on commit. S3 objects go through
+    s3fs without autocommit: the bytes travel as a multipart upload that :meth:`commit` completes and
+    :meth:`discard` aborts, so no error path (nor a collected stream) publishes a partial object.
+    """
 
     def __init__(self, uri: str, name: str, schema: pa.Schema, output: OutputConfig, storage: StorageConfig):
-        self.fs, root = arrow_filesystem(uri, storage)
+        self.fs, root = filesystem(uri, storage)
         self.final = f"{root.rstrip('/')}/{name}"
-        # S3 objects appear whole on close; a local file is renamed into place once complete.
-        self.path = f"{root.rstrip('/')}/.{name}.tmp" if is_local(uri) else self.final
-        self.stream = self.fs.open_output_stream(self.path)
+        self.local = is_local(uri)
+        self.path = f"{root.rstrip('/')}/.{name}.tmp" if self.local else self.final
+        if self.local:
+            self.stream = self.fs.open(self.path, "wb")
+        else:
+            self.stream = self.fs.open(self.path, "wb", autocommit=False)
+            self.fs.transaction.files.remove(self.stream)  # fsspec lists it for a transaction: none here
         compression = None if output.compression == "none" else output.compression
         self.writer = pq.ParquetWriter(self.stream, schema, compression=compression)
 
@@ -191,10 +208,25 @@ class _ParquetFile:
         self.writer.write_table(table, row_group_size=max(1, table.num_rows))
 
     def commit(self) -> None:
-        self.writer.close()
+        self.writer.close()  # the footer
         self.stream.close()
-        if self.path != self.final:
-            self.fs.move(self.path, self.final)
+        if self.local:
+            self.fs.mv(self.path, self.final)
+        else:
+            self.stream.commit()  # completes the multipart upload: the object appears whole
+
+    def discard(self) -> None:
+        """Drop the file after an error: no footer is written, nothing appears under the final name."""
+        self.writer.is_open = False  # a collected writer would write its footer and close the stream
+        try:
+            if self.local:
+                self.stream.close()
+                self.fs.rm(self.path)
+            else:
+                self.stream.discard()  # aborts the multipart upload
+                self.stream.closed = True  # a collected file would flush its buffer on close
+        except Exception as e:  # best effort: a dead connection leaves an aborted or invisible upload
+            logger.warning("could not discard an unfinished output file (%s)", type(e).__name__)
 
 
 class _PairWriter:
@@ -246,6 +278,14 @@ class _PairWriter:
         self.file_rows += self.buffered_rows
         self.file_bytes += self.buffered_bytes
         self.buffer, self.buffered_rows, self.buffered_bytes = [], 0, 0
+        self.sink.fault_mid_file(self.base, self.files)
+
+    def discard(self) -> None:
+        """Drop the pair being written (after an error): nothing of it appears under a final name."""
+        if self.files is not None:
+            for file in self.files:
+                file.discard()
+        self.files = None
 
     def commit(self) -> None:
         """Close the current pair: the sensitive file first, then its safe twin (the commit record)."""
@@ -301,11 +341,14 @@ class SafeAndSensitiveDatasink(Datasink[dict]):
         from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
 
         # The same write id and task index on every retry of this task: the same file names.
-        writer = _PairWriter(self, f"part-{ctx.kwargs[WRITE_UUID_KWARG_NAME]}-{ctx.task_idx:06d}")
+        base = f"part-{ctx.kwargs[WRITE_UUID_KWARG_NAME]}-{ctx.task_idx:06d}"
+        writer = _PairWriter(self, base)
         summary = WriteSummary()
         if self._fault_mode == "hang" and os.path.exists(self._fault_marker):
             time.sleep(_HANG_SECONDS)
         try:
+            # An earlier attempt of this task may have split its rows differently: none of its files stay.
+            remove_task_files(self.output, self.storage, base)
             for block in blocks:
                 table = BlockAccessor.for_block(block).to_arrow()
                 if not table.num_rows:
@@ -314,7 +357,10 @@ class SafeAndSensitiveDatasink(Datasink[dict]):
                 summary.add(summarize(table))
                 writer.add(table)
             writer.commit()
-        except Exception as e:
+        except BaseException as e:
+            writer.discard()
+            if not isinstance(e, Exception):
+                raise
             if is_transient(e):  # Ray Data retries the whole write: the same names, so no duplicates
                 raise TransientStorageError(type(e).__name__) from None
             raise
@@ -322,7 +368,7 @@ class SafeAndSensitiveDatasink(Datasink[dict]):
 
     def fault_after_commit(self) -> None:
         """The test-only fault hook (see :data:`FAULT_AFTER_COMMIT`)."""
-        if not self._fault_marker:
+        if self._fault_mode not in ("exit", "hang"):
             return
         try:
             os.close(os.open(self._fault_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -334,6 +380,23 @@ class SafeAndSensitiveDatasink(Datasink[dict]):
             os._exit(1)
         if self._fault_mode == "hang":
             time.sleep(_HANG_SECONDS)
+
+    def fault_mid_file(self, base: str, files: tuple[_ParquetFile, _ParquetFile] | None) -> None:
+        """The test-only mid-file modes of the fault hook (see :data:`FAULT_AFTER_COMMIT`)."""
+        if self._fault_mode not in MID_FILE_MODES or files is None:
+            return
+        try:
+            fd = os.open(self._fault_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, base.encode())
+        os.close(fd)
+        for file in files:  # the bytes so far leave the process (as far as the store takes them)
+            file.stream.flush()
+        if self._fault_mode == "exit-mid-file":
+            logger.warning("fault hook: exiting this write task's worker mid-file")
+            os._exit(1)
+        raise RuntimeError("fault hook: a write task failed mid-file")
 
     def on_write_complete(self, write_result) -> None:
         for returned in write_result.write_returns:
@@ -350,6 +413,63 @@ def parquet_files(uri: str, storage: StorageConfig) -> list[str]:
     return sorted(name for name in names if name.endswith(".parquet") and not name.startswith((".", "_")))
 
 
+def remove_task_files(output: OutputConfig, storage: StorageConfig, base: str) -> int:
+    """Delete what an earlier attempt of one write task left: its files ``{base}-*.parquet`` and local
+    temporaries, in the safe table first (a safe file never outlives its sensitive twin). Returns how
+    many were deleted (none on a first attempt, which costs one prefix listing per table)."""
+    removed = 0
+    for uri in (output.uri, output.sensitive_uri):
+        fs, root = filesystem(uri, storage)
+        root = root.rstrip("/")
+        if is_local(uri):
+            paths = fs.glob(f"{root}/{base}-*.parquet") + fs.glob(f"{root}/.{base}-*.tmp")
+        else:
+            fs.invalidate_cache(root)
+            paths = fs.find(root, maxdepth=1, prefix=f"{base}-")
+        if paths:
+            fs.rm(paths)
+            removed += len(paths)
+    if removed:
+        logger.info("removed %d file(s) of an earlier attempt of this write task", removed)
+    return removed
+
+
+def _has_footer(fs: Any, path: str) -> bool:
+    """Whether ``path`` ends in a readable Parquet footer (its metadata parses)."""
+    try:
+        with fs.open(path, "rb") as f:
+            pq.read_metadata(f)
+        return True
+    except Exception as e:
+        if is_transient(e):
+            raise
+        return False
+
+
+def remove_broken_files(output: OutputConfig, storage: StorageConfig, threads: int = 16) -> int:
+    """Delete every file of either table without a valid Parquet footer, and its twin in the other table
+    (its rows are not committed); returns how many names were broken. Footers are read in ``threads``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    broken: set[str] = set()
+    for uri in (output.uri, output.sensitive_uri):
+        fs, root = filesystem(uri, storage)
+        names = parquet_files(uri, storage)
+        paths = [f"{root.rstrip('/')}/{name}" for name in names]
+        with ThreadPoolExecutor(threads) as pool:
+            valid = list(pool.map(partial(_has_footer, fs), paths))
+            broken.update(name for name, ok in zip(names, valid, strict=True) if not ok)
+    for uri in (output.uri, output.sensitive_uri):  # the safe file, the commit record, goes first
+        fs, root = filesystem(uri, storage)
+        present = set(parquet_files(uri, storage))
+        paths = [f"{root.rstrip('/')}/{name}" for name in sorted(broken & present)]
+        if paths:
+            fs.rm(paths)
+    if broken:
+        logger.warning("removed %d file pair(s) without a valid Parquet footer", len(broken))
+    return len(broken)
+
+
 def read_columns(uri: str, storage: StorageConfig, columns: list[str]) -> pa.Table:
     """Only ``columns`` of every committed Parquet file under ``uri`` (an empty table when none)."""
     import pyarrow.dataset as pads
@@ -359,3 +479,86 @@ def read_columns(uri: str, storage: StorageConfig, columns: list[str]) -> pa.Tab
     if not files:
         return pa.table({name: pa.array([], WORKING_SCHEMA.field(name).type) for name in columns})
     return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+# ---------------------------------------------------------------- counting the outputs
+
+
+def id_digest(ids: list[str], sources: list[str] | None = None) -> int:
+    """Order-independent digest of ids (or of ``(id, source)`` pairs, as the listing's fingerprint is):
+    the sum of their 64-bit BLAKE2b hashes, modulo 2**64. A doubled row and a missing one change it."""
+    import hashlib
+
+    total = 0
+    keys = ids if sources is None else (f"{i}\0{s}" for i, s in zip(ids, sources, strict=True))
+    for key in keys:
+        total += int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return total & 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass
+class TableCounts:
+    """What a table holds, counted where its files are read: rows, digests and (sensitive) the run's
+    counts. Nothing private: ids and sources only enter the digests."""
+
+    rows: int = 0
+    ids: int = 0  #: :func:`id_digest` of the ids
+    pairs: int = 0  #: :func:`id_digest` of (id, source), comparable with the listing's fingerprint
+    multi_frame: int = 0
+    summary: WriteSummary = field(default_factory=WriteSummary)
+
+    def add(self, other: TableCounts) -> None:
+        self.rows += other.rows
+        self.ids = (self.ids + other.ids) & 0xFFFFFFFFFFFFFFFF
+        self.pairs = (self.pairs + other.pairs) & 0xFFFFFFFFFFFFFFFF
+        self.multi_frame += other.multi_frame
+        self.summary.add(other.summary)
+
+
+#: The sensitive columns the run's counts need (never images; captions only as null counts).
+COUNTED_COLUMNS = ["id", "source", "status", "error", "privacy_flag", "private_caption", "metadata_removed",
+                   "frames", "timings"]  # fmt: skip
+
+
+def _count_files(uri: str, storage: StorageConfig, names: list[str], sensitive: bool) -> TableCounts:
+    """Counts of some files of one table (a Ray task: their rows never reach the driver)."""
+    import pyarrow.dataset as pads
+
+    try:
+        fs, root = arrow_filesystem(uri, storage)
+        files = [f"{root.rstrip('/')}/{name}" for name in names]
+        columns = COUNTED_COLUMNS if sensitive else ["id"]
+        table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
+    except Exception as e:
+        if is_transient(e):
+            raise TransientStorageError(type(e).__name__) from None
+        raise
+    ids = table.column("id").to_pylist()
+    counts = TableCounts(rows=table.num_rows, ids=id_digest(ids))
+    if sensitive:
+        counts.pairs = id_digest(ids, table.column("source").to_pylist())
+        counts.summary = summarize(table)
+        counts.multi_frame = pc.sum(pc.fill_null(pc.greater(table.column("frames"), 1), False)).as_py() or 0
+    return counts
+
+
+def count_outputs(
+    output: OutputConfig, storage: StorageConfig, files_per_task: int = 16
+) -> tuple[TableCounts, TableCounts]:
+    """(safe, sensitive) counts of the committed files, read in Ray tasks of ``files_per_task`` files:
+    the driver holds only the counts, whatever the tables' size."""
+    import ray
+
+    task = ray.remote(_count_files).options(
+        num_cpus=0.25, max_retries=storage.task_retries, retry_exceptions=[TransientStorageError]
+    )
+    refs: dict[bool, list] = {}
+    for uri, sensitive in ((output.uri, False), (output.sensitive_uri, True)):
+        names = parquet_files(uri, storage)
+        refs[sensitive] = [task.remote(uri, storage, names[i : i + files_per_task], sensitive)
+                           for i in range(0, len(names), files_per_task)]  # fmt: skip
+    totals = (TableCounts(), TableCounts())
+    for sensitive, total in zip((False, True), totals, strict=True):
+        for counts in ray.get(refs[sensitive]):
+            total.add(counts)
+    return totals

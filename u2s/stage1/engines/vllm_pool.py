@@ -19,12 +19,14 @@ per actor, several batches in flight per actor, placement as ray.data.llm's engi
 
 Two known Ray 2.60 flaws of per-actor groups made by ``ray_remote_args_fn`` (which ray.data.llm shares)
 are worked around here: the groups belong to the driver and outlive their actors (ray-project/ray#64035),
-so :func:`remove_placement_groups` removes those this process created once the dataset has run
-(``u2s.pipeline.run`` calls it; a shrinking autoscaling pool keeps its stopped actors' groups until
-then); and Ray Data's high-memory issue detector calls every operator's ``ray_remote_args_fn`` at the
-start of execution and on each detection interval, minting groups nothing uses (ray-project/ray#64012),
-so :func:`map_pool` turns that advisory detector off for a dataset with such a pool. Ray's planned
-per-actor placement-group parameters of `map_batches` (ray-project/ray#64090) will replace both.
+so a reaper thread of the driver (:class:`GroupReaper`) removes each group once the actor in it is dead
+(a pool that scales down gives its stopped actors' resources back at once; an actor Ray restarts stays
+in its group), and :func:`remove_placement_groups` removes the rest once the dataset has run
+(``u2s.pipeline.run`` calls it); and Ray Data's high-memory issue detector calls every operator's
+``ray_remote_args_fn`` at the start of execution and on each detection interval, minting groups
+nothing uses (ray-project/ray#64012), so :func:`map_pool` turns that advisory detector off for a dataset
+with such a pool. Ray's planned per-actor placement-group parameters of `map_batches`
+(ray-project/ray#64090) will replace both.
 
 Batches overlap inside an actor through ``ActorPoolStrategy(max_concurrent_calls_per_actor=k,
 enable_true_multi_threading=True)``: k threads run the stage's ``__call__`` and share the actor's engine.
@@ -32,7 +34,9 @@ enable_true_multi_threading=True)``: k threads run the stage's ``__call__`` and 
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -43,12 +47,86 @@ if TYPE_CHECKING:
 
     from u2s.config import Resources, VLLMEngineConfig
 
+logger = logging.getLogger(__name__)
+
 #: The key of the per-actor scheduling function in the keyword arguments `pool_kwargs` returns.
 REMOTE_ARGS_FN = "ray_remote_args_fn"
 
 #: Placement groups created in this process for engine actors (see :func:`remove_placement_groups`).
 _groups: list[Any] = []
 _groups_lock = threading.Lock()
+
+
+class GroupReaper:
+    """A driver thread that removes each engine actor's placement group once its actor is dead.
+
+    Ray Data stops a pool's surplus actors by dropping their handles; the groups made for them by
+    ``ray_remote_args_fn`` belong to the driver and would stay reserved. Every ``interval`` seconds the
+    reaper reads this job's actor table from the GCS and removes the groups (of :data:`_groups`) whose
+    actors are all ``DEAD`` (a restarting actor keeps its group). A group no actor has entered yet is
+    left alone; the thread ends when no group is left and starts again with the next one.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.removed = 0
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def watch(self) -> None:
+        """Make sure the thread runs (called for each new group)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="u2s-group-reaper", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        import ray
+
+        while ray.is_initialized():
+            with _groups_lock:
+                if not _groups:
+                    return
+            try:
+                self.reap()
+            except Exception as e:  # the GCS busy or gone: try again next time; the job-end backstop stays
+                logger.debug("placement group reaper: %s", type(e).__name__)
+            time.sleep(self.interval)
+
+    def reap(self) -> int:
+        """Remove the groups whose actors are all dead; returns how many."""
+        from ray.util import remove_placement_group
+
+        states = _actor_states_by_group()
+        with _groups_lock:
+            dead = [g for g in _groups if states.get(g.id.hex()) == {"DEAD"}]
+            for group in dead:
+                _groups.remove(group)
+        for group in dead:
+            remove_placement_group(group)
+        self.removed += len(dead)
+        return len(dead)
+
+
+def _actor_states_by_group() -> dict[str, set[str]]:
+    """Placement group id (hex) → the states of this job's actors scheduled in it, from the GCS."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    names = gcs_pb2.ActorTableData.ActorState.Name
+    job_id = ray.get_runtime_context().get_job_id()
+    table = state._connect_and_get_accessor().get_actor_table(ray.JobID.from_hex(job_id), None)
+    by_group: dict[str, set[str]] = {}
+    for entry in table:
+        actor = gcs_pb2.ActorTableData.FromString(entry)
+        if actor.placement_group_id:
+            by_group.setdefault(actor.placement_group_id.hex(), set()).add(names(actor.state))
+    return by_group
+
+
+#: The driver's reaper of engine actors' placement groups.
+reaper = GroupReaper()
 
 
 def actor_gpus(resources: Resources, vllm: VLLMEngineConfig) -> float:
@@ -95,6 +173,7 @@ def placement_group_strategy(bundles: list[dict[str, float]], strategy: str) -> 
     group = ray.util.placement_group([dict(b) for b in bundles], strategy=strategy)
     with _groups_lock:
         _groups.append(group)
+    reaper.watch()  # removes the group once its actor is gone
     inside = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
     return {"scheduling_strategy": inside}
 
