@@ -67,17 +67,32 @@ class InputConfig(_Model):
         description="Local path or s3:// URI of the dataset root, a Parquet file/folder, or a manifest (a "
         "file, a folder of files, or an S3 Inventory manifest.json).",
     )
-    format: Literal["image_folder", "class_folders", "coco", "parquet", "manifest"] = Field(
+    format: Literal["image_folder", "class_folders", "coco", "parquet", "manifest", "webdataset"] = Field(
         "image_folder",
         description="image_folder: every image under uri, recursively; class_folders: label = parent folder "
         "(Caltech101 / MIT Indoor67); coco: annotation JSON + image folder, id = COCO image id; "
         "parquet: a Hugging Face `Image` column; manifest: a list of image URIs in Parquet, CSV or JSON "
-        "Lines files (`.gz` too), or an S3 Inventory (CSV, ORC or Parquet; bucket + key columns).",
+        "Lines files (`.gz` too), or an S3 Inventory (CSV, ORC or Parquet; bucket + key columns); "
+        "webdataset: WebDataset tar shards (a `.tar` file or a folder/prefix of them), one record per "
+        "sample key, source `<shard uri>#<key>` (img2dataset's webdataset output: its failed downloads "
+        "become error rows).",
     )
     coco_annotations: str | None = Field(
         None, description="COCO only: path/URI of the instances JSON. Images are read from `uri`."
     )
-    image_column: str = Field("image", description="Parquet only: the Hugging Face Image column.")
+    image_column: str = Field(
+        "image",
+        description="Parquet only: the image column, a Hugging Face Image struct or binary. When it is "
+        "absent, img2dataset's `jpg`, `png` or `webp` column is used (its failed downloads, rows whose "
+        "`status` is not success, become error rows).",
+    )
+    label_member: str | None = Field(
+        None,
+        description="WebDataset only: the member of each sample that gives its label: an extension "
+        "(`txt`: the member's text) or `json:<field>` (a top-level field of the `.json` member). Labels "
+        "are published in the safe table unless output.publish omits them; img2dataset's `txt` members "
+        "are captions.",
+    )
     id: Literal["keyed", "source_hash", "column"] = Field(
         "keyed",
         description="How row ids are made (they are published in the safe table). keyed: HMAC-SHA256 of "
@@ -86,7 +101,8 @@ class InputConfig(_Model):
         "nothing to someone who guesses a path. source_hash: SHA-1 of the source, the same in every run; "
         "anyone who guesses a path (`.../patients/jane_doe/scan1.png`) can confirm it is in the dataset "
         "and find its row. column: the data's own ids, published as they are (input.id_column; COCO: the "
-        "annotation file's image ids, public to anyone who has that file). Default: column for COCO or "
+        "annotation file's image ids, public to anyone who has that file; WebDataset: the sample keys). "
+        "Default: column for COCO or "
         "when id_column is set, else keyed.",
     )
     id_key_from: str | None = Field(
@@ -117,7 +133,8 @@ class InputConfig(_Model):
     extensions: list[str] = Field(
         [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"],
         description="Folder formats and S3 Inventory manifests (which list every object of a bucket): file "
-        "suffixes (case-insensitive) that count as images.",
+        "suffixes (case-insensitive) that count as images. WebDataset: the image member extensions, in "
+        "order of preference.",
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many rows (smoke runs).")
 
@@ -145,6 +162,10 @@ class InputConfig(_Model):
             raise ValueError(f"format {self.format!r} has no id column: use input.id keyed or source_hash")
         if self.id != "column" and self.id_column:
             raise ValueError(f"input.id_column is read only with input.id: column (not {self.id})")
+        if self.format == "webdataset" and self.id_column:
+            raise ValueError("format 'webdataset' has no id_column: input.id: column uses the sample keys")
+        if self.label_member and self.format != "webdataset":
+            raise ValueError("input.label_member is read only with format 'webdataset'")
         if self.id != "keyed" and self.id_key_from:
             raise ValueError(f"input.id_key_from is used only with input.id: keyed (not {self.id})")
         return self

@@ -130,6 +130,13 @@ def plan_shards(input: InputConfig, storage: StorageConfig) -> list[Shard]:
         return [Shard("manifest", file.uri, manifest=file) for file in manifest_files(input.uri, storage)]
     if not fs.exists(root):
         raise InputError(f"input not found: {input.uri}")
+    if input.format == "webdataset":
+        from u2s.io.webdataset import tar_shards
+
+        shards = [Shard("webdataset", uri) for uri in tar_shards(fs, root)]
+        if not shards:
+            raise InputError(f"no .tar shards found in {input.uri}")
+        return shards
     if input.format == "parquet":
         skip = (".", "_")  # _SUCCESS, _common_metadata
         paths = fs.find(root) if fs.isdir(root) else [root]
@@ -243,12 +250,15 @@ def _list_parquet_shard(
         )
     sources = [f"{file_uri}#{i}" for i in range(num_rows)]
     columns = [c for c in (input.id_column, input.label_column) if c]
-    missing = [c for c in (input.image_column, *columns) if c not in schema.names]
+    from u2s.io import img2dataset
+
+    image_column = img2dataset.image_column(schema.names, input.image_column)
+    missing = [c for c in (image_column, *columns) if c not in schema.names]
     if missing:
         raise InputError(f"column {missing[0]!r} not in {file_uri} (columns: {', '.join(schema.names)})")
     from u2s.io.readers import image_bytes_getter
 
-    image_bytes_getter(schema.field(input.image_column).type, input.image_column, file_uri)  # type check
+    image_bytes_getter(schema.field(image_column).type, image_column, file_uri)  # type check
     ids = [make_id(source) for source in sources]
     labels: list[str | None] = [None] * num_rows
     error = None
@@ -269,9 +279,12 @@ def _list_parquet_shard(
     missing_ids = [i for i, row_id in enumerate(ids) if row_id is None]
     if missing_ids:
         raise InputError(f"{len(missing_ids)} null id(s) in column {input.id_column!r} of {file_uri}")
+    errors = [error] * num_rows
+    if error is None and img2dataset.has_statuses(schema.names):  # img2dataset: failed downloads
+        statuses = img2dataset.read_statuses(file_uri, storage)
+        errors = [None if e is None else f"read: {e}" for e in img2dataset.download_errors(statuses)]
     return _table(
-        ids, sources, labels, parts=[file_uri] * num_rows, rows=list(range(num_rows)),
-        errors=[error] * num_rows,
+        ids, sources, labels, parts=[file_uri] * num_rows, rows=list(range(num_rows)), errors=errors
     )  # fmt: skip
 
 
@@ -312,6 +325,10 @@ def list_shard(
         table = _list_coco_shard(shard, input, storage, make_id)
     elif shard.kind == "manifest":
         table = _list_manifest_shard(shard, input, storage, stats, make_id)
+    elif shard.kind == "webdataset":
+        from u2s.io.webdataset import list_tar_shard
+
+        table = list_tar_shard(shard.uri, input, storage, stats, make_id)
     else:
         raise ValueError(f"unknown shard kind {shard.kind!r}")
     stats.rows = table.num_rows

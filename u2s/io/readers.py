@@ -143,20 +143,21 @@ def _read_file_records(
     """
     import pyarrow.parquet as pq
 
+    from u2s.io.img2dataset import image_column
+
     yielded: set[int] = set()
     try:
         afs, path = arrow_filesystem(file_uri, storage)
         with afs.open_input_file(path) as f:
             # No read-ahead of whole row groups: pages stream through a small buffer (flat memory).
             parquet = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_BUFFER_SIZE)
-            get_bytes = image_bytes_getter(
-                parquet.schema_arrow.field(input.image_column).type, input.image_column, file_uri
-            )
+            column = image_column(parquet.schema_arrow.names, input.image_column)
+            get_bytes = image_bytes_getter(parquet.schema_arrow.field(column).type, column, file_uri)
             groups = _by_row_group(parquet.metadata, records.column("row").to_pylist())
             for group, wanted in sorted(groups.items()):
                 offset = 0
                 for batch in parquet.iter_batches(batch_size=batch_size, row_groups=[group],
-                                                  columns=[input.image_column]):  # fmt: skip
+                                                  columns=[column]):  # fmt: skip
                     cells = batch.column(0).to_pylist()
                     picked = [
                         (wanted[offset + i], cell) for i, cell in enumerate(cells) if offset + i in wanted
@@ -262,6 +263,13 @@ def fetch(
         kwargs = {"input": input, "storage": storage, "batch_size": resources.batch_size}
         return manifest.map_batches(
             _fetch_records, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", **remote_args
+        )
+    if input.format == "webdataset":  # like Parquet: a listing block per shard, one pass over each tar
+        from u2s.io.webdataset import fetch_samples
+
+        kwargs = {"input": input, "storage": storage, "batch_size": resources.batch_size}
+        return manifest.map_batches(
+            fetch_samples, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow", **remote_args
         )
     # A listing block holds a whole shard (e.g. every file of one folder). Streamed into blocks of one
     # fetch batch first: fetch and decode keep that size, so they run as many tasks, and the model pools
