@@ -10,7 +10,7 @@ import pyarrow as pa
 from u2s.eval.config import EvalConfig
 from u2s.eval.evaluate import _Samples
 from u2s.eval.random_models import is_random, random_models
-from u2s.testing.tiny_models import TINY_MARKER, build_tiny_clip
+from u2s.testing.tiny_models import TINY_MARKER
 
 
 def _batch(rows: list[dict]) -> pa.Table:
@@ -40,8 +40,8 @@ def test_samples_lead_with_edited_then_error_rows_and_keep_the_reason():
     assert all(s.original_jpeg for s in shown if s.status != "error")
 
 
-def test_random_models_are_found_through_the_run_record_and_the_eval_config(tmp_path):
-    clip = build_tiny_clip(tmp_path / "clip")
+def test_random_models_are_found_through_the_run_record_and_the_eval_config(tiny_models, tmp_path):
+    clip = tiny_models["clip"]  # the suite's tiny models, as `u2s tiny-models` builds them
     assert json.loads((clip / TINY_MARKER).read_text())["u2s_tiny"] is True
     real = tmp_path / "real-model"
     real.mkdir()
