@@ -234,11 +234,10 @@ def warn_person_name_labels(cfg: JobConfig) -> int:
     class folders look like people's names (``George_W_Bush``); returns how many do."""
     if cfg.input.format != "class_folders" or "label" not in cfg.output.publish:
         return 0
-    from u2s.io.listing import plan_shards
+    from u2s.io.listing import top_folders
     from u2s.schema import looks_like_person_name
 
-    folders = [s.uri.rstrip("/").rsplit("/", 1)[-1] for s in plan_shards(cfg.input, cfg.storage)
-               if s.kind == "folder"]  # fmt: skip
+    folders = top_folders(cfg.input, cfg.storage) or []  # None: too many entries to read on the driver
     named = sum(looks_like_person_name(name) for name in folders)
     if named:
         logger.warning(

@@ -1,12 +1,16 @@
 """Input listing off the driver: Ray tasks turn a source into a manifest of ``(id, source, label)`` rows.
 
-The driver only splits the source into *shards* (top-level folders, Parquet files, manifest files,
-the COCO annotation file) and collects, per shard, an object reference to its manifest table and a few
-counts. Each shard is listed by a Ray task (``fs.find`` under one prefix, a Parquet footer and id
-column, a streamed COCO JSON, a manifest file), so the driver's memory does not grow with the number
-of images. The manifest tables stay in Ray's object store and become the plan's first dataset
-(``ray.data.from_arrow_refs``); the bytes are fetched later, by :mod:`u2s.io.readers`, after rows that a
-resumed run already finished have been dropped.
+The driver only splits the source into *shards* (a folder's root, Parquet files, manifest files, the
+COCO annotation file) and collects, per shard, object references to its manifest tables and a few
+counts. Each shard is listed by a Ray task (a key range of an S3 prefix or one local directory, a
+Parquet footer and id column, a streamed COCO JSON, a manifest file), so the driver's memory does not
+grow with the number of images. Folder listings fan out (:mod:`u2s.io.fanout`): a task lists at most
+``fanout.SHARD_ROWS`` files and returns the rest of its key range, or its subdirectories, as new
+shards, so a flat prefix of millions of keys is listed by many tasks at once. Before any model runs,
+rows listed twice (the same id and source) are dropped and counted, and one id for different sources
+is refused (:mod:`u2s.io.duplicates`). The manifest tables stay in Ray's object store and become the
+plan's first dataset (``ray.data.from_arrow_refs``); the bytes are fetched later, by
+:mod:`u2s.io.readers`, after rows that a resumed run already finished have been dropped.
 
 Ids are made as ``input.id`` says (:mod:`u2s.io.ids`): keyed hashes of the sources by default, whose key
 reaches the listing tasks as an argument. Each shard also returns an order-independent fingerprint of
@@ -17,7 +21,9 @@ its ``(id, source)`` pairs; their sum is the input's fingerprint, which the run 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +37,7 @@ from u2s.io.ids import IdKey, id_function, source_hash
 from u2s.io.storage import TransientStorageError, arrow_filesystem, filesystem, is_transient, to_uri
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     import fsspec
     import ray
@@ -65,12 +71,15 @@ def _fingerprint(ids: list[str], sources: list[str]) -> int:
 
 @dataclass(frozen=True)
 class Shard:
-    """One unit of listing work: ``kind`` is folder, files, parquet, coco or manifest."""
+    """One unit of listing work: ``kind`` is dir (a local directory), range (S3 keys ``after < key <=
+    upto`` below the input's prefix; ``None``: unbounded), folder, files, parquet, coco or manifest."""
 
     kind: str
     uri: str
     files: tuple[str, ...] = ()
     manifest: Any = None  # a u2s.io.manifest.ManifestFile
+    after: str | None = None
+    upto: str | None = None
 
 
 @dataclass
@@ -82,6 +91,8 @@ class ShardStats:
     skipped_extensions: dict[str, int] = field(default_factory=dict)
     unreadable_files: int = 0
     unreadable_records: int = 0  # records known (from footers) to exist but not readable
+    children: list[Shard] = field(default_factory=list)  # what a dir or range shard left to new tasks
+    tables: list[tuple[int, int]] = field(default_factory=list)  # (rows, fingerprint) of each table
 
 
 @dataclass
@@ -95,12 +106,14 @@ class Listing:
     unreadable_files: int
     unreadable_records: int
     shards: int
+    duplicates_dropped: int = 0  # rows listed again with the same id and source
 
     def stats(self) -> dict[str, Any]:
         """Counts for the run record (no paths)."""
         return {
             "rows": self.rows, "shards": self.shards, "skipped_extensions": self.skipped_extensions,
             "unreadable_files": self.unreadable_files, "unreadable_records": self.unreadable_records,
+            "duplicates_dropped": self.duplicates_dropped,
         }  # fmt: skip
 
 
@@ -109,10 +122,6 @@ class Listing:
 
 def _suffixes(extensions: list[str]) -> set[str]:
     return {(e if e.startswith(".") else f".{e}").lower() for e in extensions}
-
-
-def _hidden(name: str, prefixes: tuple[str, ...]) -> bool:
-    return posixpath.basename(name.rstrip("/")).startswith(prefixes)
 
 
 def plan_shards(input: InputConfig, storage: StorageConfig) -> list[Shard]:
@@ -144,15 +153,41 @@ def plan_shards(input: InputConfig, storage: StorageConfig) -> list[Shard]:
         if not files:
             raise InputError(f"no .parquet files found in {input.uri}")
         return [Shard("parquet", to_uri(fs, path)) for path in files]
-    if not fs.isdir(root):
+    if fs.info(root)["type"] != "directory":  # bounded: a stat, or one S3 request of one key
         return [Shard("files", input.uri, (to_uri(fs, root),))]
-    folders, files = [], []
-    for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
-        if _hidden(entry["name"], (".",)):
-            continue
-        (folders if entry["type"] == "directory" else files).append(to_uri(fs, entry["name"]))
-    shards = [Shard("files", input.uri, tuple(files))] if files else []
-    return shards + [Shard("folder", uri) for uri in folders]
+    # Nothing listed here: the root's tasks fan out (u2s.io.fanout).
+    return [Shard("range" if _is_s3(fs) else "dir", to_uri(fs, root))]
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "s3" in protocols
+
+
+def top_folders(input: InputConfig, storage: StorageConfig, max_entries: int = 10_000) -> list[str] | None:
+    """Names of the root's subfolders (not hidden), or ``None`` when the root has more than
+    ``max_entries`` entries (then it is not read further; the driver never lists a whole prefix)."""
+    fs, root = filesystem(input.uri, storage)
+    if not _is_s3(fs):
+        if not fs.isdir(root):
+            return []
+        with os.scandir(root) as it:
+            entries = list(itertools.islice(it, max_entries + 1))
+        if len(entries) > max_entries:
+            return None
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    bucket, _, key = root.partition("/")
+    request = {"Bucket": bucket, "Prefix": f"{key}/" if key else "", "Delimiter": "/"}
+    names, seen = [], 0
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        seen += len(page.get("Contents", ())) + len(page.get("CommonPrefixes", ()))
+        if seen > max_entries:
+            return None
+        names += [p["Prefix"].rstrip("/").rsplit("/", 1)[-1] for p in page.get("CommonPrefixes", ())]
+        if not page.get("IsTruncated"):
+            return sorted(n for n in names if not n.startswith("."))
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def _is_hidden(path: str, root: str, prefixes: tuple[str, ...]) -> bool:
@@ -209,6 +244,52 @@ def _list_folder_shard(
         else [None] * len(paths)
     )
     return _table([make_id(source) for source in sources], sources, labels)
+
+
+def _folder_table(
+    fs: fsspec.AbstractFileSystem,
+    paths: list[str],
+    root: str,
+    input: InputConfig,
+    stats: ShardStats,
+    make_id: Callable[[str], str],
+) -> pa.Table:
+    paths = _image_files(fs, paths, root, _suffixes(input.extensions), stats)
+    sources = [to_uri(fs, path) for path in paths]
+    labels = (
+        [posixpath.basename(posixpath.dirname(path)) for path in paths]
+        if input.format == "class_folders"
+        else [None] * len(paths)
+    )
+    return _table([make_id(source) for source in sources], sources, labels)
+
+
+def _list_tree_shard(
+    shard: Shard,
+    input: InputConfig,
+    storage: StorageConfig,
+    stats: ShardStats,
+    make_id: Callable[[str], str],
+    shard_rows: int,
+) -> Iterator[pa.Table]:
+    """The tables of a dir or range shard (sorted, at most ``shard_rows`` files listed for each); what
+    is left to list goes to ``stats.children``."""
+    from u2s.io import fanout
+
+    fs, root = filesystem(input.uri, storage)
+    if shard.kind == "dir":
+        files, dirs = fanout.scan_local_dir(filesystem(shard.uri, storage)[1])
+        for start in range(0, max(len(files), 1), shard_rows):
+            yield _folder_table(fs, files[start : start + shard_rows], root, input, stats, make_id)
+        stats.children = [Shard("dir", to_uri(fs, path)) for path in dirs]
+        return
+    bucket, _, key = root.partition("/")
+    prefix = f"{key}/" if key else ""
+    keys, more = fanout.list_s3_range(fs, bucket, prefix, shard.after, shard.upto, shard_rows)
+    yield _folder_table(fs, [f"{bucket}/{k}" for k in keys], root, input, stats, make_id)
+    if more:
+        cuts = [keys[-1], *fanout.split_points(keys[0], keys[-1], shard.upto, len(prefix)), shard.upto]
+        stats.children = [Shard("range", shard.uri, after=lo, upto=hi) for lo, hi in itertools.pairwise(cuts)]
 
 
 def _list_coco_shard(
@@ -336,11 +417,38 @@ def list_shard(
     return table, stats
 
 
+def iter_shard(
+    shard: Shard,
+    input: InputConfig,
+    storage: StorageConfig,
+    id_key: IdKey | None = None,
+    shard_rows: int | None = None,
+) -> Iterator[pa.Table | ShardStats]:
+    """The manifest tables of one shard, then its stats (with the shards it leaves to new tasks)."""
+    if shard.kind not in ("dir", "range"):
+        table, stats = list_shard(shard, input, storage, id_key)
+        yield table
+        yield stats
+        return
+    from u2s.io import fanout
+
+    stats = ShardStats()
+    make_id = id_function(input, id_key)
+    for table in _list_tree_shard(shard, input, storage, stats, make_id, shard_rows or fanout.SHARD_ROWS):
+        print_ = _fingerprint(table.column("id").to_pylist(), table.column("source").to_pylist())
+        stats.tables.append((table.num_rows, print_))
+        stats.rows += table.num_rows
+        stats.fingerprint = (stats.fingerprint + print_) & _MASK64
+        yield table
+    yield stats
+
+
 def _list_shard_task(
-    shard: Shard, input: InputConfig, storage: StorageConfig, id_key: IdKey | None
-) -> tuple[pa.Table, ShardStats]:
+    shard: Shard, input: InputConfig, storage: StorageConfig, id_key: IdKey | None, shard_rows: int
+) -> Iterator[pa.Table | ShardStats]:
+    """:func:`iter_shard` in a Ray task (a streaming generator: its tables are owned by the driver)."""
     try:
-        return list_shard(shard, input, storage, id_key)
+        yield from iter_shard(shard, input, storage, id_key, shard_rows)
     except Exception as e:
         if is_transient(e):  # Ray re-runs the task (storage.task_retries)
             raise TransientStorageError(type(e).__name__) from None
@@ -368,25 +476,21 @@ def list_input(
     import ray
     import ray.data
 
+    from u2s.io import fanout
+    from u2s.io.duplicates import drop_duplicates
+
     id_function(input, id_key)  # no key for keyed ids: fail here, not in every task
 
-    shards = plan_shards(input, storage)
-    task = ray.remote(_list_shard_task).options(
-        num_returns=2, num_cpus=resources.num_cpus, max_retries=storage.task_retries,
-        retry_exceptions=[TransientStorageError],
-    )  # fmt: skip
-    refs = [task.remote(shard, input, storage, id_key) for shard in shards]
-    table_refs = [table_ref for table_ref, _ in refs]
     try:
-        stats: list[ShardStats] = ray.get([stats_ref for _, stats_ref in refs])
+        parts, stats = _run_shards(plan_shards(input, storage), input, storage, resources, id_key,
+                                   fanout.SHARD_ROWS)  # fmt: skip
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, InputError):  # the input's own problem: say it plainly
             raise InputError(str(e.cause)) from None
         raise
-    counts, fingerprints = [s.rows for s in stats], [s.fingerprint for s in stats]
+    table_refs, counts, fingerprints = [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts]
     if input.limit is not None:
         table_refs, counts, fingerprints = _limit(table_refs, counts, fingerprints, input.limit)
-        stats = stats[: len(table_refs)]
     rows = sum(counts)
     if rows == 0:
         where = (
@@ -395,8 +499,19 @@ def list_input(
             else f"extensions {input.extensions}"
         )
         raise InputError(f"no images found in {input.uri} (format {input.format}, {where})")
+    table_refs, counts, fingerprints, dropped, clashes = drop_duplicates(
+        table_refs, counts, fingerprints, resources.num_cpus
+    )
+    if clashes:
+        raise InputError(
+            f"duplicate row ids in {input.uri} (e.g. {', '.join(clashes)}), each naming different sources; "
+            "ids must be unique"
+        )
+    if dropped:
+        logger.info("dropped %d row(s) listed twice (the same id and source)", dropped)
+    rows = sum(counts)
     dataset = ray.data.from_arrow_refs(table_refs)
-    fingerprint = sum(fingerprints) & _MASK64
+    fingerprint = sum(fingerprints) & _MASK64  # of the rows kept: what the written tables must hold
     skipped: Counter[str] = Counter()
     for s in stats:
         skipped.update(s.skipped_extensions)
@@ -405,13 +520,60 @@ def list_input(
             "skipped %d file(s) by extension (%s); input.extensions selects images",
             sum(skipped.values()), ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())),
         )  # fmt: skip
-    if _ids_from_data(input):
-        check_unique_ids(dataset, input.uri)
     return Listing(
         dataset=dataset, rows=rows, fingerprint=f"{rows}:{fingerprint:016x}",
         skipped_extensions=dict(skipped), unreadable_files=sum(s.unreadable_files for s in stats),
         unreadable_records=sum(s.unreadable_records for s in stats), shards=len(table_refs),
+        duplicates_dropped=dropped,
     )  # fmt: skip
+
+
+def _run_shards(
+    shards: list[Shard],
+    input: InputConfig,
+    storage: StorageConfig,
+    resources: Resources,
+    id_key: IdKey | None,
+    shard_rows: int,
+) -> tuple[list[tuple[ray.ObjectRef, int, int]], list[ShardStats]]:
+    """List ``shards`` and the shards they leave, each in a Ray task as soon as it is known.
+
+    Returns ``(table ref, rows, fingerprint)`` per non-empty table, in a fixed order (shard by shard,
+    a shard's tables before the shards it left, these in their order: key order for S3 ranges) whatever
+    order the tasks finish in, and every task's stats. The tables stay in the object store.
+    """
+    import ray
+
+    task = ray.remote(_list_shard_task).options(
+        num_returns="streaming", num_cpus=resources.num_cpus, max_retries=storage.task_retries,
+        retry_exceptions=[TransientStorageError],
+    )  # fmt: skip
+    running: dict[ray.ObjectRef, tuple[Any, tuple[int, ...]]] = {}
+
+    def submit(shard: Shard, order: tuple[int, ...]) -> None:
+        generator = task.remote(shard, input, storage, id_key, shard_rows)
+        running[generator.completed()] = (generator, order)
+
+    for i, shard in enumerate(shards):
+        submit(shard, (i,))
+    parts: list[tuple[tuple[int, ...], tuple[ray.ObjectRef, int, int]]] = []
+    all_stats: list[ShardStats] = []
+    while running:
+        [done], _ = ray.wait(list(running), num_returns=1)
+        generator, order = running.pop(done)
+        ray.get(done)  # raises the task's error
+        refs = list(generator)
+        stats: ShardStats = ray.get(refs[-1])
+        all_stats.append(stats)
+        sizes = stats.tables or [(stats.rows, stats.fingerprint)]
+        for j, (ref, (rows, print_)) in enumerate(zip(refs[:-1], sizes, strict=True)):
+            if rows:
+                parts.append(((*order, 0, j), (ref, rows, print_)))
+        for j, child in enumerate(stats.children):
+            submit(child, (*order, 1, j))
+        stats.children, stats.tables = [], []
+    parts.sort(key=lambda part: part[0])
+    return [part for _, part in parts], all_stats
 
 
 def _limit(
@@ -432,19 +594,3 @@ def _limit(
         kept_prints.append(print_)
         left -= count
     return refs, kept_counts, kept_prints
-
-
-def _ids_from_data(input: InputConfig) -> bool:
-    """Whether row ids come from the data (and can collide), not from hashing unique source URIs."""
-    return input.id == "column"
-
-
-def check_unique_ids(dataset: ray.data.Dataset, uri: str) -> None:
-    """Raise :class:`InputError` naming the first duplicate ids (a hash shuffle over the id column)."""
-    from ray.data.expressions import col
-
-    counts = dataset.select_columns(["id"]).groupby("id").count()
-    dupes = counts.filter(expr=col("count()") > 1).take(5)
-    if dupes:
-        shown = ", ".join(sorted(str(row["id"]) for row in dupes))
-        raise InputError(f"duplicate row ids in {uri} (e.g. {shown}); ids must be unique")
