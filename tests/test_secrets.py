@@ -242,8 +242,10 @@ def test_the_fingerprint_ignores_secret_values_but_not_settings(tmp_path, monkey
     rotated.stage1.vllm_llm.env_vars = {**llm.env_vars, "HF_TOKEN": "hf_rotated"}
     rotated.stage1.vllm_llm.engine_kwargs = {"hf_token": "hf_rotated_too"}
     assert config_fingerprint(rotated) == config_fingerprint(cfg)
-    tuned = cfg.model_copy(deep=True)
+    tuned = cfg.model_copy(deep=True)  # a batching knob: the same outcomes
     tuned.stage1.vllm_llm.engine_kwargs = {**llm.engine_kwargs, "max_num_batched_tokens": 4096}
+    assert config_fingerprint(tuned) == config_fingerprint(cfg)
+    tuned.stage1.vllm_llm.engine_kwargs = {**llm.engine_kwargs, "quantization": "fp8"}
     assert config_fingerprint(tuned) != config_fingerprint(cfg)
     assert _leaks(json.dumps([public_config(cfg), cfg.model_dump(mode="json")]).encode()) == []
 

@@ -890,6 +890,20 @@ class RayConfig(_Model):
     write_num_cpus: float = Field(0.25, ge=0, description="CPUs per Parquet write task.")
 
 
+class RunConfig(_Model):
+    """How a run guards itself: it stops early when most rows fail (a wrong model id, an unreadable
+    input) instead of writing a whole dataset of error rows."""
+
+    max_error_fraction: float | None = Field(
+        0.5, ge=0, le=1, description="Stop the run once more than this share of the rows it wrote are "
+        "error rows (after `min_rows_for_error_fraction` rows); its files stay, and `--resume` continues "
+        "after the config is fixed. None: never stop.",
+    )  # fmt: skip
+    min_rows_for_error_fraction: int = Field(
+        100, ge=1, description="Rows a run writes before `max_error_fraction` is checked."
+    )
+
+
 class JobConfig(_Model):
     """One anonymization job."""
 
@@ -900,6 +914,7 @@ class JobConfig(_Model):
     stage1: Stage1Config
     stage2: Stage2Config
     ray: RayConfig = Field(default_factory=RayConfig)
+    run: RunConfig = Field(default_factory=RunConfig, description="Early stop when most rows fail.")
 
     @model_validator(mode="before")
     @classmethod

