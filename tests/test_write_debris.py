@@ -61,23 +61,25 @@ def _s3(s3_endpoint: str) -> StorageConfig:
     return StorageConfig(endpoint_url=s3_endpoint)
 
 
-def test_a_retry_that_splits_rows_differently_leaves_none_of_the_first_attempts_files(tmp_path):
-    storage = StorageConfig()
-    prepare_outputs(_output(str(tmp_path), rows_per_file=1), storage)
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_retry_that_splits_rows_differently_leaves_none_of_the_first_attempts_files(
+    where, tmp_path, s3_bucket, s3_endpoint
+):
+    root, storage = (str(tmp_path), StorageConfig()) if where == "local" else (s3_bucket, _s3(s3_endpoint))
+    prepare_outputs(_output(root, rows_per_file=1), storage)
     blocks = [rows_to_table(_rows(3))]
-    SafeAndSensitiveDatasink(_output(str(tmp_path), rows_per_file=1), storage).write(blocks, _Context(5, "w"))
-    (tmp_path / "safe" / ".part-w-000005-007.parquet.tmp").write_bytes(b"PAR1 half")  # a killed attempt
-    assert len(os.listdir(tmp_path / "safe")) == 4
-    other = SafeAndSensitiveDatasink(_output(str(tmp_path), rows_per_file=10), storage)
+    SafeAndSensitiveDatasink(_output(root, rows_per_file=1), storage).write(blocks, _Context(5, "w"))
+    if where == "local":
+        (tmp_path / "safe" / ".part-w-000005-007.parquet.tmp").write_bytes(b"PAR1 half")  # a killed attempt
+    assert len(_names(f"{root}/safe", storage)) == 3 + (where == "local")
+    other = SafeAndSensitiveDatasink(_output(root, rows_per_file=10), storage)
     other.write([rows_to_table(_rows(1, "x"))], _Context(6, "w"))  # another task's files stay
     other.write(blocks, _Context(5, "w"))  # the retry: one file of 3 rows
+    expected = ["part-w-000005-000.parquet", "part-w-000006-000.parquet"]
     for table in ("safe", "sensitive"):
-        assert sorted(os.listdir(tmp_path / table)) == [
-            "part-w-000005-000.parquet",
-            "part-w-000006-000.parquet",
-        ]
-    assert sorted(read_columns(f"{tmp_path}/safe", storage, ["id"]).column("id").to_pylist()) == [
-        "r0", "r1", "r2", "x0"]  # fmt: skip
+        assert _names(f"{root}/{table}", storage) == expected
+    ids = read_columns(f"{root}/safe", storage, ["id"]).column("id").to_pylist()
+    assert sorted(ids) == ["r0", "r1", "r2", "x0"]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
