@@ -71,6 +71,18 @@ def list_s3_range(
         request["ContinuationToken"] = page["NextContinuationToken"]
 
 
+def _class(char: str) -> str:
+    """The characters of ``char``'s class: digits, upper or lower case letters, or a few common ones."""
+    return next((c for c in _CLASSES if char in c), "")
+
+
+def _later(char: str) -> str:
+    """The characters of ``char``'s class after it; a few common ones for a character of no class."""
+    chars = _class(char)
+    later = "".join(c for c in (chars or _OTHER) if c > char)
+    return later if chars else later[:4]
+
+
 def split_points(first: str, last: str, upto: str | None, floor: int) -> list[str]:
     """Cut points ``last < p < upto`` for the rest of a range whose listed keys went from ``first`` to
     ``last`` (ranges ``(last, p1], (p1, p2], …, (pn, upto]``).
@@ -79,15 +91,16 @@ def split_points(first: str, last: str, upto: str | None, floor: int) -> list[st
     of the range is guessed to go on there and at the characters before it (a counter rolls over). At
     each such position, the points are ``last``'s head followed by each later character of the same
     class (digits, upper or lower case letters; a few common ones otherwise), the deepest position
-    first, up to :data:`SPLIT_WIDTH` points. ``floor``: the length of the prefix that every key shares.
+    first, up to :data:`SPLIT_WIDTH` points; the first block after ``last`` is cut one character
+    finer. ``floor``: the length of the prefix that every key shares.
     """
     common = len(os.path.commonprefix([first, last]))  # noqa: RUF071 (characters, not paths)
     points: set[str] = set()
     for i in range(min(common, len(last) - 1), floor - 1, -1):
-        char = last[i]
-        chars = next((c for c in _CLASSES if char in c), None)
-        later = [c for c in (chars or _OTHER) if c > char]
-        points.update(last[:i] + c for c in (later if chars else later[:4]))
+        later = _later(last[i])
+        if later and not points and i + 1 < len(last):  # the next block, as dense as the listed one?
+            points.update(last[:i] + later[0] + c for c in _class(last[i + 1]))  # cut one level finer
+        points.update(last[:i] + c for c in later)
         if len(points) >= SPLIT_WIDTH:
             break
     inside = sorted(p for p in points if p > last and (upto is None or p < upto))

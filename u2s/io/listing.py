@@ -192,7 +192,11 @@ def top_folders(input: InputConfig, storage: StorageConfig, max_entries: int = 1
 
 def _is_hidden(path: str, root: str, prefixes: tuple[str, ...]) -> bool:
     """Whether a component of ``path`` below ``root`` starts with one of ``prefixes`` (``._x.jpg``)."""
-    relative = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+    head = root.rstrip("/") + "/"
+    if path.startswith(head):  # the common case, without relpath's normalising (a listing's hot loop)
+        relative = path[len(head) :]
+    else:
+        relative = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
     return any(part.startswith(prefixes) for part in relative.split("/"))
 
 
@@ -255,7 +259,8 @@ def _folder_table(
     make_id: Callable[[str], str],
 ) -> pa.Table:
     paths = _image_files(fs, paths, root, _suffixes(input.extensions), stats)
-    sources = [to_uri(fs, path) for path in paths]
+    # Local paths here are absolute and normal (os.scandir of a normal path); S3 ones are bucket/key.
+    sources = [f"s3://{path}" for path in paths] if _is_s3(fs) else paths
     labels = (
         [posixpath.basename(posixpath.dirname(path)) for path in paths]
         if input.format == "class_folders"
