@@ -3,8 +3,8 @@
     ray job submit --working-dir . -- python jobs/anonymize.py --preset paper \
         --input s3://bucket/images --output s3://bucket/safe --sensitive-output s3://restricted/sensitive
 
-It is `u2s run` (same options, `--resume` and `--force` included; same validation: a bad config exits
-with status 2 before Ray starts);
+It is `u2s run` (same options, `--resume`, `--force` and `--retry-errors` included; same validation: a
+bad config exits with status 2 before Ray starts);
 inside a Ray job the pipeline attaches to the job's cluster. `u2s submit` and the KubeRay RayJob call it.
 """
 

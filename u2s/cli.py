@@ -192,8 +192,19 @@ def run(
             help="With --resume: resume even if the config or input changed.",
         ),
     ] = False,
+    retry_errors: Annotated[
+        bool,
+        typer.Option(
+            "--retry-errors",
+            rich_help_panel=RESUME_PANEL,
+            help="With --resume: process the earlier attempts' error rows again; their new rows replace "
+            "them in both tables.",
+        ),
+    ] = False,
 ) -> None:
     """Anonymize a dataset: stage 1 (inspect, describe, instruct), stage 2 (edit), Parquet sinks."""
+    if retry_errors and not resume:
+        raise typer.BadParameter("needs --resume", param_hint="--retry-errors")
     overrides = io_overrides(input, input_format, output, sensitive_output, ray_address) + (set_ or [])
     cfg = resolve_config(preset, config, overrides)
     from u2s.io.errors import InputError
@@ -210,7 +221,7 @@ def run(
         typer.echo(f"u2s run: {e}", err=True)
         raise typer.Exit(2) from None
     try:
-        summary = run_job(cfg, resume=resume, force=force)
+        summary = run_job(cfg, resume=resume, force=force, retry_errors=retry_errors)
     except (InputError, OutputExistsError, OutputUnavailable, ResumeRefused) as e:
         typer.echo(f"u2s run: {e}", err=True)
         raise typer.Exit(2) from None

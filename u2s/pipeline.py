@@ -50,6 +50,7 @@ class RunSummary:
     safe_uri: str
     sensitive_uri: str
     listing: dict[str, Any] = field(default_factory=dict)
+    retried: int = 0  # error rows of earlier attempts processed again (--retry-errors)
 
 
 class JobFailed(RuntimeError):
@@ -321,14 +322,19 @@ def verify_outputs(cfg: JobConfig, expected: int, fingerprint: str | None = None
     return counts
 
 
-def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary:
+def run(cfg: JobConfig, resume: bool = False, force: bool = False, retry_errors: bool = False) -> RunSummary:
     """Run one anonymization job end to end: both tables and both ``_run.json`` records.
 
     ``resume``: continue an interrupted run in the same outputs (finished rows are not processed again);
-    refused when the config or the input changed since, unless ``force``.
+    refused when the config or the input changed since, unless ``force``. ``retry_errors`` (with
+    ``resume``): its error rows are processed again and replace the old ones. ``cfg.run`` stops a run whose
+    rows mostly fail (:mod:`u2s.error_budget`).
     """
+    if retry_errors and not resume:
+        raise ValueError("retry_errors needs resume: it reprocesses the error rows of an earlier run")
     import ray
 
+    from u2s.error_budget import ErrorBudget, committed_rows, stop_message
     from u2s.io.ids import output_id_key
     from u2s.io.listing import list_input
     from u2s.io.storage import read_json, retry_transient_errors, uri_join
@@ -345,20 +351,28 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary
     listing = list_input(cfg.input, cfg.storage, cfg.ray.decode, id_key)
     warn_person_name_labels(cfg)
     previous = read_json(uri_join(cfg.output.sensitive_uri, "_run.json"), cfg.storage) if resuming else None
-    done = None
+    done, retried = None, 0
     if resuming:
         if not force:
             check_resumable(previous, cfg, listing.fingerprint)
-        state = reconcile(cfg.output, cfg.storage)
-        done = state.done if len(state.done) else None
-        logger.info("resuming: %d of %d rows already written", len(state.done), listing.rows)
+        state = reconcile(cfg.output, cfg.storage, retry_errors=retry_errors)
+        done, retried = (state.done if len(state.done) else None), state.retried
+        logger.info("resuming: %d of %d rows already written%s", len(state.done), listing.rows,
+                    f", {retried} error row(s) to process again" if retry_errors else "")  # fmt: skip
     records = _Records(cfg, previous, listing)
     records.save()
     sink = SafeAndSensitiveDatasink(cfg.output, cfg.storage)
+    sink.error_budget = budget = ErrorBudget.start(cfg.run)
     try:
         dataset = build_dataset(cfg, listing, ray.put(done) if done is not None else None)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.write_num_cpus})
     except Exception as e:
+        errors = budget.state() if budget is not None else None
+        if errors is not None and errors.stopped:
+            written = committed_rows(cfg.output, cfg.storage) - (0 if done is None else len(done))
+            records.finish("stopped", written=written, reasons=dict(errors.top()))
+            records.save()
+            raise JobFailed(stop_message(errors, cfg.run, written)) from None
         records.finish("failed", written=sink.summary.rows, error=type(e).__name__)
         records.save()
         raise JobFailed(
@@ -367,13 +381,15 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False) -> RunSummary
         ) from e
     finally:
         remove_placement_groups()  # vLLM engine actors' groups (Ray Data leaves them reserved)
+        if budget is not None:
+            budget.close()
     counts = verify_outputs(cfg, listing.rows, listing.fingerprint)
     summary = RunSummary(
         **counts, wall_seconds=time.perf_counter() - start, resumed=0 if done is None else len(done),
         written=sink.summary.rows, safe_uri=cfg.output.uri, sensitive_uri=cfg.output.sensitive_uri,
-        listing=listing.stats(),
+        listing=listing.stats(), retried=retried,
     )  # fmt: skip
-    records.finish("succeeded", written=sink.summary.rows)
+    records.finish("succeeded", written=sink.summary.rows, retried=retried)
     records.save(summary)
     return summary
 

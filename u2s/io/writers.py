@@ -40,6 +40,7 @@ from ray.data import Datasink  # this module is imported only by the pipeline, n
 from ray.data.block import BlockAccessor
 
 from u2s.config import OutputConfig, StorageConfig
+from u2s.error_budget import report_finished
 from u2s.io.storage import (
     TransientStorageError,
     arrow_filesystem,
@@ -355,6 +356,7 @@ class SafeAndSensitiveDatasink(Datasink[dict]):
                     continue
                 table = finalize(table.select(WORKING_SCHEMA.names))
                 summary.add(summarize(table))
+                report_finished(self, table)  # run.max_error_fraction: stops a run that mostly fails
                 writer.add(table)
             writer.commit()
         except BaseException as e:
