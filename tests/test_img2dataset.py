@@ -77,28 +77,33 @@ def urls(tmp_path_factory) -> dict[str, bytes | int]:
     server.shutdown()
 
 
-def _download(exe: Path, urls: dict, folder: Path, output_format: str) -> Path:
-    """Run img2dataset on ``urls`` (from ``folder``: a ``ray/`` folder in the cwd would shadow Ray)."""
+def _download(exe: Path, urls: dict, folder: Path, output_format: str) -> tuple[subprocess.Popen, Path]:
+    """Start img2dataset on ``urls`` (from ``folder``: a ``ray/`` folder in the cwd would shadow Ray)."""
     folder.mkdir(parents=True, exist_ok=True)
     url_list = folder / "urls.tsv"
     url_list.write_text("url\tcaption\n" + "".join(f"{u}\t{CAPTION.format(i)}\n" for i, u in enumerate(urls)))
     out = folder / "out"
-    subprocess.run(
+    process = subprocess.Popen(
         [exe, "--url_list", url_list, "--input_format", "tsv", "--url_col", "url", "--caption_col", "caption",
          "--output_folder", out, "--output_format", output_format, "--processes_count", "1",
          "--thread_count", "4", "--resize_mode", "no", "--disable_all_reencoding", "True",
          "--number_sample_per_shard", "4", "--retries", "0", "--timeout", "10",
          "--distributor", "multiprocessing", "--enable_wandb", "False"],
-        cwd=folder, check=True, capture_output=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
     )  # fmt: skip
-    return out
+    return process, out
 
 
 @pytest.fixture(scope="module")
 def shards(img2dataset_bin, urls, tmp_path_factory) -> dict[str, Path]:
-    """img2dataset's webdataset and parquet outputs of the same URLs."""
+    """img2dataset's webdataset and parquet outputs of the same URLs (both runs at once)."""
     root = tmp_path_factory.mktemp("img2dataset")
-    return {fmt: _download(img2dataset_bin, urls, root / fmt, fmt) for fmt in ("webdataset", "parquet")}
+    runs = {fmt: _download(img2dataset_bin, urls, root / fmt, fmt) for fmt in ("webdataset", "parquet")}
+    for fmt, (process, _) in runs.items():
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, f"img2dataset ({fmt}) failed: {stderr[-2000:]}"
+    return {fmt: out for fmt, (_, out) in runs.items()}
 
 
 def _url_of_key(folder: Path) -> dict[str, str]:
