@@ -42,7 +42,7 @@ def _local_path(path: str) -> str:
 
 
 class TransientStorageError(OSError):
-    """Storage stayed unreachable after botocore's retries; Ray Data retries the task's work.
+    """Storage stayed unreachable or kept throttling after botocore's retries; Ray Data retries the work.
 
     The message is the original exception's type only (messages can quote object keys, i.e. paths).
     """
@@ -68,11 +68,37 @@ _TRANSIENT_NAMES = frozenset({
 })  # fmt: skip
 
 
+#: S3 error codes that mean "try again later" (throttling, an overloaded or failing server): botocore
+#: retries them ``storage.max_attempts`` times; past that they surface as a ``ClientError`` with the code, or
+#: through s3fs as an ``OSError`` raised from it (``s3fs.errors.translate_boto_error``).
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
+    "ProvisionedThroughputExceededException", "BandwidthLimitExceeded", "ServiceUnavailable",
+    "InternalError", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
+    "500", "502", "503", "504",
+})  # fmt: skip
+
+
+def _is_transient_response(error: BaseException) -> bool:
+    """Whether ``error`` carries a botocore error response that says "try again later" (by its error
+    code, or an HTTP status of 429 or 5xx)."""
+    response = getattr(error, "response", None)
+    if not isinstance(response, dict):
+        return False
+    code = str((response.get("Error") or {}).get("Code") or "")
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return code in _TRANSIENT_CODES or (isinstance(status, int) and (status == 429 or status >= 500))
+
+
 def is_transient(error: BaseException) -> bool:
-    """Whether ``error`` (or an exception it was raised from) is a connection or timeout failure."""
+    """Whether ``error`` (or an exception it was raised from) is a connection or timeout failure, or
+    throttling or a server error of the object store that outlasted botocore's retries."""
     seen = 0
     while error is not None and seen < 8:
         if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(error).__mro__):
+            return True
+        if _is_transient_response(error):
             return True
         error, seen = error.__cause__ or error.__context__, seen + 1
     return False
