@@ -8,8 +8,10 @@ import functools
 import http.server
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 from pathlib import Path
 
@@ -146,6 +148,32 @@ def test_img2dataset_webdataset_output_every_url_once(shards, urls, ray_cluster)
     keyed_rows = keyed.take_all()
     assert sorted(r["source"] for r in keyed_rows) == sorted(r["source"] for r in rows)
     assert not {r["id"] for r in keyed_rows} & set(keys)
+
+
+def test_a_cut_img2dataset_shard_still_gives_every_url_once(shards, urls, tmp_path, ray_cluster) -> None:
+    folder = tmp_path / "cut"
+    shutil.copytree(shards["webdataset"], folder)
+    shard = sorted(folder.glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        last_image = max(m.offset_data for m in tar.getmembers() if m.name.endswith(".jpg"))
+    # A partial upload, cut inside the last image: the sidecar still lists every URL.
+    shard.write_bytes(shard.read_bytes()[: last_image + 10])
+    rows = read_source(
+        InputConfig(uri=str(folder), format="webdataset", id="column"), LOCAL, RESOURCES
+    ).take_all()
+    keys = _url_of_key(folder)
+    assert sorted(r["id"] for r in rows) == sorted(keys)
+    by_id = {r["id"]: r for r in rows}
+    cut = [k for k in _keys_in(shard) if by_id[k]["error"] == "read: ReadError"]
+    assert cut and all(by_id[k]["image"]["bytes"] is None for k in cut)
+    for key, row in by_id.items():
+        served = urls[keys[key]]
+        if key in cut:
+            assert isinstance(served, bytes)  # downloaded, lost with the shard's tail
+        elif isinstance(served, bytes):
+            assert row["status"] is None and row["image"]["bytes"] == served
+        else:
+            assert row["error"] == f"read: download failed (HTTP {served})"
 
 
 def test_img2dataset_parquet_output_every_url_once(shards, urls, ray_cluster) -> None:
