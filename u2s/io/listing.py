@@ -471,12 +471,13 @@ def _head(table: pa.Table, n: int) -> tuple[pa.Table, int]:
 def list_input(
     input: InputConfig, storage: StorageConfig, resources: Resources, id_key: IdKey | None = None
 ) -> Listing:
-    """List ``input`` in Ray tasks (one per shard); the driver keeps only references and counts.
+    """List ``input`` in Ray tasks (one per shard, and one per shard a folder's tasks leave); the driver
+    keeps only references and counts.
 
     ``id_key``: the output's id key, required by ``input.id: keyed`` (:func:`u2s.io.ids.output_id_key`);
-    it reaches the tasks as an argument and is never logged. Raises :class:`InputError` when the input is
-    missing or empty, or when ids taken from the data (COCO ids, an id column) are not unique (ids are
-    the join and resume key).
+    it reaches the tasks as an argument and is never logged. Rows listed again with the same id and
+    source are dropped (counted in ``duplicates_dropped``). Raises :class:`InputError` when the input is
+    missing or empty, or when one id names different sources (ids are the join and resume key).
     """
     import ray
     import ray.data
