@@ -149,6 +149,37 @@ def test_retry_errors_processes_the_error_rows_again_and_replaces_them_once(firs
     assert record["attempts"][-1]["retried"] == len(BROKEN) and record["summary"]["retried"] == len(BROKEN)
 
 
+def test_error_rows_leave_both_tables_on_s3_and_only_their_pairs_are_rewritten(s3_endpoint, s3_bucket):
+    """The real sink writes three pairs to the S3 server, two of them holding an error row each."""
+    from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
+
+    from u2s.config import OutputConfig, StorageConfig
+    from u2s.io.writers import SafeAndSensitiveDatasink, prepare_outputs
+    from u2s.schema import new_row, rows_to_table
+
+    class Context:  # what Ray hands a write task
+        task_idx, kwargs = 0, {WRITE_UUID_KWARG_NAME: "w"}
+
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    output = OutputConfig(uri=f"{s3_bucket}/safe", sensitive_uri=f"{s3_bucket}/sensitive", rows_per_file=2)
+    prepare_outputs(output, storage)
+    rows = [new_row(f"r{i}", f"/d/r{i}.png", None, b"x" * 100) for i in range(IMAGES)]
+    for i, row in enumerate(rows):
+        failed = i in (1, 4)
+        row.update(
+            status="error" if failed else "kept", error="decode: UnidentifiedImageError" if failed else None
+        )
+    SafeAndSensitiveDatasink(output, storage).write([rows_to_table(rows)], Context())
+    state = reconcile(output, storage, retry_errors=True)
+    assert state.retried == 2 and sorted(state.done.to_pylist()) == ["r0", "r2", "r3", "r5"]
+    expected = ["part-w-000000-000.r1.parquet", "part-w-000000-001.parquet", "part-w-000000-002.r1.parquet"]
+    for uri in (output.uri, output.sensitive_uri):
+        assert parquet_files(uri, storage) == expected
+        table = read_columns(uri, storage, ["id", "status"])
+        assert sorted(table.column("id").to_pylist()) == ["r0", "r2", "r3", "r5"]
+        assert set(table.column("status").to_pylist()) == {"kept"}
+
+
 def test_retry_errors_needs_resume():
     from u2s.cli import app
 
