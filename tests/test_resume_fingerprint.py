@@ -121,3 +121,13 @@ def test_a_changed_input_or_no_record_refuses_resume():
     with pytest.raises(ResumeRefused, match="no run record"):
         check_resumable(None, cfg, INPUT)
     check_resumable(_record(cfg), cfg, INPUT)
+
+
+def test_records_are_compared_by_their_settings_not_only_their_hash():
+    cfg = _cfg()
+    older = {**_record(cfg), "config_fingerprint": "an earlier version's hash of the same settings"}
+    check_resumable(older, cfg, INPUT)
+    bare = {"config_fingerprint": config_fingerprint(cfg), "input_fingerprint": INPUT}  # no config kept
+    check_resumable(bare, cfg, INPUT)
+    with pytest.raises(ResumeRefused, match="outcome changed"):
+        check_resumable(bare, _cfg("stage2.seed=7"), INPUT)

@@ -230,14 +230,15 @@ def check_resumable(record: dict[str, Any] | None, cfg: JobConfig, input_fingerp
             "pass --force to resume anyway"
         )
     problems = []
-    if record.get("config_fingerprint") != config_fingerprint(cfg):
-        changed = changed_settings(record["config"], cfg) if isinstance(record.get("config"), dict) else []
+    if isinstance(record.get("config"), dict):  # compared field by field: names what changed, and a
+        changed = changed_settings(record["config"], cfg)  # record of an older fingerprint still resumes
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        if changed:
+            problems.append(f"settings that decide a row's outcome changed ({shown})")
+    elif record.get("config_fingerprint") != config_fingerprint(cfg):
         problems.append(
-            f"settings that decide a row's outcome changed ({shown})"
-            if changed
-            else "the settings that decide a row's outcome changed (models, prompts' settings, editor, seed "
-            "or input layout)"
+            "the settings that decide a row's outcome changed (models, prompts' settings, editor, seed or "
+            "input layout)"
         )
     if record.get("input_fingerprint") != input_fingerprint:
         problems.append("the input listing changed (images added, removed or renamed)")
