@@ -76,16 +76,17 @@ class GroupReaper:
     def watch(self) -> None:
         """Make sure the thread runs (called for each new group)."""
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="u2s-group-reaper", daemon=True)
                 self._thread.start()
 
     def _loop(self) -> None:
         import ray
 
-        while ray.is_initialized():
-            with _groups_lock:
-                if not _groups:
+        while True:
+            with self._lock, _groups_lock:  # a group added after this check starts a new thread
+                if not _groups or not ray.is_initialized():
+                    self._thread = None
                     return
             try:
                 self.reap()
