@@ -1,8 +1,8 @@
 """The driver's peak memory over a whole ``u2s.pipeline.run``, at N and 10 N rows.
 
 Each size runs in a fresh process (so its ``ru_maxrss`` is its own): N tiny PNGs (8×8) in a folder, the
-cpu-tiny preset with stage 1 on the HTTP engine against an instant stand-in server in the same process
-(:class:`u2s.testing.chat_server.OracleChatServer` answering "nothing private" to every call, so no
+cpu-tiny preset with stage 1 on the HTTP engine against an instant stand-in server in a process of its
+own (:class:`u2s.testing.chat_server.OracleChatServer` answering "nothing private" to every call, so no
 model runs and every row is kept), the whole job otherwise as it is: listing, fetch, decode, the pools,
 the sinks, the exactly-once check, the run records. Prints each run's wall time and the driver's peak
 RSS (``ru_maxrss`` and a 0.2 s psutil sample), and their ratio (the bar: ≤ 1.2).
@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,13 +63,38 @@ def start_ray(tries: int = 5) -> None:
             time.sleep(10)
 
 
+def serve(url_file: str) -> None:
+    """The instant stand-in server, in its own process (its memory is not the driver's)."""
+    from u2s.testing.chat_server import OracleChatServer
+
+    with OracleChatServer(lambda request: {"privacy_flag": False, "categories": []}) as url:
+        Path(url_file).write_text(url)
+        threading.Event().wait()
+
+
+@contextmanager
+def stand_in_server():
+    """Start :func:`serve` in a child process; yields its URL."""
+    with tempfile.TemporaryDirectory() as tmp:
+        url_file = Path(tmp, "url")
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", str(url_file)], cwd=REPO)
+        try:
+            while not url_file.exists() or not url_file.read_text():
+                if proc.poll() is not None:
+                    raise SystemExit("the stand-in server did not start")
+                time.sleep(0.2)
+            yield url_file.read_text()
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 def child(folder: str, out: str) -> dict:
     """One run in this process; returns its wall time and this process's peak RSS."""
     import psutil
 
     from u2s.config import load_config
     from u2s.pipeline import run
-    from u2s.testing.chat_server import OracleChatServer
 
     peak = {"rss": 0}
     stop = threading.Event()
@@ -81,7 +107,7 @@ def child(folder: str, out: str) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    with OracleChatServer(lambda request: {"privacy_flag": False, "categories": []}) as url:
+    with stand_in_server() as url:
         cfg = load_config(preset="cpu-tiny", overrides=[
             f"input.uri={folder}", f"output.uri={out}/safe", f"output.sensitive_uri={out}/sensitive",
             "stage1.engine=http",
@@ -180,7 +206,11 @@ def main() -> None:
     parser.add_argument("--outputs-only", action="store_true", help="the driver's end of a run alone")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--outputs-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
     if args.child:
         print(json.dumps(child(*args.child)))
         return
