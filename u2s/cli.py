@@ -210,7 +210,7 @@ def run(
     from u2s.io.errors import InputError
     from u2s.io.storage import OutputUnavailable
     from u2s.io.writers import OutputExistsError
-    from u2s.pipeline import JobFailed, format_summary
+    from u2s.pipeline import JobFailed, JobInterrupted, format_summary
     from u2s.pipeline import run as run_job
     from u2s.preflight import PreflightError, check_job
     from u2s.run_record import ResumeRefused
@@ -221,10 +221,13 @@ def run(
         typer.echo(f"u2s run: {e}", err=True)
         raise typer.Exit(2) from None
     try:
-        summary = run_job(cfg, resume=resume, force=force, retry_errors=retry_errors)
+        summary = run_job(cfg, resume=resume, force=force, retry_errors=retry_errors, progress=True)
     except (InputError, OutputExistsError, OutputUnavailable, ResumeRefused) as e:
         typer.echo(f"u2s run: {e}", err=True)
         raise typer.Exit(2) from None
+    except JobInterrupted as e:
+        typer.echo(f"u2s run: {e}", err=True)
+        raise typer.Exit(130) from None
     except JobFailed as e:
         typer.echo(f"u2s run: {e}", err=True)
         raise typer.Exit(1) from None

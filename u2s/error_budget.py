@@ -6,7 +6,8 @@ each block of rows before they write it (counts by error reason: reasons are con
 Ray actor; once at least ``run.min_rows_for_error_fraction`` rows are in and more than
 ``run.max_error_fraction`` of them are errors, the actor says stop, the write task raises
 :class:`ErrorBudgetExceeded`, and the driver ends the run with a message naming the top reasons. Files
-committed before the stop stay; ``--resume`` continues.
+committed before the stop stay; ``--resume`` continues. The same tally counts rows by status and busy
+seconds per stage, which u2s's progress line reads (:mod:`u2s.progress`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from u2s.config import OutputConfig, RunConfig, StorageConfig
+from u2s.progress import Progress
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -43,25 +45,37 @@ class ErrorCounts:
 
 
 class _Counter:
-    """The run's error tally (a Ray actor: one per run, reached by every write task)."""
+    """The run's tally (a Ray actor: one per run, reached by every write task)."""
 
-    def __init__(self, max_error_fraction: float, min_rows: int) -> None:
+    def __init__(self, max_error_fraction: float | None, min_rows: int) -> None:
         self.limit, self.min_rows = max_error_fraction, min_rows
         self.counts = ErrorCounts()
+        self.progress = Progress()
 
-    def add(self, rows: int, reasons: dict[str, int]) -> bool:
+    def add(self, rows: int, reasons: dict[str, int], by_status: dict[str, int] | None = None,
+            stage_seconds: dict[str, float] | None = None) -> bool:  # fmt: skip
         """Count a written block; returns whether the run must stop."""
         counts = self.counts
         counts.rows += rows
         for reason, n in reasons.items():
             counts.reasons[reason] = counts.reasons.get(reason, 0) + n
             counts.errors += n
-        if counts.rows >= self.min_rows and counts.errors > self.limit * counts.rows:
+        progress = self.progress
+        progress.rows += rows
+        for status, n in (by_status or {}).items():
+            progress.by_status[status] = progress.by_status.get(status, 0) + n
+        for stage, seconds in (stage_seconds or {}).items():
+            progress.stage_seconds[stage] = progress.stage_seconds.get(stage, 0.0) + seconds
+        limit = self.limit
+        if limit is not None and counts.rows >= self.min_rows and counts.errors > limit * counts.rows:
             counts.stopped = True
         return counts.stopped
 
     def state(self) -> ErrorCounts:
         return self.counts
+
+    def progress_state(self) -> Progress:
+        return self.progress
 
 
 class ErrorBudget:
@@ -71,10 +85,8 @@ class ErrorBudget:
         self.actor = actor
 
     @classmethod
-    def start(cls, run: RunConfig) -> ErrorBudget | None:
-        """A fresh tally for one attempt; None when ``run.max_error_fraction`` is None (never stop)."""
-        if run.max_error_fraction is None:
-            return None
+    def start(cls, run: RunConfig) -> ErrorBudget:
+        """A fresh tally for one attempt (``run.max_error_fraction`` None: it counts, and never stops)."""
         import ray
 
         actor_class = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_Counter)
@@ -89,11 +101,21 @@ class ErrorBudget:
         import pyarrow.compute as pc
         import ray
 
-        errors = table.column("error").drop_null()
-        reasons = (
-            {v["values"]: v["counts"] for v in pc.value_counts(errors).to_pylist()} if len(errors) else {}
+        from u2s.schema import STAGES
+
+        def counts(column: pa.ChunkedArray) -> dict[str, int]:
+            column = column.drop_null()
+            return (
+                {v["values"]: v["counts"] for v in pc.value_counts(column).to_pylist()} if len(column) else {}
+            )
+
+        timings = table.column("timings")
+        stage_seconds = {stage: pc.sum(pc.struct_field(timings, stage)).as_py() or 0.0 for stage in STAGES}
+        busy = {stage: seconds for stage, seconds in stage_seconds.items() if seconds}
+        added = self.actor.add.remote(
+            table.num_rows, counts(table.column("error")), counts(table.column("status")), busy
         )
-        if ray.get(self.actor.add.remote(table.num_rows, reasons)):
+        if ray.get(added):
             raise ErrorBudgetExceeded("the share of error rows passed run.max_error_fraction")
 
     def state(self) -> ErrorCounts:
@@ -104,6 +126,12 @@ class ErrorBudget:
             return ray.get(self.actor.state.remote(), timeout=60)
         except (ray.exceptions.RayError, TimeoutError):
             return ErrorCounts()
+
+    def progress(self) -> Progress:
+        """Rows counted so far by status, and busy seconds per stage (the progress line's numbers)."""
+        import ray
+
+        return ray.get(self.actor.progress_state.remote(), timeout=10)
 
     def close(self) -> None:
         import ray

@@ -13,6 +13,7 @@ nothing; :func:`run` lists the input, checks a resumed run, executes the plan an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from u2s.config import JobConfig, Resources
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import pyarrow as pa
     import ray.data
 
@@ -55,6 +58,10 @@ class RunSummary:
 
 class JobFailed(RuntimeError):
     """The run stopped before every row was written; the message says how to finish it."""
+
+
+class JobInterrupted(JobFailed):
+    """SIGINT or SIGTERM ended the run; its records say ``interrupted`` and ``--resume`` finishes it."""
 
 
 def _stateless(batch: pa.Table, stage: Stage) -> pa.Table:
@@ -267,7 +274,9 @@ class _Records:
                                         "status": "running"}  # fmt: skip
         self.full["attempts"].append(self.attempt)
 
-    def save(self, summary: RunSummary | None = None) -> None:
+    def save(self, summary: RunSummary | None = None, public: bool = False) -> None:
+        """Write the full record; with a ``summary`` (the run finished) or ``public`` (it ended early), the
+        public one too (its dataset card only with a summary)."""
         from u2s.io.dataset_card import write_dataset_card
         from u2s.io.storage import uri_join, write_json
         from u2s.run_record import public_config
@@ -277,10 +286,13 @@ class _Records:
         if summary is not None:
             self.full["summary"] = asdict(summary)
         write_json(uri_join(self.cfg.output.sensitive_uri, "_run.json"), storage, self.full)
-        if summary is None:
+        if summary is None and not public:
             return
-        counts = {k: v for k, v in asdict(summary).items() if k not in ("safe_uri", "sensitive_uri")}
-        public = {
+        counts = (
+            None if summary is None
+            else {k: v for k, v in asdict(summary).items() if k not in ("safe_uri", "sensitive_uri")}
+        )  # fmt: skip
+        record = {
             "summary": counts,
             "attempts": [
                 {k: a.get(k) for k in ("attempt", "started", "finished", "status", "written")}
@@ -289,8 +301,9 @@ class _Records:
             "versions": self.full["versions"],
             "config": public_config(self.cfg),
         }
-        write_json(uri_join(self.cfg.output.uri, "_run.json"), storage, public)
-        write_dataset_card(self.cfg.output.uri, storage, public, safe_schema(self.cfg.output.publish))
+        write_json(uri_join(self.cfg.output.uri, "_run.json"), storage, record)
+        if summary is not None:
+            write_dataset_card(self.cfg.output.uri, storage, record, safe_schema(self.cfg.output.publish))
 
     def finish(self, status: str, **fields: Any) -> None:
         from u2s.run_record import now
@@ -322,13 +335,18 @@ def verify_outputs(cfg: JobConfig, expected: int, fingerprint: str | None = None
     return counts
 
 
-def run(cfg: JobConfig, resume: bool = False, force: bool = False, retry_errors: bool = False) -> RunSummary:
+def run(
+    cfg: JobConfig, resume: bool = False, force: bool = False, retry_errors: bool = False,
+    progress: bool = False,
+) -> RunSummary:  # fmt: skip
     """Run one anonymization job end to end: both tables and both ``_run.json`` records.
 
     ``resume``: continue an interrupted run in the same outputs (finished rows are not processed again);
     refused when the config or the input changed since, unless ``force``. ``retry_errors`` (with
     ``resume``): its error rows are processed again and replace the old ones. ``cfg.run`` stops a run whose
-    rows mostly fail (:mod:`u2s.error_budget`).
+    rows mostly fail (:mod:`u2s.error_budget`). ``progress``: print u2s's progress line (:mod:`u2s.progress`)
+    in place of Ray Data's progress output. KeyboardInterrupt (SIGINT, or SIGTERM where the caller maps it)
+    ends the attempt as ``interrupted`` in both records and raises :class:`JobInterrupted`.
     """
     if retry_errors and not resume:
         raise ValueError("retry_errors needs resume: it reprocesses the error rows of an earlier run")
@@ -363,35 +381,85 @@ def run(cfg: JobConfig, resume: bool = False, force: bool = False, retry_errors:
     records.save()
     sink = SafeAndSensitiveDatasink(cfg.output, cfg.storage)
     sink.error_budget = budget = ErrorBudget.start(cfg.run)
+    resumed = 0 if done is None else len(done)
+    line = _progress_line(budget, listing.rows, resumed) if progress else None
     try:
-        dataset = build_dataset(cfg, listing, ray.put(done) if done is not None else None)
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.write_num_cpus})
+        with _sigterm_as_interrupt():  # a stopped job (Ctrl-C, `kill`, a pod's end) ends as "interrupted"
+            dataset = build_dataset(cfg, listing, ray.put(done) if done is not None else None)
+            dataset.write_datasink(sink, ray_remote_args={"num_cpus": cfg.ray.write_num_cpus})
+    except KeyboardInterrupt:
+        written = committed_rows(cfg.output, cfg.storage) - resumed
+        records.finish("interrupted", written=written)
+        records.save(public=True)
+        raise JobInterrupted(
+            f"interrupted after writing {written} more row(s); rerun the same command with --resume to finish"
+        ) from None
     except Exception as e:
-        errors = budget.state() if budget is not None else None
-        if errors is not None and errors.stopped:
-            written = committed_rows(cfg.output, cfg.storage) - (0 if done is None else len(done))
+        errors = budget.state()
+        if errors.stopped:
+            written = committed_rows(cfg.output, cfg.storage) - resumed
             records.finish("stopped", written=written, reasons=dict(errors.top()))
             records.save()
             raise JobFailed(stop_message(errors, cfg.run, written)) from None
         records.finish("failed", written=sink.summary.rows, error=type(e).__name__)
-        records.save()
+        records.save(public=True)
         raise JobFailed(
             f"the run stopped ({type(e).__name__}) after writing {sink.summary.rows} more row(s); rerun the "
             "same command with --resume to finish it"
         ) from e
     finally:
+        if line is not None:
+            line.stop()
         remove_placement_groups()  # vLLM engine actors' groups (Ray Data leaves them reserved)
-        if budget is not None:
-            budget.close()
-    counts = verify_outputs(cfg, listing.rows, listing.fingerprint)
+        budget.close()
+    try:
+        counts = verify_outputs(cfg, listing.rows, listing.fingerprint)
+    except JobFailed:
+        records.finish("failed", written=sink.summary.rows, error="exactly-once check")
+        records.save(public=True)
+        raise
     summary = RunSummary(
-        **counts, wall_seconds=time.perf_counter() - start, resumed=0 if done is None else len(done),
+        **counts, wall_seconds=time.perf_counter() - start, resumed=resumed,
         written=sink.summary.rows, safe_uri=cfg.output.uri, sensitive_uri=cfg.output.sensitive_uri,
         listing=listing.stats(), retried=retried,
     )  # fmt: skip
     records.finish("succeeded", written=sink.summary.rows, retried=retried)
     records.save(summary)
     return summary
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as SIGINT does (``ray.init`` makes it exit the process at once);
+    the previous handler is restored after. Only the main thread can set signal handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress_line(budget: Any, total: int, resumed: int) -> Any:
+    """u2s's progress line over ``budget``'s tally, with Ray Data's own progress output off (``--verbose``,
+    i.e. DEBUG logging of ``u2s``, keeps Ray Data's)."""
+    import ray.data
+
+    from u2s.progress import ProgressLine
+
+    if not logging.getLogger("u2s").isEnabledFor(logging.DEBUG):
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Starting execution", plans, operator stats
+    return ProgressLine(budget.progress, total, resumed).start()
 
 
 def format_summary(summary: RunSummary) -> str:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -233,7 +234,11 @@ def map_pool(ds: ray.data.Dataset, fn: Any, pool: dict[str, Any], **kwargs: Any)
     if REMOTE_ARGS_FN in pool:
         _without_high_memory_detector(ds.context)
         return ds.map_batches_internal(fn, **pool, **kwargs)
-    return ds.map_batches(fn, **pool, **kwargs)
+    with warnings.catch_warnings():
+        # The pools' bounded restarts (`max_restarts`, `max_task_retries`) have no named parameter in Ray
+        # 2.60; Ray Data's actor pool reads them from the remote args, which it flags as deprecated.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **pool, **kwargs)
 
 
 def _without_high_memory_detector(context: Any) -> None:
