@@ -15,7 +15,7 @@ import pytest
 from u2s.config import load_config
 from u2s.io.writers import read_columns
 from u2s.pipeline import JobFailed, run
-from u2s.testing.chat_server import ChatRequest, OracleChatServer
+from u2s.testing.chat_server import ChatRequest, OracleChatServer, oracle_overrides
 
 IMAGES = 24
 
@@ -37,12 +37,8 @@ def test_a_run_whose_rows_all_fail_stops_early_naming_the_top_reasons(ray_cluste
                 f"input.uri={images}",
                 f"output.uri={out}/safe",
                 f"output.sensitive_uri={out}/sensitive",
-                "output.overwrite=false",
                 "output.rows_per_file=2",
-                "stage1.engine=http",
-                f"stage1.http={{base_url: '{url}', api_key_env: null, max_concurrency: 4}}",
-                "stage1.vlm.model=oracle-vlm",
-                "stage1.llm.model=oracle-llm",
+                *oracle_overrides(url),
                 "stage2.editor=blur_image",
                 "run.max_error_fraction=0.5",
                 "run.min_rows_for_error_fraction=4",

@@ -26,7 +26,7 @@ from u2s.io.writers import read_columns
 from u2s.pipeline import run
 from u2s.schema import SENSITIVE_SCHEMA, new_row, safe_schema
 from u2s.stage1.inspect import InspectStage
-from u2s.testing.chat_server import ChatRequest, OracleChatServer
+from u2s.testing.chat_server import ChatRequest, OracleChatServer, oracle_overrides
 from u2s.testing.leak_corpus import PERSON_FILE, PERSON_FOLDER, build_leak_corpus, encode, photo
 from u2s.testing.rows import decoded_rows, run_stage
 
@@ -79,10 +79,7 @@ def leak_run(ray_cluster, tmp_path_factory):
                 f"output.uri={out}/safe",
                 f"output.sensitive_uri={out}/sensitive",
                 "output.compression=none",
-                "stage1.engine=http",
-                f"stage1.http={{base_url: '{url}', api_key_env: null, max_concurrency: 4}}",
-                "stage1.vlm.model=oracle-vlm",
-                "stage1.llm.model=oracle-llm",
+                *oracle_overrides(url),
                 f"stage1.image_size={IMAGE_SIZE}",
                 "stage2.editor=blur",
             ],

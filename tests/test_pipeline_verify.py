@@ -29,7 +29,7 @@ from u2s.io.writers import read_columns
 from u2s.pipeline import run, stage_pools
 from u2s.schema import SAFE_SCHEMA, SENSITIVE_SCHEMA
 from u2s.stage2.detectors import FaceDetector
-from u2s.testing.chat_server import ChatRequest, OracleChatServer
+from u2s.testing.chat_server import ChatRequest, OracleChatServer, oracle_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -90,10 +90,7 @@ def verify_run(ray_cluster, tmp_path_factory):
                 f"output.uri={out}/safe",
                 f"output.sensitive_uri={out}/sensitive",
                 "output.compression=none",  # so the byte scan of the safe files means something
-                "stage1.engine=http",
-                f"stage1.http={{base_url: '{url}', api_key_env: null, max_concurrency: 4}}",
-                "stage1.vlm.model=oracle-vlm",
-                "stage1.llm.model=oracle-llm",
+                *oracle_overrides(url),
                 f"stage1.image_size={SIDE}",
                 "stage2.editor=blur_image",
                 "stage2.blur_image.blur_radius=0.002",  # half a pixel at 256 px: every pixel, no privacy

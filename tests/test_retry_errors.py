@@ -19,7 +19,7 @@ from u2s.config import JobConfig, load_config
 from u2s.io.writers import parquet_files, read_columns
 from u2s.pipeline import run
 from u2s.resume import reconcile
-from u2s.testing.chat_server import ChatRequest, OracleChatServer
+from u2s.testing.chat_server import ChatRequest, OracleChatServer, oracle_overrides
 from u2s.testing.images import noise_image
 
 IMAGES = 6
@@ -37,12 +37,8 @@ def _config(images: Path, out: Path, chat_url: str) -> JobConfig:
             f"input.uri={images}",
             f"output.uri={out}/safe",
             f"output.sensitive_uri={out}/sensitive",
-            "output.overwrite=false",
             "output.rows_per_file=2",
-            "stage1.engine=http",
-            f"stage1.http={{base_url: '{chat_url}', api_key_env: null, max_concurrency: 4}}",
-            "stage1.vlm.model=oracle-vlm",
-            "stage1.llm.model=oracle-llm",
+            *oracle_overrides(chat_url),
             "stage1.image_size=32",
             "stage2.editor=blur_image",
         ],

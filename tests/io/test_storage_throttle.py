@@ -22,7 +22,7 @@ from u2s.config import load_config
 from u2s.io.storage import is_transient
 from u2s.io.writers import parquet_files, read_columns
 from u2s.pipeline import run
-from u2s.testing.chat_server import ChatRequest, OracleChatServer
+from u2s.testing.chat_server import ChatRequest, OracleChatServer, oracle_overrides
 from u2s.testing.images import noise_image
 
 IMAGES = 6
@@ -177,15 +177,11 @@ def _config(input_uri: str, out: str, chat_url: str, endpoint: str):
             f"input.uri={input_uri}",
             f"output.uri={out}/safe",
             f"output.sensitive_uri={out}/sensitive",
-            "output.overwrite=false",
             f"storage.endpoint_url={endpoint}",
             "storage.max_attempts=1",
             "storage.retry_mode=standard",  # adaptive rate-limits the client: slower, same outcome
             "storage.task_retries=3",
-            "stage1.engine=http",
-            f"stage1.http={{base_url: '{chat_url}', api_key_env: null, max_concurrency: 4}}",
-            "stage1.vlm.model=oracle-vlm",
-            "stage1.llm.model=oracle-llm",
+            *oracle_overrides(chat_url),
             "stage1.image_size=32",
             "stage2.editor=blur_image",
         ],

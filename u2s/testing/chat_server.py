@@ -86,3 +86,14 @@ class OracleChatServer:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def oracle_overrides(url: str) -> list[str]:
+    """``--set`` overrides that send every stage-1 call of a job to the :class:`OracleChatServer` at ``url``
+    (the engine, the server, the two model names)."""
+    return [
+        "stage1.engine=http",
+        f"stage1.http={{base_url: '{url}', api_key_env: null, max_concurrency: 4}}",
+        "stage1.vlm.model=oracle-vlm",
+        "stage1.llm.model=oracle-llm",
+    ]
