@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, get_args
+from typing import Annotated, Any, get_args
 
 import typer
 
@@ -134,44 +134,31 @@ def preset_defaults(key: str) -> str:
     return f" (default: {'; '.join(values)})" if values else ""
 
 
+def _io_option(metavar: str, help: str, key: str) -> Any:
+    """An input/output option of `run` and `submit` (their values are as the cluster sees them)."""
+    return typer.Option(metavar=metavar, rich_help_panel=IO_PANEL, help=help + preset_defaults(key))
+
+
+InputOpt = Annotated[
+    str | None, _io_option("URI", "Input images: a local path or s3:// prefix.", "input.uri")
+]
+InputFormatOpt = Annotated[str | None, _io_option("FORMAT", f"{_input_formats()}.", "input.format")]
+OutputOpt = Annotated[str | None, _io_option("URI", "Safe dataset (published).", "output.uri")]
+SensitiveOutputOpt = Annotated[
+    str | None,
+    _io_option("URI", "Sensitive table (captions, instructions, source paths).", "output.sensitive_uri"),
+]
+
+
 @app.command()
 def run(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    input: Annotated[
-        str | None,
-        typer.Option(
-            metavar="URI",
-            rich_help_panel=IO_PANEL,
-            help="Input images: a local path or s3:// prefix." + preset_defaults("input.uri"),
-        ),
-    ] = None,
-    input_format: Annotated[
-        str | None,
-        typer.Option(
-            metavar="FORMAT",
-            rich_help_panel=IO_PANEL,
-            help=f"{_input_formats()}." + preset_defaults("input.format"),
-        ),
-    ] = None,
-    output: Annotated[
-        str | None,
-        typer.Option(
-            metavar="URI",
-            rich_help_panel=IO_PANEL,
-            help="Safe dataset (published)." + preset_defaults("output.uri"),
-        ),
-    ] = None,
-    sensitive_output: Annotated[
-        str | None,
-        typer.Option(
-            metavar="URI",
-            rich_help_panel=IO_PANEL,
-            help="Sensitive table (captions, instructions, source paths)."
-            + preset_defaults("output.sensitive_uri"),
-        ),
-    ] = None,
+    input: InputOpt = None,
+    input_format: InputFormatOpt = None,
+    output: OutputOpt = None,
+    sensitive_output: SensitiveOutputOpt = None,
     ray_address: Annotated[
         str | None, typer.Option(metavar="ADDRESS", rich_help_panel=CLUSTER_PANEL, help=RAY_ADDRESS_HELP)
     ] = None,
@@ -239,31 +226,10 @@ def submit(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    input: Annotated[
-        str | None,
-        typer.Option(
-            metavar="URI",
-            rich_help_panel=IO_PANEL,
-            help="Input images, as the cluster sees them." + preset_defaults("input.uri"),
-        ),
-    ] = None,
-    input_format: Annotated[
-        str | None, typer.Option(metavar="FORMAT", rich_help_panel=IO_PANEL, help=f"{_input_formats()}.")
-    ] = None,
-    output: Annotated[
-        str | None,
-        typer.Option(
-            metavar="URI", rich_help_panel=IO_PANEL, help="Safe dataset." + preset_defaults("output.uri")
-        ),
-    ] = None,
-    sensitive_output: Annotated[
-        str | None,
-        typer.Option(
-            metavar="URI",
-            rich_help_panel=IO_PANEL,
-            help="Sensitive table." + preset_defaults("output.sensitive_uri"),
-        ),
-    ] = None,
+    input: InputOpt = None,
+    input_format: InputFormatOpt = None,
+    output: OutputOpt = None,
+    sensitive_output: SensitiveOutputOpt = None,
     address: Annotated[
         str | None,
         typer.Option(
