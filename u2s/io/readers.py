@@ -182,18 +182,27 @@ def _read_file_records(
             yield working_table(records.take(rest), [None] * len(rest), [_reason(e)] * len(rest))
 
 
-def _fetch_records(batch: pa.Table, input: InputConfig, storage: StorageConfig, batch_size: int):
-    """Manifest rows of Parquet inputs → working rows, file by file (a generator UDF)."""
+def records_by_part(batch: pa.Table) -> Iterator[tuple[str | None, pa.Table]]:
+    """Manifest rows of file-backed records (Parquet files, tar shards), grouped for reading: first
+    ``(None, working rows)`` of those listing already failed (with their read error), then ``(file uri,
+    manifest rows)`` per file, in listing order."""
     failed = pc.is_valid(batch.column("error"))
     if pc.any(failed).as_py():
         broken = batch.filter(failed)
         reasons = [error.removeprefix(f"{READ_STAGE}: ") for error in broken.column("error").to_pylist()]
-        yield working_table(broken, [None] * broken.num_rows, reasons)
+        yield None, working_table(broken, [None] * broken.num_rows, reasons)
         batch = batch.filter(pc.invert(failed))
-    parts = batch.column("part").to_pylist()
-    for file_uri in dict.fromkeys(parts):
-        records = batch.filter(pc.equal(batch.column("part"), file_uri))
-        yield from _read_file_records(file_uri, records, input, storage, batch_size)
+    for file_uri in dict.fromkeys(batch.column("part").to_pylist()):
+        yield file_uri, batch.filter(pc.equal(batch.column("part"), file_uri))
+
+
+def _fetch_records(batch: pa.Table, input: InputConfig, storage: StorageConfig, batch_size: int):
+    """Manifest rows of Parquet inputs → working rows, file by file (a generator UDF)."""
+    for file_uri, records in records_by_part(batch):
+        if file_uri is None:
+            yield records
+        else:
+            yield from _read_file_records(file_uri, records, input, storage, batch_size)
 
 
 # ---------------------------------------------------------------- the plan's source

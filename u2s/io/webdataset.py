@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from u2s.io.img2dataset import download_errors, read_statuses
 from u2s.io.storage import TransientStorageError, filesystem, is_transient, to_uri
@@ -202,16 +201,12 @@ def fetch_samples(
     batch: pa.Table, input: InputConfig, storage: StorageConfig, batch_size: int
 ) -> Iterator[pa.Table]:
     """Manifest rows of tar shards → working rows, shard by shard, in blocks of ``batch_size`` rows."""
-    from u2s.io.readers import READ_STAGE, working_table
+    from u2s.io.readers import records_by_part, working_table
 
-    failed = pc.is_valid(batch.column("error"))
-    if pc.any(failed).as_py():
-        broken = batch.filter(failed)
-        reasons = [e.removeprefix(f"{READ_STAGE}: ") for e in broken.column("error").to_pylist()]
-        yield working_table(broken, [None] * broken.num_rows, reasons)
-        batch = batch.filter(pc.invert(failed))
-    for uri in dict.fromkeys(batch.column("part").to_pylist()):
-        records = batch.filter(pc.equal(batch.column("part"), uri))
+    for uri, records in records_by_part(batch):
+        if uri is None:
+            yield records
+            continue
         for positions, contents, errors in _read_shard(uri, records, input, storage, batch_size):
             yield working_table(records.take(positions), contents, errors)
 
