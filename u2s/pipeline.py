@@ -356,7 +356,7 @@ def run(
     from u2s.io.ids import output_id_key
     from u2s.io.listing import list_input
     from u2s.io.storage import read_json, retry_transient_errors, uri_join
-    from u2s.io.writers import SafeAndSensitiveDatasink, prepare_outputs
+    from u2s.io.writers import SafeAndSensitiveDatasink, parquet_files, prepare_outputs
     from u2s.resume import reconcile
     from u2s.run_record import check_resumable
     from u2s.stage1.engines.vllm_pool import remove_placement_groups
@@ -371,7 +371,9 @@ def run(
     previous = read_json(uri_join(cfg.output.sensitive_uri, "_run.json"), cfg.storage) if resuming else None
     done, retried = None, 0
     if resuming:
-        if not force:
+        # Rows were written: they must come from this config and input. None yet (an attempt that failed
+        # before its first file, e.g. a model that did not load): nothing to mix, a fixed config may resume.
+        if not force and parquet_files(cfg.output.uri, cfg.storage):
             check_resumable(previous, cfg, listing.fingerprint)
         state = reconcile(cfg.output, cfg.storage, retry_errors=retry_errors)
         done, retried = (state.done if len(state.done) else None), state.retried
@@ -401,11 +403,18 @@ def run(
             records.finish("stopped", written=written, reasons=dict(errors.top()))
             records.save()
             raise JobFailed(stop_message(errors, cfg.run, written)) from None
-        records.finish("failed", written=sink.summary.rows, error=type(e).__name__)
+        written = committed_rows(cfg.output, cfg.storage) - resumed
+        records.finish("failed", written=written, error=type(e).__name__)
         records.save(public=True)
+        if written == 0 and resumed == 0:
+            raise JobFailed(
+                f"the run stopped ({type(e).__name__}) before writing any row: if a model or setting is "
+                "wrong (u2s -v run shows the traceback), fix it, then rerun the same command with --resume "
+                "(with nothing written, a changed config is accepted)"
+            ) from e
         raise JobFailed(
-            f"the run stopped ({type(e).__name__}) after writing {sink.summary.rows} more row(s); rerun the "
-            "same command with --resume to finish it"
+            f"the run stopped ({type(e).__name__}) after writing {written} more row(s); rerun the same "
+            "command with --resume to finish it"
         ) from e
     finally:
         if line is not None:
