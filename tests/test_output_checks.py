@@ -41,7 +41,9 @@ def _misspelt() -> str:
 
 
 @pytest.fixture
-def images(tmp_path) -> Path:
+def images(tmp_path, tiny_models, monkeypatch) -> Path:
+    """Two images, and the tiny models a cpu-tiny run needs (they are checked before the outputs)."""
+    monkeypatch.setenv("U2S_TINY_MODELS", str(Path(tiny_models["vlm"]).parent))
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(2):
