@@ -45,6 +45,8 @@ def test_missing_tiny_models_name_the_command_that_builds_them(tmp_path):
             "run",
             "--preset",
             "cpu-tiny",
+            "--input",
+            str(tmp_path),
             "--output",
             str(tmp_path / "safe"),
             "--sensitive-output",

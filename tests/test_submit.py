@@ -250,7 +250,7 @@ def test_wait_returns_a_failed_job_s_status_and_the_cli_exits_1(proxy, ray_head,
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 1, (result.stdout, result.stderr)
-    assert "input not found" in result.stdout and ": FAILED" in result.stdout
+    assert "input.uri: no folder or file at" in result.stdout and ": FAILED" in result.stdout
 
 
 @pytest.mark.slow

@@ -468,6 +468,8 @@ def _progress_line(budget: Any, total: int, resumed: int) -> Any:
     if not logging.getLogger("u2s").isEnabledFor(logging.DEBUG):
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Starting execution", plans, operator stats
+        # Ray Data's issue detectors' advice (per-operator memory, hanging tasks): multi-line, every 30 s.
+        logging.getLogger("ray.data._internal.issue_detection").setLevel(logging.ERROR)
     return ProgressLine(budget.progress, total, resumed).start()
 
 

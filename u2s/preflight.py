@@ -150,7 +150,7 @@ def check_input(cfg: JobConfig) -> None:
 
 
 def check_job(cfg: JobConfig) -> None:
-    """Every check of this module, cheapest first; raises :class:`PreflightError`."""
-    check_models(cfg)
+    """Every check of this module, the data's locations first; raises :class:`PreflightError`."""
     check_storage(cfg)
     check_input(cfg)
+    check_models(cfg)
