@@ -280,11 +280,13 @@ class Resources(_Model):
         "says so.",
     )
     max_task_retries: int = Field(
-        4,
-        ge=0,
-        description="Retries of a batch whose actor died (Ray's `max_task_retries`). A retried batch runs "
-        "one row at a time and each death turns the row that caused it into an error row, so a batch with "
-        "k such rows needs k + 1 retries.",
+        -1,
+        ge=-1,
+        description="Retries of a batch whose actor died or was unreachable (Ray's `max_task_retries`; -1: "
+        "until the actor's restarts run out). A retried batch runs one row at a time and each death turns "
+        "the row that caused it into an error row, so a batch with k such rows needs k + 1 retries; a lost "
+        "node makes every batch sent to its actors fail fast until the actor is restarted elsewhere, which "
+        "`max_restarts` already bounds.",
     )
 
     @field_validator("pool_size")
