@@ -139,14 +139,6 @@ class ErrorBudget:
         ray.kill(self.actor, no_restart=True)
 
 
-def report_finished(sink: Any, table: pa.Table) -> None:
-    """The sink's hook: count a block of finished rows in the run's error budget (if the run has one)
-    before the block is written, so a block that spends the budget is not."""
-    budget = getattr(sink, "error_budget", None)
-    if budget is not None:
-        budget.report(table)
-
-
 def committed_rows(output: OutputConfig, storage: StorageConfig) -> int:
     """Rows committed in the outputs (the safe table is the commit record)."""
     from u2s.io.writers import read_columns

@@ -40,7 +40,6 @@ from ray.data import Datasink  # this module is imported only by the pipeline, n
 from ray.data.block import BlockAccessor
 
 from u2s.config import OutputConfig, StorageConfig
-from u2s.error_budget import report_finished
 from u2s.io.storage import (
     TransientStorageError,
     arrow_filesystem,
@@ -328,6 +327,7 @@ class SafeAndSensitiveDatasink(Datasink[dict]):
         self.safe_schema = safe_schema(output.publish)
         self.summary = WriteSummary()
         self.bundle_bytes = write_bundle_bytes(output)
+        self.error_budget: Any = None  # set by the run: a u2s.error_budget.ErrorBudget
         # The fault hook is read on the driver and travels with the sink to the write tasks.
         self._fault_mode, _, self._fault_marker = os.environ.get(FAULT_AFTER_COMMIT, "").partition(":")
 
@@ -356,7 +356,8 @@ class SafeAndSensitiveDatasink(Datasink[dict]):
                     continue
                 table = finalize(table.select(WORKING_SCHEMA.names))
                 summary.add(summarize(table))
-                report_finished(self, table)  # run.max_error_fraction: stops a run that mostly fails
+                if self.error_budget is not None:  # the run's tally (u2s.error_budget): progress, and
+                    self.error_budget.report(table)  # run.max_error_fraction stops a run that mostly fails
                 writer.add(table)
             writer.commit()
         except BaseException as e:
