@@ -37,62 +37,34 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_args(input: str, output: str, tmp_path: Path, tiny_models: dict | None = None) -> list[str]:
+    """`u2s run --preset cpu-tiny` arguments (the sensitive table under ``tmp_path``), with the suite's
+    tiny models when given."""
+    args = ["run", "--preset", "cpu-tiny", "--input", input, "--output", output,
+            "--sensitive-output", str(tmp_path / "sensitive")]  # fmt: skip
+    for item in tiny_model_overrides(tiny_models) if tiny_models else []:
+        args += ["--set", item]
+    return args
+
+
 def test_missing_tiny_models_name_the_command_that_builds_them(tmp_path):
     missing = tmp_path / "tiny-models"
     env = {**os.environ, "U2S_TINY_MODELS": str(missing)}
-    line = _one_line(
-        _u2s(
-            "run",
-            "--preset",
-            "cpu-tiny",
-            "--input",
-            str(tmp_path),
-            "--output",
-            str(tmp_path / "safe"),
-            "--sensitive-output",
-            str(tmp_path / "sensitive"),
-            env=env,
-            cwd=tmp_path,
-        )
-    )
+    line = _one_line(_u2s(*_run_args(str(tmp_path), str(tmp_path / "safe"), tmp_path), env=env, cwd=tmp_path))
     assert line.startswith("u2s run: stage1.vlm.model: no model folder at")
     assert f"`u2s tiny-models {missing}`" in line
     assert not (tmp_path / "safe").exists()  # nothing was made
 
 
 def test_a_missing_input_folder_is_one_line(tiny_models, tmp_path):
-    args = [
-        "run",
-        "--preset",
-        "cpu-tiny",
-        "--input",
-        str(tmp_path / "no-such-folder"),
-        "--output",
-        str(tmp_path / "safe"),
-        "--sensitive-output",
-        str(tmp_path / "sensitive"),
-    ]
-    for item in tiny_model_overrides(tiny_models):
-        args += ["--set", item]
+    args = _run_args(str(tmp_path / "no-such-folder"), str(tmp_path / "safe"), tmp_path, tiny_models)
     line = _one_line(_u2s(*args))
     assert line == f"u2s run: input.uri: no folder or file at {tmp_path / 'no-such-folder'}"
     assert not (tmp_path / "safe").exists()
 
 
 def test_s3_without_credentials_or_endpoint_is_one_line(tiny_models, s3_endpoint, s3_bucket, tmp_path):
-    base = [
-        "run",
-        "--preset",
-        "cpu-tiny",
-        "--input",
-        str(tmp_path),
-        "--output",
-        f"{s3_bucket}/safe",
-        "--sensitive-output",
-        str(tmp_path / "sensitive"),
-    ]
-    for item in tiny_model_overrides(tiny_models):
-        base += ["--set", item]
+    base = _run_args(str(tmp_path), f"{s3_bucket}/safe", tmp_path, tiny_models)
     no_credentials = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     no_credentials.update(
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
