@@ -44,6 +44,10 @@ class FluxKontextConfig(EditorConfig):
         1024, ge=64, description="Working size: the long side (Kontext is trained near 1 MP), sides rounded "
         "to multiples of 64.",
     )  # fmt: skip
+    lora: str | None = Field(
+        None, description="A LoRA adapter for the transformer (a folder `u2s finetune` writes, local or "
+        "s3://), loaded with `load_lora_weights`; None: the base model.",
+    )  # fmt: skip
 
 
 class FluxKontextEditor(Editor):
@@ -58,6 +62,10 @@ class FluxKontextEditor(Editor):
 
         super().__init__(stage2, storage)
         self.device, self.pipe = load_pipeline(FluxKontextPipeline, self.config.model, storage)
+        if self.config.lora:
+            from u2s.io.model_store import local_location
+
+            self.pipe.load_lora_weights(local_location(self.config.lora, storage))
         compile_denoiser(self.pipe, stage2)
 
     def working_size(self, width: int, height: int) -> tuple[int, int]:
