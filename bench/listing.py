@@ -166,7 +166,7 @@ def driver(folder: str) -> None:
     import ray
 
     from u2s.config import DecodeConfig, InputConfig, Resources, StorageConfig
-    from u2s.io.decode import DecodeStage
+    from u2s.io.decode_stage import DecodeStage
     from u2s.io.ids import IdKey
     from u2s.io.listing import list_input
     from u2s.io.readers import fetch

@@ -85,7 +85,7 @@ def bare(
     import pyarrow as pa
     import torch
 
-    from u2s.io.decode import DecodeStage
+    from u2s.io.decode_stage import DecodeStage
     from u2s.io.listing import MANIFEST_SCHEMA, stable_id
     from u2s.io.readers import working_table
     from u2s.pipeline import thumbnail_side

@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from u2s.config import DecodeConfig, HttpEngineConfig, ModelConfig, Stage1Config, load_config
-from u2s.io.decode import DecodeStage, load_rgb
+from u2s.io.decode import load_rgb
+from u2s.io.decode_stage import DecodeStage
 from u2s.io.writers import read_columns
 from u2s.pipeline import run
 from u2s.schema import SENSITIVE_SCHEMA, new_row, safe_schema

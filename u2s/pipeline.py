@@ -132,7 +132,7 @@ def build_dataset(cfg: JobConfig, listing: Listing, done: Any = None) -> ray.dat
     ``done``: ids (an Arrow array or its object ref) to drop before fetching, on ``--resume``.
     Nothing executes here.
     """
-    from u2s.io.decode import DecodeStage
+    from u2s.io.decode_stage import DecodeStage
     from u2s.io.readers import read_listing
     from u2s.stage1.pool import pool_class
     from u2s.stage2.runner import EditStage

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from u2s.config import DecodeConfig
-from u2s.io.decode import DecodeError, DecodeStage, load_rgb
+from u2s.io.decode import DecodeError, load_rgb
+from u2s.io.decode_stage import DecodeStage
 from u2s.schema import new_row
 from u2s.testing.rows import run_stage
 

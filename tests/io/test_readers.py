@@ -389,7 +389,7 @@ def test_parquet_on_s3(s3_endpoint, s3_bucket, ray_cluster) -> None:
 def test_read_then_decode_through_ray(tmp_path, ray_cluster) -> None:
     """The reader's rows feed DecodeStage in Ray tasks, as the pipeline chains them."""
     from u2s.config import DecodeConfig
-    from u2s.io.decode import DecodeStage
+    from u2s.io.decode_stage import DecodeStage
 
     write_files(tmp_path, ["good.png", "gone.png"])
     (tmp_path / "broken.jpg").write_bytes(b"not really a jpeg")

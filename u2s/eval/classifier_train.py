@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from u2s.config import StorageConfig
-    from u2s.eval.utility import ClassifierConfig
+    from u2s.eval.classifier_config import ClassifierConfig
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from u2s.eval.utility import ClassifierConfig
+    from u2s.eval.classifier_config import ClassifierConfig
 
     cfg = ClassifierConfig.model_validate(config["classifier"])
     classes, inputs = config["classes"], ModelInputs(**config["inputs"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from u2s.config import DecodeConfig
-from u2s.io.decode import DecodeStage
+from u2s.io.decode_stage import DecodeStage
 from u2s.schema import WORKING_SCHEMA, new_row, rows_to_table
 
 if TYPE_CHECKING:
