@@ -14,10 +14,18 @@ import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from u2s.config_base import REVEAL_SECRETS, SECRET_VALUES, ModelConfig, is_object_store_uri
 from u2s.config_base import ConfigModel as _Model
@@ -357,7 +365,15 @@ class HttpEngineConfig(_Model):
     backoff_s: float = Field(1.0, gt=0, description="First backoff delay; doubles per retry, with jitter.")
 
 
-EngineName = Literal["transformers", "http", "vllm"]
+def _registered_engine(name: str) -> str:
+    from u2s.stage1.engines.registry import check_engine
+
+    return check_engine(name)
+
+
+#: A stage-1 engine name: a built-in (transformers, http, vllm) or one registered with
+#: :func:`u2s.stage1.engines.register_engine`, checked when the config is validated.
+EngineName = Annotated[str, AfterValidator(_registered_engine)]
 
 
 class PlacementGroupConfig(_Model):
@@ -787,14 +803,15 @@ class _Stage2Shared(_Model):
         if not isinstance(data, dict):
             return data
         chosen = data.get("editor", next(iter(EDITORS)))
-        missing = [name for name in EDITORS if data.get(name) is None]
+        # (an editor registered after this model was built has no section: it runs on its defaults)
+        missing = [name for name in EDITORS if name in cls.model_fields and data.get(name) is None]
         fill = [name for name in missing if name == chosen or _all_defaults(EDITORS[name].config_class)]
         return {**data, **{name: {} for name in fill}} if fill else data
 
     def section(self, name: str | None = None) -> EditorConfig:
         """The settings of editor ``name`` (default: the chosen one); its defaults if the section is unset."""
         name = name or self.editor
-        value = getattr(self, name)
+        value = getattr(self, name, None)
         return value if value is not None else EDITORS[name].config_class()
 
     @model_validator(mode="after")
@@ -820,7 +837,7 @@ class _Stage2Shared(_Model):
             if known is None or set(fields) - set(known):
                 what = "unknown editor" if known is None else f"no fields {sorted(set(fields) - set(known))}"
                 raise ValueError(f"{where}.settings.{editor}: {what}")
-        base = getattr(self, name)
+        base = getattr(self, name, None)
         try:
             section = EDITORS[name].config_class.model_validate(
                 {**(base.model_dump() if base is not None else {}), **step.settings.get(name, {})}
@@ -833,6 +850,18 @@ class _Stage2Shared(_Model):
         return self.model_copy(
             update={"editor": name, name: section, "resources": step.resources or self.resources}
         )
+
+
+def _registered_editor(name: str) -> str:
+    """``name`` if :data:`~u2s.stage2.editors.EDITORS` holds it (also one registered after import, with
+    :func:`~u2s.stage2.editors.register_editor`); otherwise the error lists the registered names."""
+    if name not in EDITORS:
+        from pydantic_core import PydanticCustomError
+
+        names = [repr(n) for n in EDITORS]
+        expected = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+    return name
 
 
 def _all_defaults(config_class: type[EditorConfig]) -> bool:
@@ -854,7 +883,7 @@ Stage2Config = create_model(
     __module__=__name__,
     __doc__="The editor that rewrites flagged images, shared settings, and one section per editor.",
     editor=(
-        Literal[tuple(EDITORS)],  # type: ignore[valid-type]  # the registered names
+        Annotated[str, AfterValidator(_registered_editor)],  # checked against the registry when validated
         Field(
             next(iter(EDITORS)),
             description="The editor of flagged images: " + ", ".join(EDITORS) + ". Its settings are the "

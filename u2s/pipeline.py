@@ -134,6 +134,7 @@ def build_dataset(cfg: JobConfig, listing: Listing, done: Any = None) -> ray.dat
     """
     from u2s.io.decode_stage import DecodeStage
     from u2s.io.readers import read_listing
+    from u2s.stage1.engines import ENGINES
     from u2s.stage1.pool import pool_class
     from u2s.stage2.runner import EditStage
 
@@ -148,7 +149,7 @@ def build_dataset(cfg: JobConfig, listing: Listing, done: Any = None) -> ray.dat
     )
     for pool in cfg.stage1.pools():
         pool_args = None
-        if pool.engine == "vllm":  # several batches in flight per actor; a placement group for TP > 1
+        if ENGINES[pool.engine].vllm_pool:  # several batches in flight per actor; a group for TP > 1
             from u2s.stage1.engines.vllm_pool import pool_kwargs
 
             pool_args = pool_kwargs(pool.resources, cfg.stage1.vllm_for(pool.vision))

@@ -2,7 +2,10 @@
 
 Adding an editor takes its own file (an :class:`Editor` subclass and its :class:`EditorConfig`) and one
 line here; ``Stage2Config`` (``stage2.editor`` and the section ``stage2.<name>``) is assembled from this
-registry. Editor modules import no torch or diffusers at module level (models load in constructors),
+registry. An editor kept outside the package is added with :func:`register_editor` (in every process that
+validates a config or loads the editor, e.g. from Ray's ``worker_process_setup_hook``): its name is then a
+valid ``stage2.editor``, and it runs on its config class's defaults (``Stage2Config`` has no section for
+it). Editor modules import no torch or diffusers at module level (models load in constructors),
 so importing the registry stays cheap.
 """
 
@@ -37,6 +40,12 @@ EDITORS: dict[str, type[Editor]] = {
 }
 
 
+def register_editor(cls: type[Editor]) -> type[Editor]:
+    """Add ``cls`` to :data:`EDITORS` under ``cls.name`` (replacing an editor of that name); returns it."""
+    EDITORS[cls.name] = cls
+    return cls
+
+
 def load_editor(config: Stage2Config, storage: StorageConfig | None = None) -> Editor:
     """Construct the editor named by ``config.editor`` (this loads its model; an s3:// model is staged
     into the local model cache first, ``storage`` saying how to reach it and where the cache is)."""
@@ -48,4 +57,4 @@ def load_editor(config: Stage2Config, storage: StorageConfig | None = None) -> E
     return cls(config, storage)
 
 
-__all__ = ["EDITORS", "Editor", "EditorConfig", "load_editor"]
+__all__ = ["EDITORS", "Editor", "EditorConfig", "load_editor", "register_editor"]
