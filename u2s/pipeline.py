@@ -197,8 +197,11 @@ def init_ray(
     """
     import ray
 
+    from u2s.quiet import drop_native_notices
+
     if ray.is_initialized():
         return
+    drop_native_notices()  # before the driver's core worker starts writing to stderr
     target = running_cluster(address)
     if target is not None:
         sizes = {"ray.num_cpus": num_cpus, "ray.object_store_memory": object_store_memory}

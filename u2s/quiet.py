@@ -8,6 +8,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 #: The import path Ray's ``worker_process_setup_hook`` takes.
 WORKER_SETUP_HOOK = "u2s.quiet.quiet_worker"
@@ -47,8 +50,73 @@ def quiet_libraries() -> None:
         pass
 
 
+#: Lines that Ray's C++ core worker writes straight to the driver's stderr and that do not apply to u2s.
+#: Ray Data hands every actor of a pool its operator's state as object refs it holds for the pool's
+#: lifetime, and u2s's pools restart actors (``max_restarts``, :mod:`u2s.healing`); Ray 2.60 then logs,
+#: once per actor, that a restart would fail if those refs were lost (ray-project/ray#53727).
+NATIVE_NOTICES = ("has constructor arguments in the object store and max_restarts > 0",)
+
+# The filter runs in a process of its own, not a thread: when the driver dies (a crash, SIGKILL) the
+# filter still drains what the driver's last moments wrote, so no final error line is lost.
+_FILTER = """import sys
+fragments = [f.encode() for f in sys.argv[1:]]
+for line in sys.stdin.buffer:
+    if not any(f in line for f in fragments):
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+"""
+
+_quiet = False
+_native_filter: subprocess.Popen | None = None
+
+
+def drop_native_notices() -> bool:
+    """Route what native code writes to file descriptor 2 through a filter that drops
+    :data:`NATIVE_NOTICES`; Python's own stderr keeps writing to the terminal directly.
+
+    Only after :func:`quiet_driver` (not with ``--verbose``) and only where stderr is a real file
+    descriptor (not a test runner's capture); once per process. Returns whether the filter runs.
+    """
+    global _native_filter
+    if not _quiet or _native_filter is not None:
+        return _native_filter is not None
+    try:
+        if sys.stderr.fileno() != 2:
+            return False
+    except (AttributeError, OSError, ValueError):
+        return False
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    read, write = os.pipe()
+    _native_filter = subprocess.Popen(
+        [sys.executable, "-c", _FILTER, *NATIVE_NOTICES], stdin=read, stdout=terminal, close_fds=True
+    )
+    os.close(read)
+    old = sys.stderr
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=old.encoding, errors=old.errors)
+    for handler in _stream_handlers():  # logging's handlers keep the stream they were made with
+        if handler.stream is old:
+            handler.setStream(sys.stderr)
+    os.dup2(write, 2)  # native code (Ray's core worker) keeps writing to fd 2: now the filter
+    os.close(write)
+    return True
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return [
+        handler
+        for each in loggers
+        for handler in getattr(each, "handlers", [])
+        if isinstance(handler, logging.StreamHandler)
+    ]
+
+
 def quiet_driver() -> None:
-    """:func:`quiet_libraries`, and Ray Data's driver-side notices that do not apply to u2s's plans."""
+    """:func:`quiet_libraries`, and Ray Data's driver-side notices that do not apply to u2s's plans;
+    :func:`drop_native_notices` then filters Ray's native ones when the driver starts Ray."""
+    global _quiet
+    _quiet = True
     quiet_libraries()
     # Ray Data warns when no CPU is free as a Dataset starts; u2s's actor pools hold every CPU by design
     # (their actors start before the first batch), and the tasks that need one get it as actors free it.
