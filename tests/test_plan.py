@@ -404,3 +404,41 @@ def test_plan_prints_what_verification_adds_per_flagged_row():
     assert seconds > 0
     faces = run_plan("--images", "100000", "--gpu", "H100", "--set", "stage2.verify.checks=[faces]")
     assert faces.exit_code == 0 and "verify (1 CPU each)" in faces.output  # dlib: a CPU pool
+
+
+def _finetune_totals(output: str) -> tuple[float, int, float]:
+    """(GPU-hours, GPUs, wall hours) of a `plan --finetune` printout."""
+    m = re.search(r"total: ([\d,.]+) GPU-hours; (\d+) GPUs? .*-> ([\d,.]+) h wall", output)
+    assert m, output
+    return float(m[1].replace(",", "")), int(m[2]), float(m[3].replace(",", ""))
+
+
+def test_finetune_plan_is_samples_times_flop_per_sample_at_the_mfu():
+    from u2s.plan import DENOISER_TFLOP_PER_STEP
+
+    result = run_plan("--finetune", "safe_attention", "--images", "80000", "--gpu", "H100", "--gpus", "4")
+    assert result.exit_code == 0, result.output
+    gpu_hours, gpus, wall = _finetune_totals(result.output)
+    # 256 px is a quarter of the 512² count; forward + backward ≈ 3 forwards; 200 epochs; 40% of peak.
+    expected = 80000 * 200 * DENOISER_TFLOP_PER_STEP["safe_attention"] / 4 * 3 / (989 * 0.40) / 3600
+    assert gpu_hours == pytest.approx(expected, rel=0.01)
+    assert gpus == 4 and wall == pytest.approx(gpu_hours / 4, rel=0.01)
+    assert "num_workers: 4" in result.output
+
+    half = _finetune_totals(run_plan("--finetune", "safe_attention", "--images", "80000", "--gpu", "H100",
+                                     "--gpus", "4", "--epochs", "100", "--mfu", "0.8").output)  # fmt: skip
+    assert half[0] == pytest.approx(gpu_hours / 4, rel=0.01)
+    lora = _finetune_totals(run_plan("--finetune", "safe_attention", "--images", "80000", "--gpu", "H100",
+                                     "--gpus", "4", "--lora").output)  # fmt: skip
+    assert lora[0] == pytest.approx(gpu_hours * 2 / 3, rel=0.01)
+
+
+def test_finetune_plan_picks_the_fewest_gpus_for_the_hours_target():
+    result = run_plan("--finetune", "flux_kontext", "--lora", "--images", "50000", "--gpu", "H100",
+                      "--epochs", "4", "--hours", "2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    gpu_hours, gpus, wall = _finetune_totals(result.output)
+    assert wall <= 2 < gpu_hours / (gpus - 1) and "512 px" in result.output
+    bad = run_plan("--finetune", "blur", "--images", "10", "--gpu", "H100")
+    assert bad.exit_code == 2 and "cannot be fine-tuned" in bad.output
+

@@ -340,13 +340,44 @@ def plan(
             "again).",
         ),
     ] = 0.25,
+    finetune: Annotated[
+        str | None,
+        typer.Option(
+            metavar="EDITOR",
+            help="Size a `u2s finetune` job of this editor instead (safe_attention, instruct_pix2pix, "
+            "flux_kontext): --images is then the number of training pairs.",
+        ),
+    ] = None,
+    epochs: Annotated[float, typer.Option(min=0.01, help="With --finetune: epochs (the paper: 200).")] = 200,
+    lora: Annotated[bool, typer.Option(help="With --finetune: a LoRA instead of full fine-tuning.")] = False,
+    resolution: Annotated[
+        int | None,
+        typer.Option(min=8, help="With --finetune: training side (default: 256, flux_kontext 512)."),
+    ] = None,
+    mfu: Annotated[
+        float,
+        typer.Option(min=0.01, max=1.0, help="With --finetune: assumed share of the card's peak (MFU)."),
+    ] = 0.40,
 ) -> None:
     """Size a run: GPUs per stage pool, pool ratios, hours and cost; prints the pool sizes to configure.
 
+    With --finetune EDITOR, size a fine-tuning job instead: pairs x epochs x FLOP per sample at --mfu.
     Exits 1 when --cluster has no group for a pool (e.g. tensor-parallel workers need more GPUs than one
     node has), 2 on bad options.
     """
     from u2s.plan import card_for, format_plan, load_cluster, make_plan, parse_pool_cards, read_bench
+
+    if finetune is not None:
+        from u2s.plan import format_finetune_plan, make_finetune_plan
+
+        try:
+            job = make_finetune_plan(finetune, images, card_for(gpu), epochs, "lora" if lora else "full",
+                                     resolution, mfu, gpus, hours, price)  # fmt: skip
+        except ValueError as e:
+            typer.echo(f"plan: {e}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(format_finetune_plan(job))
+        return
 
     cfg = resolve_config(preset or (None if config else "paper"), config, set_ or [])
     try:

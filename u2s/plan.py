@@ -833,3 +833,93 @@ def format_plan(plan: Plan) -> str:
             lines.append("  (raise the groups' max_workers / maxReplicas and the cloud's GPU quota, or plan "
                          "fewer GPUs: --gpus, --hours)")  # fmt: skip
     return "\n".join(lines)
+
+
+#: Training FLOP per sample over one denoiser forward pass: a full fine-tune's backward pass costs about
+#: twice its forward (activation and weight gradients), so ≈ 3×; a LoRA computes no weight gradients for
+#: the frozen layers, so ≈ 2×. VAE and text encoders excluded (``precompute: true`` runs them once).
+TRAIN_FLOP_FACTOR = {"full": 3.0, "lora": 2.0}
+#: Training side per fine-tunable editor (PAPER.md §3.3: 256 px for the IP2P family; §3.4: 512 px LoRA).
+TRAIN_RESOLUTION = {"safe_attention": 256, "instruct_pix2pix": 256, "flux_kontext": 512}
+
+
+@dataclass
+class FinetunePlan:
+    """GPU-hours, GPUs and cost of one ``u2s finetune`` job, from FLOP per sample at an assumed MFU."""
+
+    editor: str
+    method: str
+    pairs: int
+    epochs: float
+    resolution: int
+    card: Card
+    mfu: float
+    gpus: int
+    price: float
+
+    @property
+    def samples(self) -> float:
+        return self.pairs * self.epochs
+
+    @property
+    def tflop_per_sample(self) -> float:
+        """Denoiser forward TFLOP at ``resolution`` (the 512² count scaled by pixels) × training factor."""
+        forward = DENOISER_TFLOP_PER_STEP[self.editor] * (self.resolution / 512) ** 2
+        return forward * TRAIN_FLOP_FACTOR[self.method]
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.samples * self.tflop_per_sample / (self.card.peak_tflops * self.mfu) / 3600
+
+    @property
+    def wall_hours(self) -> float:
+        return self.gpu_hours / self.gpus
+
+    @property
+    def cost(self) -> float:
+        return self.gpus * self.wall_hours * self.price
+
+
+def make_finetune_plan(
+    editor: str,
+    pairs: int,
+    card: Card,
+    epochs: float = 200,
+    method: str = "full",
+    resolution: int | None = None,
+    mfu: float = COMPUTE_UTILISATION,
+    gpus: int | None = None,
+    hours: float = 24.0,
+    price: float | None = None,
+) -> FinetunePlan:
+    """Size a fine-tuning job: ``gpus`` given, or the fewest that finish within ``hours``."""
+    if editor not in TRAIN_RESOLUTION:
+        raise ValueError(f"editor {editor!r} cannot be fine-tuned; one of {', '.join(TRAIN_RESOLUTION)}")
+    if method not in TRAIN_FLOP_FACTOR:
+        raise ValueError(f"method {method!r}: one of {', '.join(TRAIN_FLOP_FACTOR)}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu {mfu} must be in (0, 1]")
+    plan = FinetunePlan(editor, method, pairs, epochs, resolution or TRAIN_RESOLUTION[editor], card, mfu,
+                        gpus or 1, card.usd_per_hour if price is None else price)  # fmt: skip
+    if gpus is None:
+        plan.gpus = max(1, math.ceil(plan.gpu_hours / hours))
+    return plan
+
+
+def format_finetune_plan(plan: FinetunePlan) -> str:
+    """The fine-tuning plan: work, FLOP per sample, GPU-hours, GPUs, wall time and cost."""
+    card, factor = plan.card, TRAIN_FLOP_FACTOR[plan.method]
+    gpus = f"{plan.gpus} GPU" + ("" if plan.gpus == 1 else "s")
+    return "\n".join([
+        f"u2s plan --finetune: {plan.editor} ({plan.method}) on {plan.pairs:,} pairs x {plan.epochs:g} "
+        f"epochs = {plan.samples:,.0f} samples at {plan.resolution} px, {card.name}",
+        f"per sample: {plan.tflop_per_sample:.3g} TFLOP (denoiser forward x {factor:g}: forward + backward; "
+        "VAE and text encoders not counted)",
+        f"estimate at {plan.mfu:.0%} MFU of {card.peak_tflops:g} TFLOP/s peak (--mfu; bench/train.py --gpu "
+        "measures yours)",
+        "",
+        f"total: {plan.gpu_hours:,.1f} GPU-hours; {gpus} (data-parallel, linear scaling assumed) -> "
+        f"{plan.wall_hours:,.1f} h wall; cost ~${plan.cost:,.0f} (GPUs only, ${plan.price:,.3f}/GPU-hour)",
+        f"finetune config: num_workers: {plan.gpus}, use_gpu: true, resolution: {plan.resolution}, "
+        f"method: {plan.method}",
+    ])  # fmt: skip
