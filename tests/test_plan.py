@@ -442,3 +442,43 @@ def test_finetune_plan_picks_the_fewest_gpus_for_the_hours_target():
     bad = run_plan("--finetune", "blur", "--images", "10", "--gpu", "H100")
     assert bad.exit_code == 2 and "cannot be fine-tuned" in bad.output
 
+
+def _cpu_cores(output: str) -> tuple[float, float]:
+    line = next(line for line in output.splitlines() if line.startswith("CPU work outside the models"))
+    found = re.search(r"-> ([\d,.]+) cores while the GPUs run, ([\d.]+) per GPU", line)
+    assert found, line
+    return float(found[1].replace(",", "")), float(found[2])
+
+
+def test_plan_sizes_cpu_cores_from_the_cpu_cost_per_row(tmp_path):
+    """The CPU cores per GPU follow the CPU-seconds per row given (a number, or the bench's JSON), and the
+    plan names the figure's source; with a cluster, the CPU nodes that hold those cores."""
+    args = ("--images", "10000000", "--gpu", "H100", "--gpus", "64")
+    low = run_plan(*args, "--cpu-cost", "0.02")
+    assert low.exit_code == 0, low.output
+    measured = tmp_path / "cpu.json"
+    measured.write_text(json.dumps({"cpu_seconds_per_row": 0.08, "source": "cluster_sim run"}))
+    high = run_plan(*args, "--cpu-cost", str(measured))
+    assert high.exit_code == 0, high.output
+    (cores_low, per_gpu_low), (cores_high, per_gpu_high) = _cpu_cores(low.output), _cpu_cores(high.output)
+    assert cores_high == pytest.approx(4 * cores_low, rel=0.02) and per_gpu_high > per_gpu_low > 0
+    assert "cluster_sim run" in high.output and "--cpu-cost" in low.output
+    default = run_plan(*args)
+    assert "recorded: bench/cluster_sim.py" in default.output
+    with_cluster = run_plan(*args, "--cpu-cost", str(measured), "--cluster", str(AWS))
+    nodes = re.search(r"= (\d+) x cpu \((\d+) CPUs\)", with_cluster.output)
+    assert nodes, with_cluster.output
+    assert int(nodes[1]) == -(-_cpu_cores(with_cluster.output)[0] // float(nodes[2]))
+
+
+def test_plan_edit_rate_is_the_call_cost_model_the_simulator_runs(paper):
+    """One cost model: the plan's editor estimate is `u2s.costs`' a + b·n call at the pool's batch."""
+    from u2s.costs import editor_call_cost
+    from u2s.plan import edit_batch, edit_tflop_per_row
+
+    h100 = card_for("H100")
+    plan = make_plan(paper, 100_000, h100, gpus=8)
+    edit = next(p for p in plan.pools if p.name == "edit")
+    cost = editor_call_cost(edit_tflop_per_row(paper), h100.peak_tflops)
+    assert edit.rate.rows_per_s == pytest.approx(cost.rate(edit_batch(paper)))
+    assert cost.rate(1) < edit.rate.rows_per_s < 1 / cost.b  # a fixed cost per call: batches pay off

@@ -323,6 +323,15 @@ def plan(
             "too small for the plan, and the price of every node (head and CPU workers too)."
         ),
     ] = None,
+    cpu_cost: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SECONDS|JSON",
+            help="CPU-seconds per row outside the models (sizes the CPU cores per GPU): a number, or the "
+            "JSON `bench/cluster_sim.py --cpu-json` writes. Default: the figure recorded in "
+            "docs/benchmarks.md.",
+        ),
+    ] = None,
     cpu_nodes: Annotated[
         int | None,
         typer.Option(
@@ -365,6 +374,7 @@ def plan(
     Exits 1 when --cluster has no group for a pool (e.g. tensor-parallel workers need more GPUs than one
     node has), 2 on bad options.
     """
+    from u2s.costs import RECORDED_CPU_COST, load_cpu_cost
     from u2s.plan import card_for, format_plan, load_cluster, make_plan, parse_pool_cards, read_bench
 
     if finetune is not None:
@@ -383,9 +393,10 @@ def plan(
     try:
         cards = parse_pool_cards(pool_gpu or [])
         nodes = load_cluster(cluster) if cluster is not None else None
+        cpu = RECORDED_CPU_COST if cpu_cost is None else load_cpu_cost(cpu_cost)
         result = make_plan(cfg, images, card_for(gpu), read_bench(bench or []), flagged, gpus, hours, price,
-                           cards, nodes, cpu_nodes, verify_fail)  # fmt: skip
-    except ValueError as e:
+                           cards, nodes, cpu_nodes, verify_fail, cpu)  # fmt: skip
+    except (ValueError, OSError, KeyError) as e:
         typer.echo(f"plan: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(format_plan(result))

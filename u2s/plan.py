@@ -5,7 +5,10 @@ Each GPU pool's throughput per GPU comes from a measurement when one matches (``
 or editor), otherwise from a FLOP count (labelled *estimate*): the denoiser counts of
 ``docs/benchmarks.md`` for stage 2 and 2 × parameters × tokens for the stage-1 models, at an assumed
 utilisation of the card's peak dense bf16 rate. The pools stream side by side, so GPUs are split in
-proportion to each pool's GPU-hours and the run lasts as long as its slowest pool.
+proportion to each pool's GPU-hours and the run lasts as long as its slowest pool. The GPU-side timing
+(an editor call's ``a + b·n``, FLOPs to seconds) is :mod:`u2s.costs`, which the simulated cluster
+(``bench/cluster_sim.py``) runs too; so are the CPU-seconds per row that size the CPU cores each GPU needs
+(measured by that bench, or ``--cpu-cost``).
 
 Prices come from one table, :mod:`u2s.instances` (on-demand list prices of the instance types the
 cluster configs name). Without a cluster config a card is priced as the instance type named for it in
@@ -28,6 +31,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from u2s.cluster import NodeGroup
 from u2s.config import JobConfig, Resources
+from u2s.costs import (
+    COMPUTE_UTILISATION,
+    DECODE_UTILISATION,
+    EDIT_CALL_IMAGES,
+    RECORDED_CPU_COST,
+    CpuCost,
+    editor_call_cost,
+    stage1_seconds,
+)
 from u2s.instances import InstanceType, instance_type
 
 PRICES = "u2s/instances.py: AWS us-east-1 on-demand list prices"
@@ -76,10 +88,6 @@ CARDS: dict[str, Card] = {
     "L4": Card("L4", 121.0, 24, "g6.2xlarge"),
 }  # fmt: skip
 
-#: Assumed fraction of peak reached: compute-bound work (prompt prefill, diffusion denoising) and batched
-#: decoding (memory-bound: an 8B model at 64 sequences a step reads its weights once per ~64 tokens).
-COMPUTE_UTILISATION = 0.40
-DECODE_UTILISATION = 0.15
 
 #: Stage-1 models assumed by estimates (the paper's): parameters, and tokens per call (prompt, output).
 VLM_PARAMS, LLM_PARAMS = 8.1e9, 4.02e9  # InternVL2.5-8B (InternViT-300M + InternLM2.5-7B), Qwen3-4B
@@ -230,6 +238,13 @@ class Plan:
     paths: dict[str, str]
     fit: ClusterFit | None = None
     verify_fail: float = 0.0  # stage2.verify: share of verifications assumed to fail (each one re-edits)
+    cpu_cost: CpuCost = RECORDED_CPU_COST  # CPU-seconds per row outside the models
+
+    @property
+    def cpu_cores(self) -> float:
+        """CPU cores busy with the non-model work (fetch, decode, thumbnails, encode, write) while the GPUs
+        run: rows per second over the wall time x CPU-seconds per row."""
+        return self.cpu_cost.cores(self.images / (self.wall_hours * 3600)) if self.wall_hours else 0.0
 
     @property
     def gpu_pools(self) -> list[PoolPlan]:
@@ -363,13 +378,18 @@ def edit_tflop_per_row(cfg: JobConfig) -> float | None:
     return per_step * steps * (getattr(editor, "resolution", 512) / 512) ** 2
 
 
+def edit_batch(cfg: JobConfig) -> int:
+    """Images per editor call the estimate assumes: ``stage2.max_batch``, else the pool's batch size."""
+    return getattr(cfg.stage2, "max_batch", None) or cfg.stage2.resources.batch_size
+
+
 def estimate_rate(cfg: JobConfig, pool: str, card: Card, flagged: float) -> Rate | None:
     peak = card.peak_tflops
     if pool.startswith("verify"):
         tokens = verify_tflop_per_row(cfg)
         if tokens is None:
             return None
-        seconds = tokens[0] / (peak * COMPUTE_UTILISATION) + tokens[1] / (peak * DECODE_UTILISATION)
+        seconds = stage1_seconds(tokens[0], tokens[1], peak)
         return Rate(1 / seconds, False, f"estimate: call A on the edit, {sum(tokens):.2f} TFLOP/row")
     if pool.startswith("edit."):  # a re-edit: its ladder rung's editor and settings
         cfg = cfg.model_copy(update={"stage2": cfg.stage2.attempt(verify_attempt(pool))})
@@ -378,12 +398,13 @@ def estimate_rate(cfg: JobConfig, pool: str, card: Card, flagged: float) -> Rate
         tflop = edit_tflop_per_row(cfg)
         if tflop is None:
             return None
-        seconds = tflop / (peak * COMPUTE_UTILISATION)
-        label = f"estimate: {tflop:.0f} TFLOP/image at {COMPUTE_UTILISATION:.0%} of peak"
-        return Rate(1 / seconds, False, label)
+        batch = edit_batch(cfg)
+        label = (f"estimate: {tflop:.0f} TFLOP/image at {COMPUTE_UTILISATION:.0%} of peak, "
+                 f"{batch} a call (+{EDIT_CALL_IMAGES:g} images' time each)")  # fmt: skip
+        return Rate(editor_call_cost(tflop, peak).rate(batch), False, label)
     if all(name in CALL_TOKENS for name in pool_calls(pool)):
         prefill, decode = stage1_tflop_per_row(cfg, pool, flagged)
-        seconds = prefill / (peak * COMPUTE_UTILISATION) + decode / (peak * DECODE_UTILISATION)
+        seconds = stage1_seconds(prefill, decode, peak)
         label = (f"estimate: {prefill + decode:.2f} TFLOP/row at {COMPUTE_UTILISATION:.0%} (prefill) / "
                  f"{DECODE_UTILISATION:.0%} (decode) of peak")  # fmt: skip
         return Rate(1 / seconds, False, label)
@@ -491,13 +512,15 @@ def make_plan(
     cluster: Cluster | None = None,
     cpu_nodes: int | None = None,
     verify_fail: float = 0.25,
+    cpu_cost: CpuCost = RECORDED_CPU_COST,
 ) -> Plan:
     """Size every GPU pool of ``cfg`` for ``images`` images on ``card`` (``pool_cards``: other GPU types
     for some pools, e.g. the editor on L40S; ``price`` applies to ``card``). With a ``cluster``, also
     where the pools land, every node's price and what is too small (:func:`fit_cluster`; ``cpu_nodes``:
     CPU workers held, default each CPU group's maximum). ``verify_fail``: under ``stage2.verify``, the
     share of verifications assumed to fail (each sends its row to another edit). See the module
-    docstring."""
+    docstring. ``cpu_cost``: CPU-seconds per row outside the models, which sizes the CPU cores the run
+    needs while its GPUs work (:attr:`Plan.cpu_cores`)."""
     from u2s.pipeline import stage_pools, verify_pools
 
     ignored: list[str] = []
@@ -540,7 +563,7 @@ def make_plan(
     used = sum(p.gpus for p in gpu_pools)
     wall = max((p.gpu_hours / p.gpus for p in gpu_pools), default=0.0)
     result = Plan(images, card, card.usd_per_hour if price is None else price, flagged, pools, used, wall,
-                  ignored, paths, verify_fail=verify_fail)  # fmt: skip
+                  ignored, paths, verify_fail=verify_fail, cpu_cost=cpu_cost)  # fmt: skip
     if cluster is not None:
         result.fit = fit_cluster(result, cluster, cpu_nodes, price)
     return result
@@ -735,6 +758,24 @@ def verify_lines(plan: Plan) -> list[str]:
     ]
 
 
+def cpu_lines(plan: Plan) -> list[str]:
+    """The CPU cores the run's non-model work needs, per GPU, and (with a cluster) the CPU nodes that
+    hold them (each CPU group's CPUs; the GPU nodes' own CPUs not counted)."""
+    cores, cost = plan.cpu_cores, plan.cpu_cost
+    if not cores:
+        return []
+    per_gpu = cores / plan.gpus if plan.gpus else 0.0
+    lines = [f"CPU work outside the models: {cost.seconds_per_row * 1e3:.1f} ms/row ({cost.source}; "
+             f"--cpu-cost) -> {cores:,.2f} cores while the GPUs run, {per_gpu:.2f} per GPU"]  # fmt: skip
+    if plan.fit is not None:
+        for g in plan.fit.cluster.groups:
+            cpus = g.resources.get("CPU", 0.0)
+            if not g.head and not g.resources.get("GPU") and cpus:
+                lines.append(f"  = {math.ceil(cores / cpus - 1e-9)} x {g.name} ({cpus:g} CPUs) if that work "
+                             "runs on CPU workers only")  # fmt: skip
+    return lines
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as a table, totals and cost, and the pool sizes to put in the config; with a cluster,
     which groups each pool fits and what is too small."""
@@ -758,6 +799,7 @@ def format_plan(plan: Plan) -> str:
         listed = ", ".join(f"{p.name} ({p.request.num_cpus:g} CPU each)" for p in cpu)
         lines.append(f"CPU pools, not sized here: {listed}")
     lines += verify_lines(plan)
+    lines += cpu_lines(plan)
     what = "every node" if fit else "GPUs only"
     lines += [
         "",
