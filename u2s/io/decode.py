@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,8 +133,9 @@ def _check_size(img: Image.Image, max_pixels: int | None) -> None:
         raise DecodeError(f"image too large: {width}x{height} exceeds the {max_pixels}-pixel limit")
 
 
-def _frame(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
-    """The current frame of ``img``: loaded, upright, as :func:`_to_rgb` gives it, with no ``info``.
+def _frame(img: Image.Image, reduce: _Reduce | None = None) -> tuple[Image.Image, Image.Image | None]:
+    """The current frame of ``img``: loaded, upright, as :func:`_to_rgb` gives it, with no ``info``;
+    resized as ``reduce`` (from :func:`_draft`) says before it is made upright.
 
     Nothing the file says besides its pixels travels with the result: encoders read ``info`` (Pillow's
     JPEG writer takes its comment from there, PNG and WebP writers their ICC profile), so an image made
@@ -146,6 +147,8 @@ def _frame(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
         raise DecodeError("image exceeds the pixel limit") from e
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:  # truncated or corrupt pixel data
         raise DecodeError(f"corrupt or truncated image data ({type(e).__name__})") from e
+    if reduce is not None:
+        img = img.resize(reduce.size, reduce.resample, box=reduce.box)
     img = _upright(img)
     try:
         rgb, transparent = _to_rgb(img)
@@ -155,6 +158,50 @@ def _frame(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
     if transparent is not None:
         transparent.info = {}
     return rgb, transparent
+
+
+#: The size a caller needs, from the upright size of the file: (width, height) → (width, height).
+Sizer = Callable[[int, int], tuple[int, int]]
+#: Formats whose decoder scales while decoding (libjpeg's DCT scaling by 1/2, 1/4 or 1/8).
+_DCT_SCALED = ("JPEG", "MPO")
+
+
+@dataclass(frozen=True)
+class _Reduce:
+    """A resize of the loaded frame: to ``size`` (as stored) from ``box`` of the (DCT-scaled) pixels."""
+
+    size: tuple[int, int]
+    box: tuple[float, float, float, float]
+    resample: Image.Resampling
+
+
+def _swaps(img: Image.Image) -> bool:
+    """Whether :func:`_upright` exchanges the width and height of ``img`` (orientations 5 to 8)."""
+    try:
+        return exif_orientation(img.getexif()) >= 5
+    except Exception:  # _upright keeps such an image as stored
+        return False
+
+
+def _draft(img: Image.Image, size: Sizer, resample: Image.Resampling) -> _Reduce | None:
+    """Set up ``img`` (opened, not loaded) to decode at the smallest DCT scale that still covers the
+    upright size ``size`` asks for, and the resize to that size; None to decode in full, as stored.
+
+    Only a JPEG whose target is smaller in both dimensions is reduced. libjpeg-turbo then runs a
+    scaled inverse DCT (e.g. 8×8 coefficients → 1×1 pixel at 1/8): the entropy decode still reads
+    every byte (a truncated file still fails), but most of the pixel work and memory go away.
+    """
+    if img.format not in _DCT_SCALED:
+        return None
+    swap = _swaps(img)
+    width, height = img.size
+    target = size(*((height, width) if swap else (width, height)))
+    target = (target[1], target[0]) if swap else target
+    if not (0 < target[0] < width and 0 < target[1] < height):
+        return None
+    drafted = img.draft(None, target)
+    box = drafted[1] if drafted is not None else (0.0, 0.0, float(width), float(height))
+    return _Reduce(target, box, resample)
 
 
 def _frame_count(img: Image.Image) -> int:
@@ -174,7 +221,8 @@ class Decoded:
     """
 
     image: Image.Image
-    """Frame 0, upright 8-bit RGB: the VLM's view and what ``convert("RGB")`` of the published file shows."""
+    """Frame 0, upright 8-bit RGB: the VLM's view and what ``convert("RGB")`` of the published file shows;
+    at the size the decode asked for when it was decoded reduced (:attr:`reduced`)."""
     transparent: Image.Image | None
     """Frame 0, upright RGBA (LA for grey) with its hidden colour zeroed, when it had any; else None."""
     frames: int
@@ -185,6 +233,17 @@ class Decoded:
     """Every frame was decoded and inspected (``decode.frames: all``), not only frame 0."""
     hidden: bool = False
     """Some decoded frame had colour under alpha 0."""
+    size: tuple[int, int] = (0, 0)
+    """Upright size of frame 0 in the file (``image.size`` unless :attr:`reduced`)."""
+
+    def __post_init__(self) -> None:
+        if self.size == (0, 0):
+            self.size = self.image.size
+
+    @property
+    def reduced(self) -> bool:
+        """``image`` was decoded at a reduced size (see :func:`decode_image`'s ``size``)."""
+        return self.image.size != self.size
 
     def close(self) -> None:
         self.image.close()
@@ -192,8 +251,20 @@ class Decoded:
             self.transparent.close()
 
 
-def decode_image(data: bytes, max_pixels: int | None = None) -> Decoded:
+def decode_image(
+    data: bytes,
+    max_pixels: int | None = None,
+    *,
+    size: Sizer | None = None,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+) -> Decoded:
     """Decode frame 0 of ``data`` (see :class:`Decoded`) and count its frames.
+
+    ``size``: the upright size the caller needs, given the file's upright size (e.g. the VLM thumbnail
+    that fits a square). A JPEG it shrinks is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
+    covers it and resized to exactly that size with ``resample``: a fraction of a full decode's work,
+    and the pixels differ from a full decode resized the same way by about a grey level on average
+    (``tests/io/test_thumbnail.py``). Other formats, and sizes that do not shrink, decode in full.
 
     Raises :class:`DecodeError` for empty, truncated or non-image bytes, unsupported formats and colour
     modes, and for images with more than ``max_pixels`` pixels (checked from the header, before any pixel
@@ -203,8 +274,11 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Decoded:
     frames = _frame_count(img)
     if frames > 1:
         img.seek(0)  # counting frames may have moved the file to another one
-    rgb, transparent = _frame(img)
-    return Decoded(rgb, transparent, frames, img.format or "", hidden=transparent is not None)
+    full = img.size
+    reduce = _draft(img, size, resample) if size is not None else None
+    rgb, transparent = _frame(img, reduce)
+    upright = rgb.size if reduce is None else full[::-1] if _swaps(img) else full
+    return Decoded(rgb, transparent, frames, img.format or "", hidden=transparent is not None, size=upright)
 
 
 def later_frames(
@@ -227,14 +301,20 @@ def later_frames(
         yield rgb, transparent is not None
 
 
-def load_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
+def load_rgb(
+    data: bytes,
+    max_pixels: int | None = None,
+    *,
+    size: Sizer | None = None,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+) -> Image.Image:
     """Decode ``data`` to an upright (EXIF-transposed) 8-bit RGB image of its frame 0, fully loaded.
 
     Transparency is not composited: the colour of fully transparent pixels is zeroed and alpha dropped
-    (see :func:`_to_rgb`). The image has an empty ``info``. Raises :class:`DecodeError` as
-    :func:`decode_image` does.
+    (see :func:`_to_rgb`). The image has an empty ``info``. ``size`` and ``resample``: a JPEG decoded
+    reduced, as :func:`decode_image` does. Raises :class:`DecodeError` as :func:`decode_image` does.
     """
-    decoded = decode_image(data, max_pixels)
+    decoded = decode_image(data, max_pixels, size=size, resample=resample)
     if decoded.transparent is not None:
         decoded.transparent.close()
     return decoded.image
@@ -244,17 +324,29 @@ def load_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
 THUMBNAIL_QUALITY = 95
 
 
-def thumbnail(img: Image.Image, side: int) -> bytes:
-    """``img`` downscaled to fit ``side``×``side`` (aspect kept, never upscaled), as a JPEG."""
-    width, height = img.size
+def fit(width: int, height: int, side: int) -> tuple[int, int]:
+    """``width``×``height`` downscaled to fit ``side``×``side`` (aspect kept, never upscaled)."""
     scale = side / max(width, height)
-    if scale < 1:
-        img = img.resize(
-            (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC
-        )
+    if scale >= 1:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def thumbnail(img: Image.Image, side: int) -> bytes:
+    """``img`` downscaled to fit ``side``×``side`` (aspect kept, never upscaled), as a JPEG.
+
+    An image decoded with ``decode_image(..., size=thumbnail_size(side))`` is already that size."""
+    target = fit(*img.size, side)
+    if target != img.size:
+        img = img.resize(target, Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=THUMBNAIL_QUALITY)
     return buf.getvalue()
+
+
+def thumbnail_size(side: int) -> Sizer:
+    """The :data:`Sizer` of :func:`thumbnail`'s size: decode a JPEG straight to its VLM thumbnail."""
+    return lambda width, height: fit(width, height, side)
 
 
 #: File extensions of the formats decode accepts, for the published file's name.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from u2s.io.decode import Decoded, DecodeError, decode_image, later_frames, thumbnail
+from u2s.io.decode import Decoded, DecodeError, decode_image, later_frames, thumbnail, thumbnail_size
 from u2s.io.metadata import publishable
 from u2s.schema import mark_error
 from u2s.stage import Stage
@@ -14,7 +14,10 @@ if TYPE_CHECKING:
 
 
 class DecodeStage(Stage):
-    """Validate each row's image once, at full resolution; bad rows get ``decode`` errors.
+    """Validate each row's image with one decode; bad rows get ``decode`` errors.
+
+    A JPEG is decoded straight to its VLM thumbnail at a reduced DCT scale (every byte of it is still
+    decoded, so a corrupt file fails here), every other format in full.
 
     For every image that decodes it records the upright size and the number of frames, writes the VLM
     thumbnail of frame 0 (stage 1 never touches the full-size bytes again) and, with ``decode.frames:
@@ -42,7 +45,7 @@ class DecodeStage(Stage):
             raise DecodeError(
                 f"file too large: {len(data)} bytes exceeds the {self.config.max_bytes}-byte limit"
             )
-        return decode_image(data, max_pixels=self.config.max_pixels)
+        return decode_image(data, self.config.max_pixels, size=thumbnail_size(self.thumbnail_side))
 
     def frame_thumbnails(self, data: bytes, decoded: Decoded) -> list[bytes]:
         """Thumbnails of frames 1.. (``decode.frames: all``); marks ``decoded`` as wholly inspected."""
@@ -65,12 +68,12 @@ class DecodeStage(Stage):
                 others = None
                 if self.config.frames == "all" and decoded.frames > 1:
                     others = self.frame_thumbnails(data, decoded)
-                # The decoded pixels are reused if the file must be re-encoded: one full decode of frame 0.
+                # Metadata goes without decoding (JPEG, PNG, WebP); a re-encode reuses the decoded pixels.
                 published = publishable(data, decoded, strip=self.metadata == "strip")
             except DecodeError as e:
                 mark_error(row, self.name, str(e))
                 continue
-            row["width"], row["height"] = decoded.image.size
+            row["width"], row["height"] = decoded.size
             row["frames"] = decoded.frames
             row["thumbnail"] = thumbnail(decoded.image, self.thumbnail_side)
             row["frame_thumbnails"] = others

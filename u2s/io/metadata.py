@@ -75,7 +75,8 @@ def strip_metadata(data: bytes, *, max_pixels: int | None = None, decoded: Decod
     RGB pixels. A file with frames nobody inspected (frame 0 is, see :class:`~u2s.io.decode.Decoded`) or
     with colour under alpha 0 is re-encoded too (see the module's docstring). ``decoded``: the file's
     :func:`~u2s.io.decode.decode_image` when the caller has it (``decode.frames: all`` sets its
-    ``all_frames``), else decoded here, bounded by ``max_pixels``. Raises
+    ``all_frames``; decoded reduced, it is decoded again in full only if the file must be re-encoded),
+    else decoded here, bounded by ``max_pixels``. Raises
     :class:`~u2s.io.decode.DecodeError` when ``data`` is not a decodable image.
     """
     if decoded is None:
@@ -93,6 +94,8 @@ def strip_metadata(data: bytes, *, max_pixels: int | None = None, decoded: Decod
             logger.debug("cannot strip %s losslessly (%s); re-encoding", kind, type(e).__name__)
             break
         return Stripped(out, extension, out != data)
+    if decoded.reduced:  # decoded at the thumbnail's size (a JPEG): the PNG needs every pixel
+        decoded = decode_image(data, max_pixels)
     return Stripped(_reencode_png(decoded), "png", True)
 
 

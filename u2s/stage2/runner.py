@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from u2s.healing import OutOfMemory, classify, split_on_oom
-from u2s.io.decode import DecodeError, load_rgb
+from u2s.io.decode import DecodeError, decode_image
 from u2s.schema import Status, mark_error
 from u2s.stage import Stage, flagged
 from u2s.stage2.editors import load_editor
@@ -128,13 +128,18 @@ class EditStage(Stage):
         # full-size image plus the batch at working size.
         buckets: dict[tuple[int, int], list[_Item]] = defaultdict(list)
         for row in rows:
-            try:
-                img = load_rgb((row["image"] or {}).get("bytes") or b"")
+            try:  # a JPEG decodes straight to this size, DCT-scaled (u2s.io.decode): never in full
+                decoded = decode_image(
+                    (row["image"] or {}).get("bytes") or b"",
+                    size=self.editor.working_size,
+                    resample=Image.Resampling.LANCZOS,
+                )
             except DecodeError as e:
                 mark_error(row, self.name, str(e))
                 continue
-            original = (row["width"] or img.width, row["height"] or img.height)
-            size = self.editor.working_size(img.width, img.height)
+            img, (width, height) = decoded.image, decoded.size
+            original = (row["width"] or width, row["height"] or height)
+            size = self.editor.working_size(width, height)
             work = img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
             buckets[size].append((row, work, original))
             del img, work
