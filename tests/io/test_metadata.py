@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageCms, ImageOps
 
-from u2s.io.decode import DecodeError, decode_image, later_frames, load_rgb
+from u2s.io.decode import DecodeError, decode_image, later_frames, load_rgb, thumbnail_size
 from u2s.io.metadata import Stripped, publishable, sanitize_icc, strip_metadata
 from u2s.testing.leak_corpus import (
     ARTIST,
@@ -155,16 +155,21 @@ def dirty_jpeg(img: Image.Image, thumbnail: bytes, **save) -> tuple[bytes, bytes
     return dirty, clean
 
 
+@pytest.mark.parametrize("reduced", [False, True], ids=["full-decode", "thumbnail-decode"])
 @pytest.mark.parametrize("save", [{}, {"progressive": True}, {"restart_marker_rows": 1}], ids=str)
-def test_jpeg_drops_every_metadata_segment_and_keeps_the_scans_byte_for_byte(save):
+def test_jpeg_drops_every_metadata_segment_and_keeps_the_scans_byte_for_byte(save, reduced):
+    """The marker walk needs no pixels: given the decode stage's DCT-scaled thumbnail decode
+    (``reduced``), the published file is the same, its pixels those of the input in full."""
     img = small()
     thumbnail = encode(img.resize((24, 16)), "JPEG", quality=70)
     dirty, clean = dirty_jpeg(img, thumbnail, **save)
     before = Image.open(io.BytesIO(dirty))
     assert {"exif", "xmp", "comment", "photoshop", "icc_profile"} <= set(before.info)
     assert before.getexif().get_ifd(ExifTags.IFD.GPSInfo)
+    inspected = decode_image(dirty, size=thumbnail_size(16)) if reduced else None
+    assert inspected is None or (inspected.reduced and inspected.size == (SMALL[1], SMALL[0]))
 
-    out = strip_metadata(dirty)
+    out = strip_metadata(dirty, decoded=inspected)
 
     assert (out.extension, out.removed) == ("jpg", True)
     assert out.data.endswith(tables_and_scans(clean))  # tables and entropy-coded data untouched
@@ -252,14 +257,18 @@ def test_mpo_extra_images_after_eoi_are_dropped():
     assert leaked(out.data) == []
 
 
-def test_malformed_jpeg_is_re_encoded_not_leaked():
-    """Garbage between segments (libjpeg skips it): not parsed with certainty, so re-encoded as PNG."""
+@pytest.mark.parametrize("reduced", [False, True], ids=["full-decode", "thumbnail-decode"])
+def test_malformed_jpeg_is_re_encoded_not_leaked(reduced):
+    """Garbage between segments (libjpeg skips it): not parsed with certainty, so re-encoded as PNG; of
+    every pixel, also when the decode stage decoded it at its thumbnail's size (``reduced``)."""
     clean = encode(small(), "JPEG", quality=90, exif=exif_block(orientation=3))
     dqt = clean.index(b"\xff\xdb")
     dirty = clean[:dqt] + b"\x00\x13\x37" + clean[dqt:]
     np.asarray(load_rgb(dirty))  # still decodable
+    inspected = decode_image(dirty, size=thumbnail_size(16)) if reduced else None
+    assert inspected is None or inspected.image.size == (16, 11)
 
-    out = strip_metadata(dirty)
+    out = strip_metadata(dirty, decoded=inspected)
 
     assert (out.extension, out.removed) == ("png", True)
     np.testing.assert_array_equal(decoded(out.data), decoded(dirty))
