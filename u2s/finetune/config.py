@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from u2s.config import Resources, StorageConfig
 from u2s.config_base import ConfigModel, ModelConfig, absolute_path, model_location
+from u2s.eval.config import EvalModels, MetricName
 
 EDITORS = ("safe_attention", "instruct_pix2pix", "flux_kontext")
 
@@ -49,6 +50,25 @@ class LoraSettings(ConfigModel):
     )
     init: Literal["gaussian", "default"] = Field(
         "gaussian", description="peft `init_lora_weights`: gaussian (the paper) or peft's default."
+    )
+
+
+class ValidationSettings(ConfigModel):
+    """What each validation computes: the val rows edited through the editor, scored by the eval suite."""
+
+    metrics: list[MetricName] = Field(
+        ["face_sim", "text_sim", "clip_direction", "clip_text", "ssim"],
+        description="Eval-suite metrics of each validation edit against its original (`u2s eval`'s names); "
+        "`ssim_target` (the edit against the run's edited image) is always added.",
+    )  # fmt: skip
+    models: EvalModels = Field(
+        default_factory=EvalModels, description="The metrics' models, as `u2s eval`'s `models` section."
+    )
+    num_inference_steps: int | None = Field(
+        None, ge=1, description="Denoising steps of the validation edits. None: the editor's default."
+    )
+    edit: bool = Field(
+        True, description="Edit the val rows and score them (false: only the val denoising loss)."
     )
 
 
@@ -145,6 +165,9 @@ class FinetuneConfig(ConfigModel):
         500, ge=1, description="Steps between validations on the val split. None: never."
     )
     max_val_rows: int = Field(16, ge=1, description="Val rows each validation uses (the first by id).")
+    validation: ValidationSettings = Field(
+        default_factory=ValidationSettings, description="Metrics, models and steps of each validation."
+    )
     storage_path: str = Field(
         ..., description="Where Ray Train keeps checkpoints and results: local or s3://."
     )

@@ -121,7 +121,10 @@ class _Trainer:
         import ray.train.torch
         import torch
 
-        from u2s.finetune.models.ip2p import IP2PModel
+        if cfg.editor == "flux_kontext":
+            from u2s.finetune.models.flux_kontext import FluxKontextModel as Model
+        else:
+            from u2s.finetune.models.ip2p import IP2PModel as Model
 
         self.cfg = cfg
         context = ray.train.get_context()
@@ -130,7 +133,7 @@ class _Trainer:
             torch.set_num_threads(cfg.torch_threads)
         self.device = ray.train.torch.get_device()
         torch.manual_seed(cfg.seed)  # the same initial weights (LoRA, SafeAttention) on every worker
-        self.model = IP2PModel(cfg, str(self.device))
+        self.model = Model(cfg, str(self.device))
         self.params = self.model.trainable_parameters()
         if not self.params:
             raise ValueError("nothing to train: the config freezes every weight")
@@ -270,7 +273,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        "epoch": t.epoch, "resumed_from_step": t.resumed_from}  # fmt: skip
             micro, running = 0, 0.0
             if cfg.validate_every and t.step % cfg.validate_every == 0 and t.rank == 0:
-                metrics.update(_with_ema(t, functools.partial(validate, t.model, val_rows, cfg, t.step)))
+                check = functools.partial(validate, t.model, val_rows, cfg, t.step, collate)
+                metrics.update(_with_ema(t, check))
             if t.step % cfg.checkpoint_every == 0 or t.step >= cfg.max_steps:
                 _report_checkpoint(t, metrics)
             else:

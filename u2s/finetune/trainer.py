@@ -80,10 +80,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> FinetuneResult:
     from u2s.finetune.train_loop import train_loop_per_worker
     from u2s.io.storage import uri_join, write_json
 
-    if cfg.editor == "flux_kontext":
-        raise FinetuneError(
-            "flux_kontext fine-tuning is not available yet: use safe_attention or instruct_pix2pix"
-        )
+    if cfg.editor == "flux_kontext" and cfg.method != "lora":
+        raise FinetuneError("flux_kontext trains a LoRA: set method: lora")
     exists = experiment_exists(cfg)
     if exists and not resume:
         raise FinetuneError(
