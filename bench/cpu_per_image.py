@@ -26,7 +26,7 @@ then the totals for a kept and for a flagged image, and the cores one GPU needs 
 1.09 images/s through InstructPix2Pix). The VLM's own image preprocessing in its actor (vLLM's processor)
 is the model's work and not counted here::
 
-    python bench/cpu_per_image.py                       # ~1 min on an idle 2-core VM
+    python bench/cpu_per_image.py                       # about a minute of CPU time
     python bench/cpu_per_image.py --repeat 5 --json cpu.json --vlm-rate 40 --edit-rate 2
 """
 
