@@ -789,7 +789,29 @@ class _Stage2Shared(_Model):
         "(docs/benchmarks.md, 'Edited-image format'); PNG: the exact pixels; WEBP: lossless, 5-13% "
         "smaller than PNG.",
     )
-    resources: Resources = Field(default_factory=Resources, description="Editor pool.")
+    resources: Resources = Field(
+        default_factory=Resources,
+        description="Editor pool. Its `batch_size` counts rows per Ray batch, pass-through (unflagged) rows "
+        "included; see `max_batch`.",
+    )
+    max_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Flagged images per editor call (one denoising batch). The runner fills calls from the "
+        "flagged rows of one Ray batch (`resources.batch_size` rows), one working size at a time, so each "
+        "Ray batch ends with at most one partial call per working size: calls are ~90% full when a Ray "
+        "batch holds about 4.5 × (max_batch - 1) flagged rows per working size, i.e. `resources.batch_size` "
+        "≈ 4.5 × (max_batch - 1) × sizes / flag rate (`u2s plan` prints the expected fill). None: "
+        "`resources.batch_size` (all flagged rows of one size in a Ray batch in one call).",
+    )
+    aspect_buckets: list[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]] | None = Field(
+        None,
+        description="Width:height ratios, e.g. [[1, 1], [4, 3], [3, 4], [16, 9], [9, 16]]: an editor that "
+        "works at a fixed `resolution` (the InstructPix2Pix family, FLUX Kontext) edits each image at the "
+        "ratio nearest its own, so images of different native sizes share a call (fewer working sizes: "
+        "fuller calls); the output is resized back to the row's own size. None: each image at its own "
+        "ratio (sides rounded to 64 px). Native-size editors (FlowEdit, the baselines) ignore it.",
+    )
     verify: VerifyConfig = Field(
         default_factory=VerifyConfig, description="Closed-loop verification of edits (off unless `checks`)."
     )

@@ -239,6 +239,7 @@ class Plan:
     fit: ClusterFit | None = None
     verify_fail: float = 0.0  # stage2.verify: share of verifications assumed to fail (each one re-edits)
     cpu_cost: CpuCost = RECORDED_CPU_COST  # CPU-seconds per row outside the models
+    edit_fill: str = ""  # how full the editor's calls are expected to be (edit_fill_line)
 
     @property
     def cpu_cores(self) -> float:
@@ -564,6 +565,7 @@ def make_plan(
     wall = max((p.gpu_hours / p.gpus for p in gpu_pools), default=0.0)
     result = Plan(images, card, card.usd_per_hour if price is None else price, flagged, pools, used, wall,
                   ignored, paths, verify_fail=verify_fail, cpu_cost=cpu_cost)  # fmt: skip
+    result.edit_fill = edit_fill_line(cfg, flagged)
     if cluster is not None:
         result.fit = fit_cluster(result, cluster, cpu_nodes, price)
     return result
@@ -776,6 +778,26 @@ def cpu_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def edit_fill_line(cfg: JobConfig, flagged: float) -> str:
+    """How full the edit pool's editor calls are expected to be at the flag rate ``flagged``: Ray batches
+    of ``stage2.resources.batch_size`` rows, calls of ``stage2.max_batch`` images of one working size (a
+    fixed-resolution editor's two equally common sizes assumed: landscape and portrait), and the Ray batch
+    that fills them to 90%. Empty for a native-size editor (its calls hold one native size each)."""
+    from u2s.stage2.runner import mean_call_size, rows_for_fill
+
+    s2 = cfg.stage2
+    if not hasattr(s2.section(), "resolution") or not 0 < flagged <= 1:
+        return ""
+    rows, cap = s2.resources.batch_size, s2.max_batch or s2.resources.batch_size
+    fill = mean_call_size(rows, flagged, cap, (0.5, 0.5)) / cap
+    line = (f"editor calls: {fill:.0%} full ({cap} images at most, stage2.max_batch) with Ray batches of "
+            f"{rows} rows (stage2.resources.batch_size) at {flagged:.0%} flagged, two working sizes "
+            "assumed")  # fmt: skip
+    if fill < 0.9:
+        line += f"; batch_size {rows_for_fill(flagged, cap, (0.5, 0.5))} for 90%"
+    return line
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as a table, totals and cost, and the pool sizes to put in the config; with a cluster,
     which groups each pool fits and what is too small."""
@@ -800,6 +822,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"CPU pools, not sized here: {listed}")
     lines += verify_lines(plan)
     lines += cpu_lines(plan)
+    lines += [plan.edit_fill] if plan.edit_fill else []
     what = "every node" if fit else "GPUs only"
     lines += [
         "",

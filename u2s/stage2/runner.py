@@ -1,11 +1,22 @@
 """Stage 2: rewrite flagged rows with the configured editor; every other row passes untouched.
 
-Each image is resized to its editor's working size (:meth:`~u2s.stage2.editors.base.Editor.working_size`:
-the IP2P family at ``resolution``, FlowEdit near native size, the baselines at their own size) and rows
-are bucketed by that size, so one editor call sees images of a single size; each row is seeded from the
-base seed and its id, so a rerun reproduces its output whatever batch it lands in; the edited image is
-restored to the row's original size before encoding. An output whose pixels equal the editor's input
-is never published: that row becomes an error row.
+Each image is resized to the size its editor edits it at (:meth:`~u2s.stage2.editors.base.Editor.bucket_size`:
+the IP2P family at ``resolution``, at the nearest of ``stage2.aspect_buckets``' ratios when set; FlowEdit
+near native size; the baselines at their own size) and rows are bucketed by that size, so one editor call
+sees images of a single size; each row is seeded from the base seed and its id, so a rerun reproduces its
+output whatever batch it lands in; the edited image is restored to the row's original size before
+encoding. An output whose pixels equal the editor's input is never published: that row becomes an error
+row.
+
+Full editor calls. The edit pool's Ray batch (``stage2.resources.batch_size`` rows) holds mostly
+pass-through rows; an editor call holds up to ``stage2.max_batch`` flagged images of one size. A Ray
+batch's output must be returned for that batch, so flagged rows cannot wait in the actor for the next
+batch's; every Ray batch therefore ends with at most one partial call per size, and calls are full when
+that remainder is small against the flagged rows per size: the Ray batch is sized from the flag rate
+(:func:`mean_call_size`; ``u2s plan`` prints it) and, for fixed-resolution editors, aspect-ratio buckets
+cut the number of sizes (COCO: a landscape and a portrait bucket hold nearly every image). Native-size
+editors (FlowEdit, the baselines) batch only images of one size, so on mixed sizes most of their calls
+hold one image. A size depends on its image alone (never on batch-mates), so no output does either.
 
 Under ``stage2.verify`` the stage runs once per edit attempt (``attempt``: the ladder's rung, a new seed):
 it edits the rows whose previous attempt failed verification, and its output waits in ``candidate``
@@ -18,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -53,6 +65,45 @@ def row_seed(base_seed: int, row_id: str) -> int:
 def attempt_seed(base_seed: int, row_id: str, attempt: int = 1) -> int:
     """The seed of a row's edit attempt: :func:`row_seed` for the first, a new one for each re-edit."""
     return row_seed(base_seed, row_id if attempt == 1 else f"{row_id}#{attempt}")
+
+
+def mean_call_size(rows: int, flag_rate: float, max_batch: int, shares: tuple[float, ...] = (1.0,)) -> float:
+    """Expected images per editor call when Ray batches of ``rows`` rows, each flagged with probability
+    ``flag_rate``, fall into working sizes with probabilities ``shares``, in calls of up to ``max_batch``.
+
+    Per Ray batch a size's flagged count is binomial and takes ceil(count / max_batch) calls; the mean is
+    expected images over expected calls (what a long run averages). Divide by ``max_batch`` for the fill.
+    """
+    images = calls = 0.0
+    for share in shares:
+        p = min(max(flag_rate * share, 0.0), 1.0)
+        if p == 0.0:
+            continue
+        if p == 1.0:
+            calls += math.ceil(rows / max_batch)
+        else:  # E[ceil(N / max_batch)], N ~ Binomial(rows, p), from the log pmf
+            log_p, log_q = math.log(p), math.log1p(-p)
+            for n in range(1, rows + 1):
+                log_pmf = math.lgamma(rows + 1) - math.lgamma(n + 1) - math.lgamma(rows - n + 1)
+                calls += math.ceil(n / max_batch) * math.exp(log_pmf + n * log_p + (rows - n) * log_q)
+        images += rows * p
+    return images / calls if calls else 0.0
+
+
+def rows_for_fill(
+    flag_rate: float, max_batch: int, shares: tuple[float, ...] = (1.0,), fill: float = 0.9
+) -> int:
+    """The smallest Ray batch (rows, a multiple of 64) whose calls are ``fill`` full on average
+    (:func:`mean_call_size`); fill grows with the Ray batch, so a doubling then a bisection find it."""
+    full = lambda rows: mean_call_size(rows, flag_rate, max_batch, shares) >= fill * max_batch  # noqa: E731
+    high = 64
+    while not full(high) and high < 2**16:
+        high *= 2
+    low = high // 2
+    while high - low > 64:
+        mid = (low + high) // 128 * 64
+        low, high = (low, mid) if full(mid) else (mid, high)
+    return high
 
 
 #: Save options per output format (chosen from bench/encode.py's figures, docs/benchmarks.md): JPEG at
@@ -131,7 +182,7 @@ class EditStage(Stage):
             try:  # a JPEG decodes straight to this size, DCT-scaled (u2s.io.decode): never in full
                 decoded = decode_image(
                     (row["image"] or {}).get("bytes") or b"",
-                    size=self.editor.working_size,
+                    size=self.editor.bucket_size,
                     resample=Image.Resampling.LANCZOS,
                 )
             except DecodeError as e:
@@ -139,12 +190,12 @@ class EditStage(Stage):
                 continue
             img, (width, height) = decoded.image, decoded.size
             original = (row["width"] or width, row["height"] or height)
-            size = self.editor.working_size(width, height)
+            size = self.editor.bucket_size(width, height)
             work = img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
             buckets[size].append((row, work, original))
             del img, work
 
-        step = self.config.resources.batch_size
+        step = self.config.max_batch or self.config.resources.batch_size
         for size in sorted(buckets):
             items = buckets[size]
             for start in range(0, len(items), step):

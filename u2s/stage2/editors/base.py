@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -82,6 +83,19 @@ class Editor(ABC):
         """
         return width, height
 
+    def bucket_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size the runner edits an image of ``width`` × ``height`` at: its :meth:`working_size`, or,
+        under ``stage2.aspect_buckets`` and for an editor that works at a fixed ``resolution`` (its config
+        has one: the InstructPix2Pix family, FLUX Kontext), the working size of the nearest bucket ratio.
+
+        It depends on the image alone, never on its batch-mates, so an image's output does not either.
+        Native-size editors (FlowEdit, the baselines) keep their own sizes: a bucket would resample them.
+        """
+        ratios = self.stage2.aspect_buckets
+        if not ratios or not hasattr(self.config, "resolution"):
+            return self.working_size(width, height)
+        return self.working_size(*nearest_aspect(width, height, ratios))
+
     def edit(
         self,
         images: list[Image.Image],
@@ -131,6 +145,17 @@ def fit_long_side(width: int, height: int, long_side: int, multiple: int = SIZE_
     scale = long_side / max(width, height)
     w, h = (max(multiple, int(side * scale / multiple + 0.5) * multiple) for side in (width, height))
     return w, h
+
+
+def nearest_aspect(width: int, height: int, ratios: list[tuple[int, int]]) -> tuple[int, int]:
+    """The size with ``width`` × ``height``'s long side and the ratio in ``ratios`` nearest to its own
+    (width:height pairs, compared in log scale so 4:3 and 3:4 are as far from 1:1; ties go to the first)."""
+    if width < 1 or height < 1:
+        raise ValueError(f"invalid image size {width}x{height}")
+    own = math.log(width / height)
+    rw, rh = min(ratios, key=lambda r: abs(math.log(r[0] / r[1]) - own))
+    side = max(width, height)
+    return (side, max(1, round(side * rh / rw))) if rw >= rh else (max(1, round(side * rw / rh)), side)
 
 
 def load_pipeline(
