@@ -219,7 +219,8 @@ def test_editor_sections_carry_the_papers_defaults():
     blur = Stage2Config(editor="blur").section()  # no model: the section defaults in full
     assert blur.on_nothing_found == "blur_image" and blur.regions == ["faces", "text"]
     assert set(Stage2Config.model_fields) == {
-        "editor", "seed", "output_format", "compile", "compile_mode", "resources", "verify", *EDITORS
+        "editor", "seed", "output_format", "compile", "compile_mode", "resources", "max_batch",
+        "aspect_buckets", "verify", *EDITORS
     }  # fmt: skip
 
 
