@@ -79,6 +79,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> FinetuneResult:
     from u2s.finetune.data import build_pairs
     from u2s.finetune.train_loop import train_loop_per_worker
     from u2s.io.storage import uri_join, write_json
+    from u2s.pipeline import init_ray
 
     if cfg.editor == "flux_kontext" and cfg.method != "lora":
         raise FinetuneError("flux_kontext trains a LoRA: set method: lora")
@@ -93,6 +94,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> FinetuneResult:
     if cfg.precompute:
         raise FinetuneError("precompute is not available yet: set precompute: false")
 
+    init_ray(cfg.ray_address)
     train, val, counts = build_pairs(cfg)
     log.info("pairs: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
     if counts["train"] < cfg.batch_size * cfg.num_workers:
