@@ -86,8 +86,8 @@ def bare(
     import torch
 
     from u2s.io.decode_stage import DecodeStage
-    from u2s.io.listing import MANIFEST_SCHEMA, stable_id
-    from u2s.io.readers import working_table
+    from u2s.io.listing import stable_id
+    from u2s.io.tables import MANIFEST_SCHEMA, working_table
     from u2s.pipeline import thumbnail_side
     from u2s.stage1.pool import pool_class
     from u2s.stage2.runner import EditStage

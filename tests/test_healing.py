@@ -174,12 +174,12 @@ class DeviceStage(Stage):
 
 
 def _dataset(ray, ids: list[str], resources: Resources, **kwargs):
-    from u2s.pipeline import _actor_stage
+    from u2s.map_pool import actor_stage
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     table = rows_to_table([new_row(rid, f"src/{rid}", "cat", b"") for rid in ids])
     ds = ray.data.from_arrow([table.slice(i, 4) for i in range(0, len(ids), 4)])
-    return _actor_stage(ds, DeviceStage, resources, **kwargs)
+    return actor_stage(ds, DeviceStage, resources, **kwargs)
 
 
 def _pool(max_restarts: int) -> Resources:

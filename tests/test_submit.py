@@ -23,7 +23,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from u2s.cli import app
+from u2s.cli import app, check_job_args
 from u2s.config import load_config
 from u2s.submit import (
     CONFIG_ENV,
@@ -88,7 +88,8 @@ def test_working_dir_must_be_a_u2s_checkout(cfg, tmp_path):
 
 def test_job_options_must_be_u2s_run_options(cfg):
     with pytest.raises(SubmitError, match="--no-such-option"):
-        build_submission(cfg, working_dir=REPO, job_args=["--no-such-option"])
+        check_job_args(["--no-such-option"])
+    check_job_args(["--ray-address", "auto"])
     submission = build_submission(cfg, working_dir=REPO, job_args=["--ray-address", "auto"])
     submission.cleanup()
     assert submission.entrypoint.endswith(f"--config {CONFIG_NAME} --ray-address auto")

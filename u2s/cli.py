@@ -279,6 +279,25 @@ def finetune(
     typer.echo(f"use it: --set stage2.{cfg.editor}.weights={result.checkpoint}")
 
 
+def check_job_args(job_args: list[str]) -> None:
+    """``job_args`` must parse as options of ``u2s run`` (what ``jobs/anonymize.py`` accepts); raises
+    :class:`~u2s.submit.SubmitError` naming the problem."""
+    if not job_args:
+        return
+    import shlex
+
+    import typer.main
+
+    from u2s.submit import CONFIG_NAME, SubmitError
+
+    command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    try:
+        command.make_context("run", ["--config", CONFIG_NAME, *job_args])
+    except Exception as e:  # a click usage error (typer vendors its own click: no stable class to name)
+        reason = e.format_message() if hasattr(e, "format_message") else type(e).__name__
+        raise SubmitError(f"job options {shlex.join(job_args)}: {reason}") from None
+
+
 @app.command()
 def submit(
     preset: PresetOpt = None,
@@ -334,6 +353,7 @@ def submit(
     from u2s.submit import UNREACHABLE_EXIT, ClusterUnreachable, SubmitError, submit_job
 
     try:
+        check_job_args(job_args or [])
         status = submit_job(cfg, address, working_dir, image, job_args, submission_id, wait,
                             echo=typer.echo, reconnect_timeout=reconnect_timeout)  # fmt: skip
     except SubmitError as e:

@@ -208,3 +208,107 @@ class ModelConfig(ConfigModel):
                 "(8 to 64 hex characters)"
             )
         return self
+
+
+class StorageConfig(ConfigModel):
+    """How to reach object storage. Credentials come from the standard AWS chain (env, profile, role)."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto, R2...). Default: $AWS_ENDPOINT_URL or AWS."
+    )
+    region: str | None = Field(None, description="S3 region. Default: $AWS_DEFAULT_REGION or the AWS chain.")
+    anon: bool = Field(False, description="Anonymous access (public buckets).")
+    max_attempts: int = Field(
+        10, ge=1, description="botocore attempts per S3 request (throttling, 5xx, dropped connections)."
+    )
+    retry_mode: Literal["standard", "adaptive"] = Field(
+        "adaptive", description="botocore retry mode: exponential backoff with jitter; adaptive also "
+        "rate-limits the client on throttling.",
+    )  # fmt: skip
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to open a connection.")
+    read_timeout: float = Field(60.0, gt=0, description="Seconds to wait for data on a connection.")
+    task_retries: int = Field(
+        3, ge=0, description="Times Ray re-runs a read or write task whose storage stayed unreachable "
+        "after botocore's own attempts; then the job fails with a clear message (finish it with --resume).",
+    )  # fmt: skip
+    model_cache_dir: str | None = Field(
+        None, description="Local folder that s3:// models (and weights) are synced into on each worker, "
+        "once per node (a file lock serialises the actors that start together; a shared ReadWriteMany "
+        "volume makes it once per cluster). None: $U2S_MODEL_CACHE on the worker, else "
+        "~/.cache/u2s/models. A copy is reused while the prefix's listing (keys, sizes, ETags) is "
+        "unchanged.",
+    )  # fmt: skip
+
+
+class Resources(ConfigModel):
+    """Ray resources of one stage's actor pool (or tasks, for stateless stages)."""
+
+    pool_size: int | tuple[int, int] = Field(
+        (1, 4),
+        description="Actors in the pool: a fixed size n, or [min, max] for an autoscaling pool "
+        "(ActorPoolStrategy(min_size, max_size)): Ray Data adds actors to the pool that is the bottleneck, "
+        "as far as the cluster (or its autoscaler) has room.",
+    )
+    batch_size: int = Field(8, ge=1, description="Rows per batch handed to the stage.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor/task.")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved per actor (vLLM calls: per engine worker, see `stage1.vllm`)."
+    )
+    memory: int | None = Field(
+        None, ge=0, description="Bytes of RAM reserved per actor/task (Ray's `memory` resource). None: none."
+    )
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100', 'A10G'.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per actor. Default: max(1, num_cpus)."
+    )
+    max_restarts: int = Field(
+        8,
+        ge=0,
+        description="Restarts per actor after it died: a fatal device or engine error (the actor exits so "
+        "Ray starts a fresh one, see `u2s.healing`), or a kill (out of memory). Ray's `max_restarts`; Ray "
+        "Data's default is unbounded. A fatal error on the last life fails the job with a message that "
+        "says so.",
+    )
+    max_task_retries: int = Field(
+        -1,
+        ge=-1,
+        description="Retries of a batch whose actor died or was unreachable (Ray's `max_task_retries`; -1: "
+        "until the actor's restarts run out). A retried batch runs one row at a time and each death turns "
+        "the row that caused it into an error row, so a batch with k such rows needs k + 1 retries; a lost "
+        "node makes every batch sent to its actors fail fast until the actor is restarted elsewhere, which "
+        "`max_restarts` already bounds.",
+    )
+
+    @field_validator("pool_size")
+    @classmethod
+    def _pool_bounds(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 1 <= low <= high:
+            raise ValueError("pool_size must be >= 1, or [min, max] with 1 <= min <= max")
+        return value
+
+    def pool_bounds(self) -> tuple[int, int]:
+        """(min, max) actors; a fixed size n is (n, n)."""
+        return (self.pool_size, self.pool_size) if isinstance(self.pool_size, int) else self.pool_size
+
+    def actor_pool_kwargs(self) -> dict[str, int]:
+        """`ray.data.ActorPoolStrategy` keyword arguments for this pool."""
+        low, high = self.pool_bounds()
+        return {"size": low} if low == high else {"min_size": low, "max_size": high}
+
+    def ray_remote_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            args["num_gpus"] = self.num_gpus
+        if self.accelerator_type:
+            args["accelerator_type"] = self.accelerator_type
+        if self.memory:
+            args["memory"] = self.memory
+        return args
+
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus))
+
+    def actor_fault_args(self) -> dict[str, int]:
+        """`map_batches` arguments that bound an actor pool's restarts and a batch's retries."""
+        return {"max_restarts": self.max_restarts, "max_task_retries": self.max_task_retries}

@@ -68,26 +68,6 @@ def _stateless(batch: pa.Table, stage: Stage) -> pa.Table:
     return stage(batch)
 
 
-def _actor_stage(
-    ds: ray.data.Dataset, stage_cls: type, resources: Resources, pool_args: dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> ray.data.Dataset:  # fmt: skip
-    """``stage_cls`` as an actor pool built with ``kwargs``; ``pool_args``: its `map_batches` arguments
-    (default: from ``resources``)."""
-    import ray.data
-
-    from u2s.stage1.engines.vllm_pool import map_pool
-
-    if pool_args is None:
-        pool_args = {
-            "batch_size": resources.batch_size,
-            "compute": ray.data.ActorPoolStrategy(**resources.actor_pool_kwargs()),
-            **resources.ray_remote_args(),
-        }
-    pool_args = {**pool_args, **resources.actor_fault_args()}  # bounded restarts (u2s.healing)
-    return map_pool(ds, stage_cls, pool_args, fn_constructor_kwargs=kwargs, batch_format="pyarrow")
-
-
 def thumbnail_side(cfg: JobConfig) -> int:
     """The VLM thumbnail's side: what the largest image input of stage 1 needs."""
     s1 = cfg.stage1
@@ -134,6 +114,7 @@ def build_dataset(cfg: JobConfig, listing: Listing, done: Any = None) -> ray.dat
     """
     from u2s.io.decode_stage import DecodeStage
     from u2s.io.readers import read_listing
+    from u2s.map_pool import actor_stage
     from u2s.stage1.engines import ENGINES
     from u2s.stage1.pool import pool_class
     from u2s.stage2.runner import EditStage
@@ -153,9 +134,9 @@ def build_dataset(cfg: JobConfig, listing: Listing, done: Any = None) -> ray.dat
             from u2s.stage1.engines.vllm_pool import pool_kwargs
 
             pool_args = pool_kwargs(pool.resources, cfg.stage1.vllm_for(pool.vision))
-        ds = _actor_stage(ds, pool_class(pool), pool.resources, pool_args, stage1=cfg.stage1, pool=pool,
-                          storage=cfg.storage)  # fmt: skip
-    ds = _actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2, storage=cfg.storage)
+        ds = actor_stage(ds, pool_class(pool), pool.resources, pool_args, stage1=cfg.stage1, pool=pool,
+                         storage=cfg.storage)  # fmt: skip
+    ds = actor_stage(ds, EditStage, cfg.stage2.resources, stage2=cfg.stage2, storage=cfg.storage)
     return _verified(cfg, ds)
 
 
@@ -165,6 +146,7 @@ def _verified(cfg: JobConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
     Unrolled, so the plan stays one stream: rows that passed (or were never edited) flow through the
     later pools as Arrow, untouched, like unflagged rows through the editor.
     """
+    from u2s.map_pool import actor_stage
     from u2s.stage2.runner import EditStage
     from u2s.stage2.verify import VerifyStage
 
@@ -178,10 +160,10 @@ def _verified(cfg: JobConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
         pool_args = pool_kwargs(pools["verify"], cfg.stage1.vllm_for(True))
     for attempt in range(1, verify.max_attempts + 1):
         if attempt > 1:
-            ds = _actor_stage(ds, EditStage, pools[f"edit.{attempt}"], stage2=cfg.stage2, storage=cfg.storage,
-                              attempt=attempt)  # fmt: skip
-        ds = _actor_stage(ds, VerifyStage, pools["verify"], pool_args, stage2=cfg.stage2, stage1=cfg.stage1,
-                          attempt=attempt, thumbnail_side=side, storage=cfg.storage)  # fmt: skip
+            ds = actor_stage(ds, EditStage, pools[f"edit.{attempt}"], stage2=cfg.stage2, storage=cfg.storage,
+                             attempt=attempt)  # fmt: skip
+        ds = actor_stage(ds, VerifyStage, pools["verify"], pool_args, stage2=cfg.stage2, stage1=cfg.stage1,
+                         attempt=attempt, thumbnail_side=side, storage=cfg.storage)  # fmt: skip
     return ds
 
 

@@ -256,8 +256,14 @@ def public_config(cfg: JobConfig) -> dict[str, Any]:
     return _redact(_drop(public, {"http"}))
 
 
-def check_resumable(record: dict[str, Any] | None, cfg: JobConfig, input_fingerprint: str) -> None:
-    """Raise :class:`ResumeRefused` unless ``record`` was written by this config over this input."""
+def check_resumable(
+    record: dict[str, Any] | None,
+    cfg: JobConfig,
+    input_fingerprint: str,
+    stage1_from: dict[str, Any] | None = None,
+) -> None:
+    """Raise :class:`ResumeRefused` unless ``record`` was written by this config over this input (and, for
+    an ``input.stage1_from`` run, over the same earlier run: ``stage1_from`` is what its record keeps)."""
     if record is None:
         raise ResumeRefused(
             f"no run record ({cfg.output.sensitive_uri}/_run.json) says which run wrote the outputs; "
@@ -276,6 +282,8 @@ def check_resumable(record: dict[str, Any] | None, cfg: JobConfig, input_fingerp
         )
     if record.get("input_fingerprint") != input_fingerprint:
         problems.append("the input listing changed (images added, removed or renamed)")
+    if record.get("stage1_from") != stage1_from:
+        problems.append("the run input.stage1_from reads changed (its settings, input or last attempt)")
     if problems:
         raise ResumeRefused(
             "cannot resume: " + "; ".join(problems) + " since the interrupted run; pass --force to resume "

@@ -83,22 +83,6 @@ def shipped_config(cfg: JobConfig) -> str:
     return dump_config(cfg, reveal_secrets=True)
 
 
-def check_job_args(job_args: list[str]) -> None:
-    """``job_args`` must parse as options of ``u2s run`` (what ``jobs/anonymize.py`` accepts)."""
-    if not job_args:
-        return
-    import typer.main
-
-    from u2s.cli import app
-
-    run = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
-    try:
-        run.make_context("run", ["--config", CONFIG_NAME, *job_args])
-    except Exception as e:  # a click usage error (typer vendors its own click: no stable class to name)
-        reason = e.format_message() if hasattr(e, "format_message") else type(e).__name__
-        raise SubmitError(f"job options {shlex.join(job_args)}: {reason}") from None
-
-
 def _ignore(excludes: tuple[str, ...]):
     patterns = shutil.ignore_patterns(*excludes)
 
@@ -132,8 +116,7 @@ def build_submission(
     job_args: list[str] | None = None,
 ) -> Submission:
     """The entrypoint, runtime_env and metadata of a job running ``cfg`` (see the module docstring)."""
-    job_args = list(job_args or [])
-    check_job_args(job_args)
+    job_args = list(job_args or [])  # u2s.cli.check_job_args checks them against `u2s run`
     config_yaml = shipped_config(cfg)
     extra = f" {shlex.join(job_args)}" if job_args else ""
     metadata = {"u2s_version": __version__, "job": "anonymize"}

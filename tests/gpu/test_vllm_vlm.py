@@ -88,8 +88,9 @@ def test_tensor_parallel_engine_runs_in_its_actors_placement_group(ray_cluster, 
     from ray.util import placement_group_table
 
     from u2s.config import Resources
+    from u2s.map_pool import map_pool
     from u2s.schema import new_row, rows_to_table
-    from u2s.stage1.engines.vllm_pool import map_pool, pool_kwargs, remove_placement_groups
+    from u2s.stage1.engines.vllm_pool import pool_kwargs, remove_placement_groups
     from u2s.stage1.instruct import InstructStage
 
     if ray.cluster_resources().get("GPU", 0) < 2:

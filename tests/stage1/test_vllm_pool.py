@@ -19,6 +19,7 @@ from u2s.config import (
     VLLMEngineConfig,
     load_config,
 )
+from u2s.map_pool import map_pool
 from u2s.stage1.engines import vllm_pool
 from u2s.stage1.engines.vllm import engine_kwargs, executor_backend
 
@@ -134,10 +135,10 @@ def test_map_pool_uses_no_deprecated_api_and_no_detector_that_mints_groups(ray_c
     with warnings.catch_warnings():
         warnings.simplefilter("error", RayDeprecationWarning)
         ds = ray.data.range(4)
-        one = vllm_pool.map_pool(ds, _Echo, vllm_pool.pool_kwargs(CPU_POOL, VLLMEngineConfig()))
+        one = map_pool(ds, _Echo, vllm_pool.pool_kwargs(CPU_POOL, VLLMEngineConfig()))
         assert HighMemoryIssueDetector in one.context.issue_detectors_config.detectors
         ds = ray.data.range(4)
-        tp = vllm_pool.map_pool(ds, _Echo, vllm_pool.pool_kwargs(GPU_POOL, _tp(2)), batch_format="pyarrow")
+        tp = map_pool(ds, _Echo, vllm_pool.pool_kwargs(GPU_POOL, _tp(2)), batch_format="pyarrow")
         assert HighMemoryIssueDetector not in tp.context.issue_detectors_config.detectors
     assert HighMemoryIssueDetector in ray.data.DataContext.get_current().issue_detectors_config.detectors
 

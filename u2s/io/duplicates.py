@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from u2s.io.tables import fingerprint
+
 if TYPE_CHECKING:
     import ray
 
@@ -54,14 +56,13 @@ def _find(*parts: pa.Table) -> tuple[dict, pa.Array]:
 
 def _drop(table: pa.Table, offset: int, *drops: pa.Array) -> tuple[pa.Table, tuple[int, int]]:
     """``table`` without the rows at the given listing positions, and its rows and fingerprint."""
-    from u2s.io.listing import _fingerprint
 
     positions = pa.array(range(offset, offset + table.num_rows), pa.int64())
     dropped = pa.chunked_array(drops, pa.int64()).combine_chunks()
     kept = table.filter(pc.invert(pc.is_in(positions, dropped)))
     return kept, (
         kept.num_rows,
-        _fingerprint(kept.column("id").to_pylist(), kept.column("source").to_pylist()),
+        fingerprint(kept.column("id").to_pylist(), kept.column("source").to_pylist()),
     )
 
 

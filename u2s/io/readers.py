@@ -23,9 +23,9 @@ import pyarrow.compute as pc
 from u2s.config import InputConfig, Resources, StorageConfig
 from u2s.io.errors import InputError
 from u2s.io.ids import IdKey
-from u2s.io.listing import MANIFEST_SCHEMA, Listing, list_input, stable_id
+from u2s.io.listing import Listing, list_input, stable_id
 from u2s.io.storage import TransientStorageError, arrow_filesystem, filesystem, is_transient
-from u2s.schema import WORKING_SCHEMA, empty_timings
+from u2s.io.tables import MANIFEST_SCHEMA, image_bytes_getter, records_by_part, working_table
 
 if TYPE_CHECKING:
     import fsspec
@@ -36,28 +36,8 @@ __all__ = ["InputError", "fetch", "fetch_bytes", "image_bytes_getter", "read_sou
 
 logger = logging.getLogger(__name__)
 
-READ_STAGE = "read"
 #: Read buffer of Parquet column chunks (see :data:`u2s.io.manifest.PARQUET_BUFFER_SIZE`).
 PARQUET_BUFFER_SIZE = 4 << 20
-
-
-def working_table(manifest: pa.Table, contents: list[bytes | None], errors: list[str | None]) -> pa.Table:
-    """Working rows for manifest rows: their ids, sources, labels, image bytes (or ``read`` errors)."""
-    n = manifest.num_rows
-    status = pa.array(["error" if e else None for e in errors], pa.string())
-    columns: dict[str, Any] = {
-        "id": manifest.column("id"),
-        "source": manifest.column("source"),
-        "label": manifest.column("label"),
-        "image": pa.array([{"bytes": c, "path": None} for c in contents], WORKING_SCHEMA.field("image").type),
-        "status": status,
-        "error": pa.array([f"{READ_STAGE}: {e}" if e else None for e in errors], pa.string()),
-        "timings": pa.array([empty_timings()] * n, WORKING_SCHEMA.field("timings").type),
-    }
-    return pa.table(
-        [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in WORKING_SCHEMA],
-        schema=WORKING_SCHEMA,
-    )
 
 
 def _reason(error: BaseException) -> str:
@@ -107,15 +87,6 @@ def _fetch_uris(batch: pa.Table, storage: StorageConfig) -> pa.Table:
 
 
 # ---------------------------------------------------------------- Parquet records
-
-
-def image_bytes_getter(dtype: pa.DataType, column: str, uri: str):
-    """A function from a cell of the image column to its bytes (HF ``Image`` struct or plain binary)."""
-    if pa.types.is_struct(dtype) and dtype.get_field_index("bytes") >= 0:
-        return lambda cell: cell.get("bytes") if cell else None
-    if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_binary_view(dtype):
-        return lambda cell: cell
-    raise InputError(f"column {column!r} in {uri} is {dtype}, not an image struct {{bytes, path}} or binary")
 
 
 def _by_row_group(metadata: Any, rows: list[int]) -> dict[int, dict[int, int]]:
@@ -180,20 +151,6 @@ def _read_file_records(
                        _reason(e))  # fmt: skip
         if rest:
             yield working_table(records.take(rest), [None] * len(rest), [_reason(e)] * len(rest))
-
-
-def records_by_part(batch: pa.Table) -> Iterator[tuple[str | None, pa.Table]]:
-    """Manifest rows of file-backed records (Parquet files, tar shards), grouped for reading: first
-    ``(None, working rows)`` of those listing already failed (with their read error), then ``(file uri,
-    manifest rows)`` per file, in listing order."""
-    failed = pc.is_valid(batch.column("error"))
-    if pc.any(failed).as_py():
-        broken = batch.filter(failed)
-        reasons = [error.removeprefix(f"{READ_STAGE}: ") for error in broken.column("error").to_pylist()]
-        yield None, working_table(broken, [None] * broken.num_rows, reasons)
-        batch = batch.filter(pc.invert(failed))
-    for file_uri in dict.fromkeys(batch.column("part").to_pylist()):
-        yield file_uri, batch.filter(pc.equal(batch.column("part"), file_uri))
 
 
 def _fetch_records(batch: pa.Table, input: InputConfig, storage: StorageConfig, batch_size: int):

@@ -34,12 +34,13 @@ import pyarrow as pa
 
 from u2s.io.img2dataset import download_errors, read_statuses
 from u2s.io.storage import TransientStorageError, filesystem, is_transient, to_uri
+from u2s.io.tables import ShardStats, records_by_part, working_table
+from u2s.io.tables import manifest_table as _table
 
 if TYPE_CHECKING:
     import fsspec
 
     from u2s.config import InputConfig, StorageConfig
-    from u2s.io.listing import ShardStats
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,6 @@ def list_tar_shard(
     uri: str, input: InputConfig, storage: StorageConfig, stats: ShardStats, make_id: Callable[[str], str]
 ) -> pa.Table:
     """The manifest rows of one shard: a row per sample with an image, or with an error."""
-    from u2s.io.listing import _table
 
     fs, path = filesystem(uri, storage)
     label_extension, read_label = _label_reader(input.label_member)
@@ -201,7 +201,6 @@ def fetch_samples(
     batch: pa.Table, input: InputConfig, storage: StorageConfig, batch_size: int
 ) -> Iterator[pa.Table]:
     """Manifest rows of tar shards → working rows, shard by shard, in blocks of ``batch_size`` rows."""
-    from u2s.io.readers import records_by_part, working_table
 
     for uri, records in records_by_part(batch):
         if uri is None:

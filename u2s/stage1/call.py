@@ -1,26 +1,30 @@
 """The template every stage-1 model call follows, whichever engine runs it.
 
-A call declares, per subclass of :class:`ModelCallStage`, which rows it wants (an Arrow mask), the
-columns it reads and writes, whether it sees the image (``vision``), its result model, how a row
-becomes a conversation (:meth:`~ModelCallStage.messages`) and how a validated result lands in the row
-(:meth:`~ModelCallStage.apply`). Its engine, token budget and pool come from ``stage1.calls.<name>``.
-The base class owns the rest: thumbnails in, system-prompt policy, validated generation with one
-sampled retry, per-row errors.
+A call is declared once, as a :class:`~u2s.stage1.calls.CallSpec` in :data:`~u2s.stage1.calls.CALLS`:
+which rows it wants (an Arrow mask), the columns it reads and writes, whether it sees the image
+(``vision``), its result model, how a row becomes a conversation and how a validated result lands in
+the row. Its engine, token budget and pool come from ``stage1.calls.<name>``. :class:`ModelCallStage`
+runs a declaration as it is; a call with more behaviour (inspect's per-criterion mode, the fused call)
+subclasses it. The base class owns the rest: thumbnails in, system-prompt policy, validated generation
+with one sampled retry, per-row errors.
 """
 
 from __future__ import annotations
 
 import logging
+import types
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from u2s.schema import Status, mark_error
-from u2s.stage import Stage
+from u2s.stage import Stage, in_flight
+from u2s.stage1.calls import CALLS, CallSpec, resolve
 from u2s.stage1.engines import Engine, build_engine, generate_validated
 from u2s.stage1.prompts import apply_system_prompt
 from u2s.stage1.rows import load_thumbnails, sampling_seeds
 from u2s.stage1.schemas import OutputError
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from PIL import Image
     from pydantic import BaseModel
 
@@ -32,16 +36,31 @@ logger = logging.getLogger(__name__)
 class ModelCallStage(Stage):
     """One stage-1 model call: one conversation per wanted row, one validated result per conversation.
 
-    Subclasses set ``name``, ``vision``, ``result_model``, ``reads``/``writes`` and implement
-    :meth:`messages` and :meth:`apply` (and :meth:`wanted` when they want fewer rows than all in-flight
-    ones). ``engine``: a loaded engine to share (the calls of one pool share their model); default: load
-    the engine ``stage1.calls.<name>`` names.
+    A subclass names its call (``class InspectStage(ModelCallStage, call="inspect")``) and takes its
+    ``name``, ``vision``, ``result_model`` and ``reads``/``writes`` from the call's declaration, unless it
+    sets them itself; :meth:`messages`, :meth:`apply` and :meth:`wanted` default to the declaration's.
+    ``engine``: a loaded engine to share (the calls of one pool share their model); default: load the
+    engine ``stage1.calls.<name>`` names.
     """
 
+    #: The call's declaration.
+    spec: ClassVar[CallSpec]
     #: Whether the call sends the row's image (the VLM) or text only (the LLM).
     vision: ClassVar[bool]
     #: The pydantic model an answer must validate against (its JSON schema constrains decoding).
     result_model: ClassVar[type[BaseModel]]
+
+    def __init_subclass__(cls, call: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if call is None:
+            return
+        cls.spec = spec = CALLS[call]
+        declared = {"name": spec.name, "vision": spec.vision, "reads": spec.reads, "writes": spec.writes}
+        for attribute, value in declared.items():
+            if attribute not in cls.__dict__:
+                setattr(cls, attribute, value)
+        if "result_model" not in cls.__dict__:
+            cls.result_model = spec.result_class()
 
     def __init__(self, stage1: Stage1Config, engine: Engine | None = None) -> None:
         self.config = stage1
@@ -51,15 +70,23 @@ class ModelCallStage(Stage):
 
     # -- what each call declares ---------------------------------------------------------------------
 
-    @staticmethod
-    def messages(stage1: Stage1Config, row: dict) -> list[dict]:
+    @classmethod
+    def messages(cls, stage1: Stage1Config, row: dict) -> list[dict]:
         """The chat messages asking this call's question about ``row`` (before the system-prompt policy)."""
-        raise NotImplementedError
+        if cls.spec.messages is None:
+            raise NotImplementedError(f"call {cls.spec.name} declares no messages")
+        return cls.spec.messages(row, stage1.default_class_hint)
 
-    @staticmethod
-    def apply(row: dict, result: Any) -> None:
+    @classmethod
+    def apply(cls, row: dict, result: Any) -> None:
         """Write a validated ``result`` into ``row``'s columns (status changes such as ``kept`` included)."""
-        raise NotImplementedError
+        if cls.spec.apply is None:
+            raise NotImplementedError(f"call {cls.spec.name} declares no apply")
+        cls.spec.apply(row, result)
+
+    def wanted(self, batch: pa.Table) -> pa.ChunkedArray:
+        """The rows the call has work for: its declaration's mask, else every row still in flight."""
+        return self.spec.wanted(batch) if self.spec.wanted is not None else in_flight(batch)
 
     # -- derived -------------------------------------------------------------------------------------
 
@@ -108,3 +135,15 @@ class ModelCallStage(Stage):
             self.engine, conversations, images, result_model or self.result_model, self.generation,
             seeds=sampling_seeds(keys),
         )  # fmt: skip
+
+
+def stage_class(call: str, mode: str) -> type[ModelCallStage]:
+    """The stage class that runs ``call`` under ``stage1.mode`` ``mode``: the one its declaration names
+    (imported here, on the worker), else a :class:`ModelCallStage` built for it."""
+    spec = CALLS[call]
+    stage = resolve(spec.stage_for(mode))
+    if stage is None:
+        title = "".join(part.title() for part in spec.name.split("_"))
+        stage = types.new_class(f"{title}Stage", (ModelCallStage,), {"call": call})
+        stage.__module__ = __name__
+    return stage

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from u2s.schema import Status
 from u2s.stage1.call import ModelCallStage
-from u2s.stage1.describe import DescribeStage
+from u2s.stage1.calls import CALLS
 from u2s.stage1.prompts import fused_messages
 from u2s.stage1.rows import inspect_frames
 from u2s.stage1.schemas import FusedFlagged, FusedResult
@@ -21,18 +21,16 @@ if TYPE_CHECKING:
     from u2s.config import Stage1Config
 
 
-class FusedInspectStage(ModelCallStage):
+class FusedInspectStage(ModelCallStage, call="inspect"):
     """Sets ``privacy_flag`` and ``categories`` on every row; on flagged rows also ``review``,
     ``private_caption`` and ``public_caption``. Unflagged rows end here with status ``kept`` and null
     captions. Runs as the inspect call (``stage1.calls.inspect``'s engine and pool) with
     ``stage1.calls.describe``'s token budget; timings and errors are recorded under ``inspect``.
     """
 
-    name = "inspect"
-    vision = True
     result_model = FusedResult
     reads = ("thumbnail", "frame_thumbnails", "label")
-    writes = (*DescribeStage.writes, "privacy_flag", "categories", "flagged_frame")
+    writes = (*CALLS["describe"].writes, "privacy_flag", "categories", "flagged_frame")
 
     @staticmethod
     def messages(stage1: Stage1Config, row: dict) -> list[dict]:
@@ -52,4 +50,4 @@ class FusedInspectStage(ModelCallStage):
             return
         row["privacy_flag"] = True
         row["categories"] = [c.value for c in record.categories]
-        DescribeStage.apply(row, record)
+        CALLS["describe"].apply(row, record)

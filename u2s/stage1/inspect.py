@@ -7,21 +7,17 @@ call, for analysis runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from u2s.schema import Category, Status, mark_error
+from u2s.schema import Category, mark_error
 from u2s.stage1.call import ModelCallStage
-from u2s.stage1.prompts import apply_system_prompt, criterion_messages, inspect_messages
+from u2s.stage1.calls import flag_row
+from u2s.stage1.prompts import apply_system_prompt, criterion_messages
 from u2s.stage1.rows import inspect_frames
-from u2s.stage1.schemas import CriterionResult, InspectResult, OutputError
-
-if TYPE_CHECKING:
-    from u2s.config import Stage1Config
+from u2s.stage1.schemas import CriterionResult, OutputError
 
 CATEGORIES = tuple(Category)
 
 
-class InspectStage(ModelCallStage):
+class InspectStage(ModelCallStage, call="inspect"):
     """Sets ``privacy_flag`` and ``categories``; unflagged rows end here with status ``kept``.
 
     Single mode: a row counts as flagged when the model says TRUE *or* lists any category: over-flagging
@@ -30,20 +26,6 @@ class InspectStage(ModelCallStage):
     invalid answer (after the retry) is failed. With ``decode.frames: all`` each frame of a multi-frame
     row is asked separately (:func:`~u2s.stage1.rows.inspect_frames`).
     """
-
-    name = "inspect"
-    vision = True
-    result_model = InspectResult
-    reads = ("thumbnail", "frame_thumbnails")
-    writes = ("privacy_flag", "categories", "flagged_frame")
-
-    @staticmethod
-    def messages(stage1: Stage1Config, row: dict) -> list[dict]:
-        return inspect_messages()
-
-    @staticmethod
-    def apply(row: dict, result: InspectResult) -> None:
-        _flag(row, [c.value for c in result.categories], result.privacy_flag)
 
     def process(self, rows: list[dict]) -> None:
         if any(row.get("frame_thumbnails") for row in rows):  # decode.frames: all, multi-frame rows
@@ -68,12 +50,4 @@ class InspectStage(ModelCallStage):
                 category, error = failed[0]
                 mark_error(row, self.name, f"{category.value}: {error}")
                 continue
-            _flag(row, [c.value for c, a in zip(CATEGORIES, answers, strict=True) if a.present])
-
-
-def _flag(row: dict, categories: list[str], flag: bool = False) -> None:
-    """Flagged when ``flag`` or any category is present; unflagged rows are kept (they end here)."""
-    row["categories"] = categories
-    row["privacy_flag"] = flag or bool(categories)
-    if not row["privacy_flag"]:
-        row["status"] = Status.KEPT.value
+            flag_row(row, [c.value for c, a in zip(CATEGORIES, answers, strict=True) if a.present])

@@ -20,17 +20,9 @@ if TYPE_CHECKING:
 
 def call_stage_class(stage1: Stage1Config, call: str) -> type[ModelCallStage]:
     """The stage class that runs ``call`` under ``stage1`` (inspect is the fused call in fused mode)."""
-    from u2s.stage1.combine import CombineStage
-    from u2s.stage1.describe import DescribeStage
-    from u2s.stage1.fused import FusedInspectStage
-    from u2s.stage1.inspect import InspectStage
-    from u2s.stage1.instruct import InstructStage
+    from u2s.stage1.call import stage_class
 
-    if call == "inspect" and stage1.mode == "fused":
-        return FusedInspectStage
-    classes = {"inspect": InspectStage, "describe": DescribeStage, "instruct": InstructStage,
-               "combine": CombineStage}  # fmt: skip
-    return classes[call]
+    return stage_class(call, stage1.mode)
 
 
 class CallPoolStage(StageChain):
@@ -46,7 +38,8 @@ class CallPoolStage(StageChain):
 
         set_threads(pool.resources.threads())
         classes = [call_stage_class(stage1, call) for call in pool.calls]
-        engine = build_engine(stage1, pool.engine, classes[0].model(stage1), pool.vision, storage)
+        model = stage1.vlm if pool.vision else stage1.llm
+        engine = build_engine(stage1, pool.engine, model, pool.vision, storage)
         super().__init__([cls(stage1, engine) for cls in classes])
         vision_pools = [p.name for p in stage1.pools() if p.vision]
         self.drops_thumbnails = bool(vision_pools) and vision_pools[-1] == pool.name
@@ -61,11 +54,11 @@ class CallPoolStage(StageChain):
 
 
 class VisionCallPool(CallPoolStage):
-    """A pool of VLM calls (inspect, describe)."""
+    """A pool of VLM calls (by default inspect and describe)."""
 
 
 class TextCallPool(CallPoolStage):
-    """A pool of LLM calls (instruct, combine)."""
+    """A pool of LLM calls (by default instruct and combine)."""
 
 
 def pool_class(pool: CallPool) -> type[CallPoolStage]:

@@ -15,14 +15,12 @@ import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from u2s.stage2.editors.baselines import RegionConfig
 
 #: A region: (left, top, right, bottom) in pixels, right/bottom exclusive.
 Box = tuple[int, int, int, int]
@@ -166,11 +164,26 @@ class TextDetector:
         return boxes
 
 
+class RegionSettings(Protocol):
+    """What a :class:`RegionDetector` reads of its settings (a region baseline's section,
+    :class:`u2s.stage2.editors.baselines.RegionConfig`, a pydantic model)."""
+
+    regions: list[str]
+    padding: float
+    face_upsample: int
+    text_min_score: float
+
+    def model_dump_json(self) -> str: ...
+
+    @classmethod
+    def model_validate_json(cls, json_data: str) -> RegionSettings: ...
+
+
 class RegionDetector:
     """The regions a :class:`~u2s.stage2.editors.baselines.RegionConfig` hides: faces and/or text, padded
     and clipped."""
 
-    def __init__(self, config: RegionConfig, threads: int | None = None) -> None:
+    def __init__(self, config: RegionSettings, threads: int | None = None) -> None:
         self.config = config
         self.faces = FaceDetector(config.face_upsample) if "faces" in config.regions else None
         self.text = TextDetector(config.text_min_score, threads) if "text" in config.regions else None
@@ -187,11 +200,11 @@ class RegionDetector:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_detector(config_class: type[RegionConfig], config_json: str) -> RegionDetector:
+def _cached_detector(config_class: type[RegionSettings], config_json: str) -> RegionDetector:
     return RegionDetector(config_class.model_validate_json(config_json))
 
 
-def detect_regions(image: Image.Image, config: RegionConfig) -> list[Box]:
+def detect_regions(image: Image.Image, config: RegionSettings) -> list[Box]:
     """The padded, clipped boxes of ``config.regions`` in ``image``.
 
     Convenience for one-off calls: detectors are built once per distinct config and reused. Stages

@@ -24,8 +24,8 @@ so a reaper thread of the driver (:class:`GroupReaper`) removes each group once 
 in its group), and :func:`remove_placement_groups` removes the rest once the dataset has run
 (``u2s.pipeline.run`` calls it); and Ray Data's high-memory issue detector calls every operator's
 ``ray_remote_args_fn`` at the start of execution and on each detection interval, minting groups
-nothing uses (ray-project/ray#64012), so :func:`map_pool` turns that advisory detector off for a dataset
-with such a pool. Ray's planned per-actor placement-group parameters of `map_batches`
+nothing uses (ray-project/ray#64012), so :func:`u2s.map_pool.map_pool` turns that advisory detector off
+for a dataset with such a pool. Ray's planned per-actor placement-group parameters of `map_batches`
 (ray-project/ray#64090) will replace both.
 
 Batches overlap inside an actor through ``ActorPoolStrategy(max_concurrent_calls_per_actor=k,
@@ -37,21 +37,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import warnings
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from u2s.map_pool import REMOTE_ARGS_FN
 from u2s.stage1.engines.vllm import executor_backend, world_size
 
 if TYPE_CHECKING:
-    import ray.data
 
     from u2s.config import Resources, VLLMEngineConfig
 
 logger = logging.getLogger(__name__)
-
-#: The key of the per-actor scheduling function in the keyword arguments `pool_kwargs` returns.
-REMOTE_ARGS_FN = "ray_remote_args_fn"
 
 #: Placement groups created in this process for engine actors (see :func:`remove_placement_groups`).
 _groups: list[Any] = []
@@ -197,7 +193,7 @@ def remove_placement_groups() -> int:
 def pool_kwargs(resources: Resources, vllm: VLLMEngineConfig) -> dict[str, Any]:
     """`map_batches` keyword arguments of one vLLM call's actor pool (see the module docstring).
 
-    Pass them with :func:`map_pool` (a per-actor placement group needs ``ray_remote_args_fn``).
+    Pass them with :func:`u2s.map_pool.map_pool` (a per-actor placement group needs ``ray_remote_args_fn``).
     """
     import ray.data
 
@@ -221,32 +217,3 @@ def pool_kwargs(resources: Resources, vllm: VLLMEngineConfig) -> dict[str, Any]:
     # No runtime_env for `vllm.env_vars`: Ray's runtime-env agent logs its values (HF_TOKEN...); the
     # engine sets them in its own process instead (`u2s.stage1.engines.vllm.set_engine_env`).
     return kwargs
-
-
-def map_pool(ds: ray.data.Dataset, fn: Any, pool: dict[str, Any], **kwargs: Any) -> ray.data.Dataset:
-    """``ds.map_batches(fn, **pool, **kwargs)``, through the DeveloperAPI ``map_batches_internal`` when
-    the pool starts a placement group per actor.
-
-    Ray 2.60 deprecates ``ray_remote_args_fn`` on the public `map_batches` (removal in 2.64) and has no
-    named replacement for per-actor scheduling; ray.data.llm's own engine stage goes through
-    ``map_batches_internal`` for the same reason. Every other pool uses the public API.
-    """
-    if REMOTE_ARGS_FN in pool:
-        _without_high_memory_detector(ds.context)
-        return ds.map_batches_internal(fn, **pool, **kwargs)
-    with warnings.catch_warnings():
-        # The pools' bounded restarts (`max_restarts`, `max_task_retries`) have no named parameter in Ray
-        # 2.60; Ray Data's actor pool reads them from the remote args, which it flags as deprecated.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return ds.map_batches(fn, **pool, **kwargs)
-
-
-def _without_high_memory_detector(context: Any) -> None:
-    """Drop Ray Data's high-memory issue detector (advice in the logs) from ``context``: it calls every
-    operator's ``ray_remote_args_fn``, and each call here makes a placement group (ray-project/ray#64012)."""
-    try:
-        from ray.data._internal.issue_detection.detectors.high_memory_detector import HighMemoryIssueDetector
-    except ImportError:  # moved or gone in a later Ray
-        return
-    config = context.issue_detectors_config
-    config.detectors = [d for d in config.detectors if d is not HighMemoryIssueDetector]

@@ -21,7 +21,8 @@ from u2s.stage2.editors.instruct_pix2pix import InstructPix2PixEditor
 from u2s.stage2.editors.safe_attention import SafeAttentionEditor
 
 if TYPE_CHECKING:
-    from u2s.config import Stage2Config, StorageConfig
+    from u2s.config_base import StorageConfig
+    from u2s.stage2.editors.base import Stage2Settings
 
 #: Editor name → class. The names are the values of ``stage2.editor`` and the stage-2 section names;
 #: the first is the default editor.
@@ -46,7 +47,7 @@ def register_editor(cls: type[Editor]) -> type[Editor]:
     return cls
 
 
-def load_editor(config: Stage2Config, storage: StorageConfig | None = None) -> Editor:
+def load_editor(config: Stage2Settings, storage: StorageConfig | None = None) -> Editor:
     """Construct the editor named by ``config.editor`` (this loads its model; an s3:// model is staged
     into the local model cache first, ``storage`` saying how to reach it and where the cache is)."""
     try:

@@ -19,8 +19,9 @@ from u2s.stage2.editors.base import Editor, EditorConfig, EditPrompt
 if TYPE_CHECKING:
     from PIL import Image
 
-    from u2s.config import Stage2Config, StorageConfig
+    from u2s.config_base import StorageConfig
     from u2s.stage2.detectors import Box
+    from u2s.stage2.editors.base import Stage2Settings
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class _RegionEditor(Editor):
     config: RegionConfig
     output_format: ClassVar[str] = "PNG"  # lossless: every pixel outside the regions stays exact
 
-    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
+    def __init__(self, stage2: Stage2Settings, storage: StorageConfig | None = None) -> None:
         from u2s.stage2.detectors import RegionDetector
 
         super().__init__(stage2, storage)

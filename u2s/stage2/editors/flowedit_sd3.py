@@ -49,7 +49,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from u2s.config import Stage2Config, StorageConfig
+    from u2s.config_base import StorageConfig
+    from u2s.stage2.editors.base import Stage2Settings
 
 #: Text length of the T5 encoder (the SD3 pipeline's default).
 MAX_SEQUENCE_LENGTH = 256
@@ -111,7 +112,7 @@ class FlowEditSD3Editor(Editor):
     config_class = FlowEditSD3Config
     config: FlowEditSD3Config
 
-    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
+    def __init__(self, stage2: Stage2Settings, storage: StorageConfig | None = None) -> None:
         from diffusers import StableDiffusion3Pipeline
 
         super().__init__(stage2, storage)

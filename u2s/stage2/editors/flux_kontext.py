@@ -28,7 +28,8 @@ from u2s.stage2.editors.base import (
 if TYPE_CHECKING:
     from PIL import Image
 
-    from u2s.config import Stage2Config, StorageConfig
+    from u2s.config_base import StorageConfig
+    from u2s.stage2.editors.base import Stage2Settings
 
 
 class FluxKontextConfig(EditorConfig):
@@ -57,7 +58,7 @@ class FluxKontextEditor(Editor):
     config_class = FluxKontextConfig
     config: FluxKontextConfig
 
-    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
+    def __init__(self, stage2: Stage2Settings, storage: StorageConfig | None = None) -> None:
         from diffusers import FluxKontextPipeline
 
         super().__init__(stage2, storage)

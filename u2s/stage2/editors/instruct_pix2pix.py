@@ -26,7 +26,8 @@ from u2s.stage2.editors.base import (
 if TYPE_CHECKING:
     from PIL import Image
 
-    from u2s.config import Stage2Config, StorageConfig
+    from u2s.config_base import StorageConfig
+    from u2s.stage2.editors.base import Stage2Settings
 
 
 class InstructPix2PixConfig(EditorConfig):
@@ -86,7 +87,7 @@ class InstructPix2PixEditor(Editor):
     config_class = InstructPix2PixConfig
     config: InstructPix2PixConfig
 
-    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
+    def __init__(self, stage2: Stage2Settings, storage: StorageConfig | None = None) -> None:
         super().__init__(stage2, storage)
         self.device, self.pipe = load_ip2p_pipeline(self.config.model, storage)
         if self.config.weights:

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from u2s.config import Stage2Config, StorageConfig
+    from u2s.config_base import StorageConfig
+    from u2s.stage2.editors.base import Stage2Settings
 
 
 class SafeAttentionConfig(InstructPix2PixConfig):
@@ -60,7 +61,7 @@ class SafeAttentionEditor(Editor):
     config_class = SafeAttentionConfig
     config: SafeAttentionConfig
 
-    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
+    def __init__(self, stage2: Stage2Settings, storage: StorageConfig | None = None) -> None:
         from u2s.io.model_store import local_location
         from u2s.stage2.safe_attention_processor import install_safe_attention, load_safe_attention
 
