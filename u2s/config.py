@@ -20,6 +20,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    ConfigDict,
     Field,
     ValidationError,
     create_model,
@@ -27,44 +28,22 @@ from pydantic import (
     model_validator,
 )
 
-from u2s.config_base import REVEAL_SECRETS, SECRET_VALUES, ModelConfig, is_object_store_uri
+from u2s.config_base import (
+    REVEAL_SECRETS,
+    SECRET_VALUES,
+    ModelConfig,
+    Resources,
+    StorageConfig,
+    is_object_store_uri,
+)
 from u2s.config_base import ConfigModel as _Model
 from u2s.config_base import absolute_path as _absolute
+from u2s.stage1.calls import CALLS, CallSpec
 from u2s.stage2.editors import EDITORS, EditorConfig
 
 PRESETS = ("cpu-tiny", "paper")
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
-
-
-class StorageConfig(_Model):
-    """How to reach object storage. Credentials come from the standard AWS chain (env, profile, role)."""
-
-    endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint (MinIO, moto, R2...). Default: $AWS_ENDPOINT_URL or AWS."
-    )
-    region: str | None = Field(None, description="S3 region. Default: $AWS_DEFAULT_REGION or the AWS chain.")
-    anon: bool = Field(False, description="Anonymous access (public buckets).")
-    max_attempts: int = Field(
-        10, ge=1, description="botocore attempts per S3 request (throttling, 5xx, dropped connections)."
-    )
-    retry_mode: Literal["standard", "adaptive"] = Field(
-        "adaptive", description="botocore retry mode: exponential backoff with jitter; adaptive also "
-        "rate-limits the client on throttling.",
-    )  # fmt: skip
-    connect_timeout: float = Field(10.0, gt=0, description="Seconds to open a connection.")
-    read_timeout: float = Field(60.0, gt=0, description="Seconds to wait for data on a connection.")
-    task_retries: int = Field(
-        3, ge=0, description="Times Ray re-runs a read or write task whose storage stayed unreachable "
-        "after botocore's own attempts; then the job fails with a clear message (finish it with --resume).",
-    )  # fmt: skip
-    model_cache_dir: str | None = Field(
-        None, description="Local folder that s3:// models (and weights) are synced into on each worker, "
-        "once per node (a file lock serialises the actors that start together; a shared ReadWriteMany "
-        "volume makes it once per cluster). None: $U2S_MODEL_CACHE on the worker, else "
-        "~/.cache/u2s/models. A copy is reused while the prefix's listing (keys, sizes, ETags) is "
-        "unchanged.",
-    )  # fmt: skip
 
 
 class InputConfig(_Model):
@@ -119,15 +98,6 @@ class InputConfig(_Model):
         "reuses (copied beside its own sensitive table), so that the two runs' ids match, e.g. baselines "
         "compared with `u2s eval`. Default: a fresh key per output.",
     )
-    stage1_from: str | None = Field(
-        None,
-        description="The sensitive output of an earlier, finished run whose stage-1 results this run takes "
-        "instead of running stage 1 (no VLM or LLM is loaded): its rows, ids and results, the images read "
-        "from each row's source as that run's input settings say (uri and the other input fields here are "
-        "not read); this run only edits. Its rows without a stage-1 result (read, decode or stage-1 "
-        "errors) stay error rows, which --retry-errors cannot fix here. Use it to re-edit with another or a "
-        "fine-tuned editor, or to compare editors on the same rows.",
-    )
     id_column: str | None = Field(
         None,
         description="Parquet and manifest: column holding the row id (input.id: column), published as is. "
@@ -155,7 +125,7 @@ class InputConfig(_Model):
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many rows (smoke runs).")
 
-    _absolute_paths = field_validator("uri", "coco_annotations", "id_key_from", "stage1_from")(_absolute)
+    _absolute_paths = field_validator("uri", "coco_annotations", "id_key_from")(_absolute)
 
     @model_validator(mode="before")
     @classmethod
@@ -185,9 +155,6 @@ class InputConfig(_Model):
             raise ValueError("input.label_member is read only with format 'webdataset'")
         if self.id != "keyed" and self.id_key_from:
             raise ValueError(f"input.id_key_from is used only with input.id: keyed (not {self.id})")
-        if self.stage1_from and self.id_key_from:
-            raise ValueError("input.id_key_from is not used with input.stage1_from: ids (and their key) "
-                             "come from that run")  # fmt: skip
         return self
 
 
@@ -268,80 +235,6 @@ class DecodeConfig(_Model):
         description="With frames: all, a file with more frames is an error row: it is never published "
         "with frames nobody inspected.",
     )
-
-
-class Resources(_Model):
-    """Ray resources of one stage's actor pool (or tasks, for stateless stages)."""
-
-    pool_size: int | tuple[int, int] = Field(
-        (1, 4),
-        description="Actors in the pool: a fixed size n, or [min, max] for an autoscaling pool "
-        "(ActorPoolStrategy(min_size, max_size)): Ray Data adds actors to the pool that is the bottleneck, "
-        "as far as the cluster (or its autoscaler) has room.",
-    )
-    batch_size: int = Field(8, ge=1, description="Rows per batch handed to the stage.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor/task.")
-    num_gpus: float = Field(
-        0.0, ge=0, description="GPUs reserved per actor (vLLM calls: per engine worker, see `stage1.vllm`)."
-    )
-    memory: int | None = Field(
-        None, ge=0, description="Bytes of RAM reserved per actor/task (Ray's `memory` resource). None: none."
-    )
-    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100', 'A10G'.")
-    torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads per actor. Default: max(1, num_cpus)."
-    )
-    max_restarts: int = Field(
-        8,
-        ge=0,
-        description="Restarts per actor after it died: a fatal device or engine error (the actor exits so "
-        "Ray starts a fresh one, see `u2s.healing`), or a kill (out of memory). Ray's `max_restarts`; Ray "
-        "Data's default is unbounded. A fatal error on the last life fails the job with a message that "
-        "says so.",
-    )
-    max_task_retries: int = Field(
-        -1,
-        ge=-1,
-        description="Retries of a batch whose actor died or was unreachable (Ray's `max_task_retries`; -1: "
-        "until the actor's restarts run out). A retried batch runs one row at a time and each death turns "
-        "the row that caused it into an error row, so a batch with k such rows needs k + 1 retries; a lost "
-        "node makes every batch sent to its actors fail fast until the actor is restarted elsewhere, which "
-        "`max_restarts` already bounds.",
-    )
-
-    @field_validator("pool_size")
-    @classmethod
-    def _pool_bounds(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
-        low, high = (value, value) if isinstance(value, int) else value
-        if not 1 <= low <= high:
-            raise ValueError("pool_size must be >= 1, or [min, max] with 1 <= min <= max")
-        return value
-
-    def pool_bounds(self) -> tuple[int, int]:
-        """(min, max) actors; a fixed size n is (n, n)."""
-        return (self.pool_size, self.pool_size) if isinstance(self.pool_size, int) else self.pool_size
-
-    def actor_pool_kwargs(self) -> dict[str, int]:
-        """`ray.data.ActorPoolStrategy` keyword arguments for this pool."""
-        low, high = self.pool_bounds()
-        return {"size": low} if low == high else {"min_size": low, "max_size": high}
-
-    def ray_remote_args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {"num_cpus": self.num_cpus}
-        if self.num_gpus:
-            args["num_gpus"] = self.num_gpus
-        if self.accelerator_type:
-            args["accelerator_type"] = self.accelerator_type
-        if self.memory:
-            args["memory"] = self.memory
-        return args
-
-    def threads(self) -> int:
-        return self.torch_threads or max(1, int(self.num_cpus))
-
-    def actor_fault_args(self) -> dict[str, int]:
-        """`map_batches` arguments that bound an actor pool's restarts and a batch's retries."""
-        return {"max_restarts": self.max_restarts, "max_task_retries": self.max_task_retries}
 
 
 class GenerationConfig(_Model):
@@ -495,18 +388,6 @@ class VLLMEngineConfig(_Model):
     )  # fmt: skip
 
 
-CALLS_WITH_IMAGES = ("inspect", "describe")
-
-#: Defaults of each call: the paper's token budgets (PAPER.md §2.1); describe and combine share the pool
-#: of the call before them (same model and engine: the model loads once).
-_DEFAULT_CALLS: dict[str, dict[str, Any]] = {
-    "inspect": {"generation": {"max_new_tokens": 128}, "resources": {}},
-    "describe": {"generation": {"max_new_tokens": 1024}, "resources": None},
-    "instruct": {"generation": {"max_new_tokens": 512}, "resources": {}},
-    "combine": {"generation": {"max_new_tokens": 512}, "resources": None},
-}
-
-
 class CallConfig(_Model):
     """One stage-1 call: its engine, generation budget and actor pool."""
 
@@ -522,31 +403,48 @@ class CallConfig(_Model):
     )
 
 
-class Stage1Calls(_Model):
-    """The four stage-1 calls (PAPER.md §2.1); a field given here is merged over the call's defaults."""
+def _call_defaults(spec: CallSpec) -> dict[str, Any]:
+    """A call's section before the config's own: its token budget, and its own pool or the one before."""
+    return {"generation": {"max_new_tokens": spec.max_new_tokens}, "resources": {} if spec.own_pool else None}
 
-    inspect: CallConfig = Field(
-        description="Call A: the VLM flags every decoded image (the fused call in fused mode)."
-    )
-    describe: CallConfig = Field(
-        description="Call B: the VLM reviews flagged images and writes both captions. In fused mode its "
-        "`generation` is the fused call's budget (that call writes the captions); its pool is unused."
-    )
-    instruct: CallConfig = Field(description="Call C: the LLM writes the edit instruction.")
-    combine: CallConfig = Field(
-        description="Call D (when `stage1.combine`): the LLM merges public caption and edit instruction."
-    )
+
+class _Stage1CallsBase(_Model):
+    """One section per registered stage-1 call; a call registered after import is an extra field."""
+
+    model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="before")
     @classmethod
     def _merge_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        unknown = [name for name in data if name not in CALLS]
+        if unknown:
+            raise ValueError(f"unknown stage-1 calls {unknown}; registered: {', '.join(CALLS)}")
         merged = {}
-        for call, defaults in _DEFAULT_CALLS.items():
-            given = data.get(call)
+        for call, spec in CALLS.items():
+            given, defaults = data.get(call), _call_defaults(spec)
             merged[call] = _deep_merge(defaults, given) if isinstance(given, dict) else given or defaults
         return {**data, **merged}
+
+    @model_validator(mode="after")
+    def _registered_late(self) -> _Stage1CallsBase:
+        extra = self.__pydantic_extra__ or {}
+        for name, value in extra.items():
+            extra[name] = value if isinstance(value, CallConfig) else CallConfig.model_validate(value)
+        return self
+
+
+#: One section per stage-1 call, named after it (``stage1.calls.inspect: {engine: ...}``); a field given
+#: here is merged over the call's defaults. Assembled from the registry
+#: (:data:`u2s.stage1.calls.CALLS`), so adding a call touches its declaration only.
+Stage1Calls = create_model(
+    "Stage1Calls",
+    __base__=_Stage1CallsBase,
+    __module__=__name__,
+    __doc__="The four stage-1 calls (PAPER.md §2.1); a field given here is merged over the call's defaults.",
+    **{name: (CallConfig, Field(description=spec.description)) for name, spec in CALLS.items()},
+)
 
 
 @dataclass(frozen=True)
@@ -666,9 +564,8 @@ class Stage1Config(_Model):
         return self
 
     def active_calls(self) -> tuple[str, ...]:
-        """The calls this config runs, in order."""
-        calls = ("inspect",) if self.mode == "fused" else ("inspect", "describe")
-        return (*calls, "instruct", *(("combine",) if self.combine else ()))
+        """The calls this config runs, in order (those of :data:`~u2s.stage1.calls.CALLS` on in its mode)."""
+        return tuple(name for name, spec in CALLS.items() if spec.runs(self))
 
     def engine_for(self, call: str) -> str:
         """The engine of one stage-1 call: its `calls.<call>.engine`, else `engine`."""
@@ -676,9 +573,7 @@ class Stage1Config(_Model):
 
     def generation_for(self, call: str) -> GenerationConfig:
         """The token budget of a call (the fused call uses describe's: it writes the captions)."""
-        if call == "inspect" and self.mode == "fused":
-            return self.calls.describe.generation
-        return getattr(self.calls, call).generation
+        return getattr(self.calls, CALLS[call].budget_of.get(self.mode, call)).generation
 
     def vllm_for(self, vision: bool) -> VLLMEngineConfig:
         """vLLM settings of the VLM (``vision``) or of the text LLM."""
@@ -690,11 +585,7 @@ class Stage1Config(_Model):
         """
         pools: list[CallPool] = []
         for call in self.active_calls():
-            config, engine, vision = (
-                getattr(self.calls, call),
-                self.engine_for(call),
-                call in CALLS_WITH_IMAGES,
-            )
+            config, engine, vision = getattr(self.calls, call), self.engine_for(call), CALLS[call].vision
             if config.resources is not None:
                 pools.append(CallPool(call, (call,), engine, vision, config.resources))
                 continue

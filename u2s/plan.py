@@ -41,6 +41,7 @@ from u2s.costs import (
     stage1_seconds,
 )
 from u2s.instances import InstanceType, instance_type
+from u2s.stage1.calls import CALLS
 
 PRICES = "u2s/instances.py: AWS us-east-1 on-demand list prices"
 
@@ -91,13 +92,9 @@ CARDS: dict[str, Card] = {
 
 #: Stage-1 models assumed by estimates (the paper's): parameters, and tokens per call (prompt, output).
 VLM_PARAMS, LLM_PARAMS = 8.1e9, 4.02e9  # InternVL2.5-8B (InternViT-300M + InternLM2.5-7B), Qwen3-4B
-CALL_TOKENS: dict[str, tuple[int, int]] = {
-    "inspect": (256 + 300, 16),  # one 448 px tile (256 vision tokens) + flag question; a short JSON flag
-    "describe": (256 + 450, 350),  # image + dual-caption instructions; two captions and a review
-    "instruct": (350, 60),  # public caption + instructions; one edit phrase
-    "combine": (400, 60),  # caption + edit; one caption under 50 words
-}
-VISION_CALLS = ("inspect", "describe")
+#: Tokens per call (prompt, output) of the calls registered at import; each call declares its own
+#: (:attr:`u2s.stage1.calls.CallSpec.plan_tokens`).
+CALL_TOKENS: dict[str, tuple[int, int]] = {name: spec.plan_tokens for name, spec in CALLS.items()}
 
 #: Denoiser TFLOP per step for one image at 512×512 (docs/benchmarks.md, counted with FlopCounterMode;
 #: FLUX Kontext: 2 × 11.9B parameters × 2560 tokens, not counted there). VAE and text encoders excluded.
@@ -314,9 +311,14 @@ def pool_rows(pool: str, images: int, flagged: float, verify_fail: float = 0.0) 
     """Rows a pool processes: pools with inspect, decode and write see every image, the rest only
     flagged ones; under ``stage2.verify``, attempt k's editor and checks (``edit.k``, ``verify.k``) only
     the flagged rows whose k - 1 earlier edits all failed (``verify_fail`` each)."""
-    if pool in ("decode", "write") or "inspect" in pool_calls(pool):
+    if pool in ("decode", "write") or _sees_every_row(pool_calls(pool)):
         return float(images)
     return images * flagged * verify_fail ** (verify_attempt(pool) - 1)
+
+
+def _sees_every_row(calls: list[str]) -> bool:
+    """Whether a stage-1 pool running ``calls`` sees every row (it holds a call that does: inspect)."""
+    return any(call in CALLS and CALLS[call].every_row for call in calls)
 
 
 def verify_attempt(pool: str) -> int:
@@ -335,7 +337,7 @@ def verify_tflop_per_row(cfg: JobConfig) -> tuple[float, float] | None:
     the CPU checks run (dlib faces)."""
     if "reinspect" not in cfg.stage2.verify.checks:
         return None
-    prompt, output = CALL_TOKENS["inspect"]
+    prompt, output = CALLS["inspect"].plan_tokens
     per_call = 9 if cfg.stage1.inspect_mode == "per_criterion" else 1
     return per_call * 2 * VLM_PARAMS * prompt / 1e12, per_call * 2 * VLM_PARAMS * output / 1e12
 
@@ -345,15 +347,15 @@ def stage1_tflop_per_row(cfg: JobConfig, pool: str, flagged: float) -> tuple[flo
     (in a pool that also inspects, the later calls run on the flagged share of its rows only)."""
 
     def call(name: str) -> tuple[float, float]:
-        prompt, output = CALL_TOKENS[name]
-        params = VLM_PARAMS if name in VISION_CALLS else LLM_PARAMS
+        prompt, output = CALLS[name].plan_tokens
+        params = VLM_PARAMS if CALLS[name].vision else LLM_PARAMS
         return 2 * params * prompt / 1e12, 2 * params * output / 1e12
 
     s1 = cfg.stage1
     calls = pool_calls(pool)
     prefill = decode = 0.0
     for name in calls:
-        share = flagged if "inspect" in calls and name != "inspect" else 1.0
+        share = flagged if _sees_every_row(calls) and not CALLS[name].every_row else 1.0
         if name == "inspect" and s1.mode == "fused":  # one call per row: short unless flagged
             (pa, da), (pb, db) = call("inspect"), call("describe")
             p, d = pa * (1 - flagged) + pb * flagged, da * (1 - flagged) + db * flagged
@@ -403,7 +405,7 @@ def estimate_rate(cfg: JobConfig, pool: str, card: Card, flagged: float) -> Rate
         label = (f"estimate: {tflop:.0f} TFLOP/image at {COMPUTE_UTILISATION:.0%} of peak, "
                  f"{batch} a call (+{EDIT_CALL_IMAGES:g} images' time each)")  # fmt: skip
         return Rate(editor_call_cost(tflop, peak).rate(batch), False, label)
-    if all(name in CALL_TOKENS for name in pool_calls(pool)):
+    if all(name in CALLS for name in pool_calls(pool)):
         prefill, decode = stage1_tflop_per_row(cfg, pool, flagged)
         seconds = stage1_seconds(prefill, decode, peak)
         label = (f"estimate: {prefill + decode:.2f} TFLOP/row at {COMPUTE_UTILISATION:.0%} (prefill) / "

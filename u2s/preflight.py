@@ -37,12 +37,9 @@ class PreflightError(ValueError):
 
 
 def models_in_use(cfg: JobConfig) -> dict[str, ModelConfig]:
-    """The models this job loads itself, by config field: stage-1 models on local engines (none when
-    ``input.stage1_from`` takes stage 1's results from an earlier run), every editor."""
-    from u2s.pipeline import stage1_pools
-
+    """The models this job loads itself, by config field: stage-1 models on local engines, every editor."""
     models: dict[str, ModelConfig] = {}
-    for pool in stage1_pools(cfg):
+    for pool in cfg.stage1.pools():
         if pool.engine != "http":
             name = "vlm" if pool.vision else "llm"
             models[f"stage1.{name}.model"] = getattr(cfg.stage1, name)
@@ -117,7 +114,7 @@ def _storage_problem(uri: str, storage: StorageConfig, error: BaseException) -> 
 def check_storage(cfg: JobConfig) -> None:
     """Each bucket of the job answers, quickly (see the module docstring)."""
     storage = _quick(cfg.storage)
-    uris = [cfg.input.stage1_from or cfg.input.uri, cfg.output.uri, cfg.output.sensitive_uri]
+    uris = [cfg.input.uri, cfg.output.uri, cfg.output.sensitive_uri]
     checked: set[str] = set()
     for uri in uris:
         bucket = bucket_of(uri)
@@ -136,13 +133,10 @@ def check_storage(cfg: JobConfig) -> None:
 
 
 def check_input(cfg: JobConfig) -> None:
-    """The input location exists (and the COCO annotation file, for ``coco``); with ``input.stage1_from``,
-    the earlier run's sensitive output instead."""
+    """The input location exists (and the COCO annotation file, for ``coco``)."""
     storage = _quick(cfg.storage)
     required = [("input.uri", cfg.input.uri)]
-    if cfg.input.stage1_from:
-        required = [("input.stage1_from", cfg.input.stage1_from)]
-    elif cfg.input.format == "coco" and cfg.input.coco_annotations:
+    if cfg.input.format == "coco" and cfg.input.coco_annotations:
         required.append(("input.coco_annotations", cfg.input.coco_annotations))
     for field, uri in required:
         fs, path = filesystem(uri, storage)

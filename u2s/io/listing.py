@@ -20,13 +20,12 @@ its ``(id, source)`` pairs; their sum is the input's fingerprint, which the run 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
 import posixpath
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -35,6 +34,9 @@ from u2s.config import InputConfig, Resources, StorageConfig
 from u2s.io.errors import InputError
 from u2s.io.ids import IdKey, id_function, source_hash
 from u2s.io.storage import TransientStorageError, arrow_filesystem, filesystem, is_transient, to_uri
+from u2s.io.tables import MASK64, Shard, ShardStats, image_bytes_getter
+from u2s.io.tables import fingerprint as _fingerprint
+from u2s.io.tables import manifest_table as _table
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -45,54 +47,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: One manifest row per input record. ``part``/``row``: the Parquet file and row index holding the
-#: record's image (Parquet inputs); ``error``: why the record cannot be read at all (then no fetch).
-MANIFEST_SCHEMA = pa.schema(
-    [("id", pa.string()), ("source", pa.string()), ("label", pa.string()), ("part", pa.string()),
-     ("row", pa.int64()), ("error", pa.string())]
-)  # fmt: skip
-
-_MASK64 = 2**64 - 1
-
 
 def stable_id(text: str) -> str:
     """The unkeyed row id of a string (``input.id: source_hash``): the first 20 hex chars of its SHA-1."""
     return source_hash(text)
-
-
-def _fingerprint(ids: list[str], sources: list[str]) -> int:
-    """Order-independent digest of ``(id, source)`` pairs: the sum of their 64-bit hashes."""
-    total = 0
-    for row_id, source in zip(ids, sources, strict=True):
-        digest = hashlib.blake2b(f"{row_id}\0{source}".encode(), digest_size=8).digest()
-        total += int.from_bytes(digest, "big")
-    return total & _MASK64
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One unit of listing work: ``kind`` is dir (a local directory), range (S3 keys ``after < key <=
-    upto`` below the input's prefix; ``None``: unbounded), folder, files, parquet, coco or manifest."""
-
-    kind: str
-    uri: str
-    files: tuple[str, ...] = ()
-    manifest: Any = None  # a u2s.io.manifest.ManifestFile
-    after: str | None = None
-    upto: str | None = None
-
-
-@dataclass
-class ShardStats:
-    """What a listing task reports besides its table (small: it travels to the driver)."""
-
-    rows: int = 0
-    fingerprint: int = 0
-    skipped_extensions: dict[str, int] = field(default_factory=dict)
-    unreadable_files: int = 0
-    unreadable_records: int = 0  # records known (from footers) to exist but not readable
-    children: list[Shard] = field(default_factory=list)  # what a dir or range shard left to new tasks
-    tables: list[tuple[int, int]] = field(default_factory=list)  # (rows, fingerprint) of each table
 
 
 @dataclass
@@ -107,7 +65,6 @@ class Listing:
     unreadable_records: int
     shards: int
     duplicates_dropped: int = 0  # rows listed again with the same id and source
-    stage1_from: Any = None  # input.stage1_from: the earlier run read (a u2s.io.stage1_from.SourceRun)
 
     def stats(self) -> dict[str, Any]:
         """Counts for the run record (no paths)."""
@@ -202,17 +159,6 @@ def _is_hidden(path: str, root: str, prefixes: tuple[str, ...]) -> bool:
 
 
 # ---------------------------------------------------------------- tasks: one shard each
-
-
-def _table(ids, sources, labels, parts=None, rows=None, errors=None) -> pa.Table:
-    n = len(ids)
-    return pa.table(
-        [pa.array(ids, pa.string()), pa.array(sources, pa.string()), pa.array(labels, pa.string()),
-         pa.array(parts if parts is not None else [None] * n, pa.string()),
-         pa.array(rows if rows is not None else [None] * n, pa.int64()),
-         pa.array(errors if errors is not None else [None] * n, pa.string())],
-        schema=MANIFEST_SCHEMA,
-    )  # fmt: skip
 
 
 def _image_files(
@@ -343,7 +289,6 @@ def _list_parquet_shard(
     missing = [c for c in (image_column, *columns) if c not in schema.names]
     if missing:
         raise InputError(f"column {missing[0]!r} not in {file_uri} (columns: {', '.join(schema.names)})")
-    from u2s.io.readers import image_bytes_getter
 
     image_bytes_getter(schema.field(image_column).type, image_column, file_uri)  # type check
     ids = [make_id(source) for source in sources]
@@ -444,7 +389,7 @@ def iter_shard(
         print_ = _fingerprint(table.column("id").to_pylist(), table.column("source").to_pylist())
         stats.tables.append((table.num_rows, print_))
         stats.rows += table.num_rows
-        stats.fingerprint = (stats.fingerprint + print_) & _MASK64
+        stats.fingerprint = (stats.fingerprint + print_) & MASK64
         yield table
     yield stats
 
@@ -518,7 +463,7 @@ def list_input(
         logger.info("dropped %d row(s) listed twice (the same id and source)", dropped)
     rows = sum(counts)
     dataset = ray.data.from_arrow_refs(table_refs)
-    fingerprint = sum(fingerprints) & _MASK64  # of the rows kept: what the written tables must hold
+    fingerprint = sum(fingerprints) & MASK64  # of the rows kept: what the written tables must hold
     skipped: Counter[str] = Counter()
     for s in stats:
         skipped.update(s.skipped_extensions)

@@ -44,7 +44,6 @@ from u2s.map_pool import REMOTE_ARGS_FN
 from u2s.stage1.engines.vllm import executor_backend, world_size
 
 if TYPE_CHECKING:
-
     from u2s.config import Resources, VLLMEngineConfig
 
 logger = logging.getLogger(__name__)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from u2s.config_base import ConfigModel, ModelConfig
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from u2s.config import Stage2Config, StorageConfig
+    from u2s.config_base import Resources, StorageConfig
 
 #: Side lengths of the IP2P family's working sizes are multiples of this.
 SIZE_MULTIPLE = 64
@@ -52,6 +52,19 @@ class EditPrompt:
         return value
 
 
+class Stage2Settings(Protocol):
+    """What an editor reads of the stage-2 config (:class:`u2s.config.Stage2Config`, which is assembled
+    from the editor registry): its own section and the settings every editor shares."""
+
+    editor: str
+    compile: bool
+    compile_mode: str
+    aspect_buckets: list[tuple[int, int]] | None
+    resources: Resources
+
+    def section(self, name: str | None = None) -> EditorConfig: ...
+
+
 class Editor(ABC):
     """An image editor that rewrites the private content of a batch of images.
 
@@ -69,7 +82,7 @@ class Editor(ABC):
     #: that rewrites every pixel anyway; a lossless one where untouched pixels must stay exact.
     output_format: ClassVar[str] = "JPEG"
 
-    def __init__(self, stage2: Stage2Config, storage: StorageConfig | None = None) -> None:
+    def __init__(self, stage2: Stage2Settings, storage: StorageConfig | None = None) -> None:
         self.stage2 = stage2
         self.storage = storage
         self.config: Any = stage2.section(self.name)
@@ -183,7 +196,7 @@ def load_pipeline(
     return device, pipe
 
 
-def compile_denoiser(pipe: Any, stage2: Stage2Config) -> None:
+def compile_denoiser(pipe: Any, stage2: Stage2Settings) -> None:
     """`torch.compile` the pipeline's denoiser (UNet or transformer) when ``stage2.compile`` is set.
 
     The denoiser runs once per step and CFG branch, so it is where compilation pays; the first batch
