@@ -47,11 +47,11 @@ demo: venv
 	$(BIN)/u2s tiny-models $(U2S_TINY_MODELS)
 	$(BIN)/u2s sample-data demo-data/images
 	$(BIN)/u2s run --preset cpu-tiny --set output.overwrite=true
-	@echo "== baselines for the evaluation: blur and pixelate over detected faces and text (the same row ids)"
+	@echo "== baselines for the evaluation: blur and pixelate over detected faces and text, on the first run's stage-1 results (the same rows and ids, no VLM/LLM call)"
 	$(BIN)/u2s run --preset cpu-tiny --set output.overwrite=true --set stage2.editor=blur --output demo-out/blur \
-		--sensitive-output demo-out/blur-sensitive --set input.id_key_from=demo-out/sensitive
+		--sensitive-output demo-out/blur-sensitive --stage1-from demo-out/sensitive
 	$(BIN)/u2s run --preset cpu-tiny --set output.overwrite=true --set stage2.editor=pixelate --output demo-out/pixelate \
-		--sensitive-output demo-out/pixelate-sensitive --set input.id_key_from=demo-out/sensitive
+		--sensitive-output demo-out/pixelate-sensitive --stage1-from demo-out/sensitive
 	@echo "== evaluation: the run and both baselines against the originals"
 	$(BIN)/u2s eval --original demo-data/images --anonymized demo-out/safe --sensitive demo-out/sensitive \
 		--method blur=demo-out/blur --method pixelate=demo-out/pixelate --out demo-out/eval \

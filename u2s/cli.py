@@ -221,6 +221,64 @@ def run(
     typer.echo(format_summary(summary))
 
 
+@app.command()
+def finetune(
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="FILE",
+            rich_help_panel=CONFIG_PANEL,
+            help="YAML fine-tuning config: runs (safe and sensitive tables), editor, method, storage_path, "
+            "the recipe (docs/finetuning.md).",
+        ),
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            metavar="KEY=VALUE",
+            rich_help_panel=CONFIG_PANEL,
+            help="Override a config field, e.g. max_steps=2000 or lora.rank=8 (value parsed as YAML; "
+            "repeatable).",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            rich_help_panel=RESUME_PANEL,
+            help="Continue the experiment at storage_path/name from its latest checkpoint (weights, "
+            "optimizer, EMA, data position). Without it an existing experiment there is refused.",
+        ),
+    ] = False,
+) -> None:
+    """Fine-tune an editor on earlier runs' pairs on Ray Train; prints the checkpoint that
+    `--set stage2.<editor>.weights=<checkpoint>` loads in the next run."""
+    from u2s.finetune.config import load_finetune_config
+
+    try:
+        cfg = load_finetune_config(config, set_ or [])
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    from u2s.finetune.trainer import FinetuneError
+    from u2s.finetune.trainer import finetune as run_finetune
+
+    try:
+        result = run_finetune(cfg, resume=resume)
+    except FinetuneError as e:
+        typer.echo(f"u2s finetune: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo("pairs: " + ", ".join(f"{name} {count}" for name, count in result.counts.items()))
+    shown = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    typer.echo("metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    typer.echo(f"checkpoint: {result.checkpoint}")
+    typer.echo(f"use it: --set stage2.{cfg.editor}.weights={result.checkpoint}")
+
+
 def check_job_args(job_args: list[str]) -> None:
     """``job_args`` must parse as options of ``u2s run`` (what ``jobs/anonymize.py`` accepts); raises
     :class:`~u2s.submit.SubmitError` naming the problem."""

@@ -98,6 +98,15 @@ class InputConfig(_Model):
         "reuses (copied beside its own sensitive table), so that the two runs' ids match, e.g. baselines "
         "compared with `u2s eval`. Default: a fresh key per output.",
     )
+    stage1_from: str | None = Field(
+        None,
+        description="The sensitive output of an earlier, finished run whose stage-1 results this run takes "
+        "instead of running stage 1 (no VLM or LLM is loaded): its rows, ids and results, the images read "
+        "from each row's source as that run's input settings say (uri and the other input fields here are "
+        "not read); this run only edits. Its rows without a stage-1 result (read, decode or stage-1 "
+        "errors) stay error rows, which --retry-errors cannot fix here. Use it to re-edit with another or a "
+        "fine-tuned editor, or to compare editors on the same rows.",
+    )
     id_column: str | None = Field(
         None,
         description="Parquet and manifest: column holding the row id (input.id: column), published as is. "
@@ -125,7 +134,7 @@ class InputConfig(_Model):
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many rows (smoke runs).")
 
-    _absolute_paths = field_validator("uri", "coco_annotations", "id_key_from")(_absolute)
+    _absolute_paths = field_validator("uri", "coco_annotations", "id_key_from", "stage1_from")(_absolute)
 
     @model_validator(mode="before")
     @classmethod
@@ -155,6 +164,9 @@ class InputConfig(_Model):
             raise ValueError("input.label_member is read only with format 'webdataset'")
         if self.id != "keyed" and self.id_key_from:
             raise ValueError(f"input.id_key_from is used only with input.id: keyed (not {self.id})")
+        if self.stage1_from and self.id_key_from:
+            raise ValueError("input.id_key_from is not used with input.stage1_from: ids (and their key) "
+                             "come from that run")  # fmt: skip
         return self
 
 

@@ -245,12 +245,13 @@ class _Records:
     """The run's two ``_run.json`` records, kept in step attempt by attempt."""
 
     def __init__(self, cfg: JobConfig, previous: dict[str, Any] | None, listing: Listing) -> None:
-        from u2s.run_record import config_fingerprint, now, package_versions
+        from u2s.run_record import config_fingerprint, now, package_versions, weights_fingerprints
 
         self.cfg = cfg
         self.full: dict[str, Any] = {
             "config_fingerprint": config_fingerprint(cfg),
             "input_fingerprint": listing.fingerprint,
+            "weights": weights_fingerprints(cfg),
             "input": listing.stats(),
             "attempts": list((previous or {}).get("attempts", [])),
             "versions": package_versions(),

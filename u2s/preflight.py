@@ -37,9 +37,12 @@ class PreflightError(ValueError):
 
 
 def models_in_use(cfg: JobConfig) -> dict[str, ModelConfig]:
-    """The models this job loads itself, by config field: stage-1 models on local engines, every editor."""
+    """The models this job loads itself, by config field: stage-1 models on local engines (none when
+    ``input.stage1_from`` takes stage 1's results from an earlier run), every editor."""
+    from u2s.pipeline import stage1_pools
+
     models: dict[str, ModelConfig] = {}
-    for pool in cfg.stage1.pools():
+    for pool in stage1_pools(cfg):
         if pool.engine != "http":
             name = "vlm" if pool.vision else "llm"
             models[f"stage1.{name}.model"] = getattr(cfg.stage1, name)
@@ -114,7 +117,7 @@ def _storage_problem(uri: str, storage: StorageConfig, error: BaseException) -> 
 def check_storage(cfg: JobConfig) -> None:
     """Each bucket of the job answers, quickly (see the module docstring)."""
     storage = _quick(cfg.storage)
-    uris = [cfg.input.uri, cfg.output.uri, cfg.output.sensitive_uri]
+    uris = [cfg.input.stage1_from or cfg.input.uri, cfg.output.uri, cfg.output.sensitive_uri]
     checked: set[str] = set()
     for uri in uris:
         bucket = bucket_of(uri)
@@ -133,10 +136,13 @@ def check_storage(cfg: JobConfig) -> None:
 
 
 def check_input(cfg: JobConfig) -> None:
-    """The input location exists (and the COCO annotation file, for ``coco``)."""
+    """The input location exists (and the COCO annotation file, for ``coco``); with ``input.stage1_from``,
+    the earlier run's sensitive output instead."""
     storage = _quick(cfg.storage)
     required = [("input.uri", cfg.input.uri)]
-    if cfg.input.format == "coco" and cfg.input.coco_annotations:
+    if cfg.input.stage1_from:
+        required = [("input.stage1_from", cfg.input.stage1_from)]
+    elif cfg.input.format == "coco" and cfg.input.coco_annotations:
         required.append(("input.coco_annotations", cfg.input.coco_annotations))
     for field, uri in required:
         fs, path = filesystem(uri, storage)

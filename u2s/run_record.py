@@ -203,6 +203,40 @@ def config_fingerprint(cfg: JobConfig) -> str:
     return _digest(outcome_settings(cfg.model_dump(mode="json")))
 
 
+def weights_digest(location: str, storage: Any = None) -> str:
+    """sha256 fingerprint of fine-tuned weights (a file or folder): for ``s3://``, the digest of the
+    prefix's listing that the model cache stages and pins by (keys, sizes, ETags); for a local path,
+    of every file's relative name, size and content."""
+    from pathlib import Path
+
+    from u2s.config_base import is_object_store_uri
+
+    if is_object_store_uri(location):
+        from u2s.config import StorageConfig
+        from u2s.io.model_store import _filesystem, _list, listing_digest
+
+        fs, path = _filesystem(location, storage or StorageConfig())
+        return listing_digest(_list(fs, path, location))
+    root = Path(location).expanduser()
+    files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        rel = file.relative_to(root).as_posix() if root.is_dir() else file.name
+        digest.update(f"{rel}\t{file.stat().st_size}\t".encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def weights_fingerprints(cfg: JobConfig) -> dict[str, str]:
+    """The fine-tuned weights the run's editor loads (``stage2.<editor>.weights``), by config key, with
+    their :func:`weights_digest`: the run record names exactly which checkpoint edited the rows."""
+    section = cfg.stage2.section()
+    location = getattr(section, "weights", None)
+    if not location:
+        return {}
+    return {f"stage2.{cfg.stage2.editor}.weights": weights_digest(location, cfg.storage)}
+
+
 def _redact(tree: Any) -> Any:
     """Every path or URI replaced (model ids such as ``org/name`` stay: they are public names)."""
     if isinstance(tree, dict):
@@ -222,8 +256,14 @@ def public_config(cfg: JobConfig) -> dict[str, Any]:
     return _redact(_drop(public, {"http"}))
 
 
-def check_resumable(record: dict[str, Any] | None, cfg: JobConfig, input_fingerprint: str) -> None:
-    """Raise :class:`ResumeRefused` unless ``record`` was written by this config over this input."""
+def check_resumable(
+    record: dict[str, Any] | None,
+    cfg: JobConfig,
+    input_fingerprint: str,
+    stage1_from: dict[str, Any] | None = None,
+) -> None:
+    """Raise :class:`ResumeRefused` unless ``record`` was written by this config over this input (and, for
+    an ``input.stage1_from`` run, over the same earlier run: ``stage1_from`` is what its record keeps)."""
     if record is None:
         raise ResumeRefused(
             f"no run record ({cfg.output.sensitive_uri}/_run.json) says which run wrote the outputs; "
@@ -242,6 +282,8 @@ def check_resumable(record: dict[str, Any] | None, cfg: JobConfig, input_fingerp
         )
     if record.get("input_fingerprint") != input_fingerprint:
         problems.append("the input listing changed (images added, removed or renamed)")
+    if record.get("stage1_from") != stage1_from:
+        problems.append("the run input.stage1_from reads changed (its settings, input or last attempt)")
     if problems:
         raise ResumeRefused(
             "cannot resume: " + "; ".join(problems) + " since the interrupted run; pass --force to resume "

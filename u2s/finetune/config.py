@@ -176,6 +176,10 @@ class FinetuneConfig(ConfigModel):
         3, ge=-1, description="Restarts from the latest checkpoint after a worker dies (-1: unlimited)."
     )
     # Hardware.
+    ray_address: str | None = Field(
+        None, description="Ray address; None: $RAY_ADDRESS, else a running `ray start` head, else a private "
+        "local cluster.",
+    )  # fmt: skip
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one GPU each with `use_gpu`).")
     use_gpu: bool = Field(False, description="Train on GPUs (NCCL); else CPU (gloo).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves.")

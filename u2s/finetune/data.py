@@ -192,8 +192,8 @@ def build_pairs(cfg: FinetuneConfig) -> tuple[ray.data.Dataset, ray.data.Dataset
         **io_args,
     ).materialize()  # fmt: skip
     edited = ds.count()
-    sums = ds.sum(["kept", "kept_val"]) if edited else {"kept": 0, "kept_val": 0}
-    kept, n_val = int(sums["kept"] or 0), int(sums["kept_val"] or 0)
+    sums = ds.sum(["kept", "kept_val"]) if edited else {}
+    kept, n_val = (int(sums.get(f"sum({name})") or 0) for name in ("kept", "kept_val"))
     edited_rows = sum(_read_edited(run.sensitive, ("id", "status"), cfg).count() for run in cfg.runs)
 
     train = ds.map_batches(_train_rows, batch_format="pyarrow", **io_args)

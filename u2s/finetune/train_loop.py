@@ -210,8 +210,13 @@ class _Trainer:
         import torch
 
         generator = torch.Generator().manual_seed(_seed(self.cfg.seed, self.step, micro, self.rank))
-        batch = collate(rows, self.cfg, generator)
         enabled = self.autocast_dtype is not None and self.device.type == "cuda"
+        if self.cfg.precompute:  # rows of the latent cache (u2s.finetune.latents)
+            from u2s.finetune.latents import cached_loss
+
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
+                return cached_loss(self.model, self.unet, rows, generator)
+        batch = collate(rows, self.cfg, generator)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
             return self.model.loss(self.unet, batch, generator)
 

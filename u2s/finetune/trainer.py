@@ -77,8 +77,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> FinetuneResult:
     from ray.train.torch import TorchTrainer
 
     from u2s.finetune.data import build_pairs
-    from u2s.finetune.train_loop import train_loop_per_worker
+    from u2s.finetune.train_loop import collate, train_loop_per_worker
     from u2s.io.storage import uri_join, write_json
+    from u2s.pipeline import init_ray
 
     if cfg.editor == "flux_kontext" and cfg.method != "lora":
         raise FinetuneError("flux_kontext trains a LoRA: set method: lora")
@@ -90,11 +91,15 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> FinetuneResult:
         )
     if resume and not exists:
         raise FinetuneError(f"nothing to resume: no experiment at {cfg.experiment_uri}")
-    if cfg.precompute:
-        raise FinetuneError("precompute is not available yet: set precompute: false")
 
+    init_ray(cfg.ray_address)
     train, val, counts = build_pairs(cfg)
     log.info("pairs: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if cfg.precompute:
+        from u2s.finetune.latents import precompute
+
+        train, cache = precompute(cfg, train, collate)
+        log.info("latent cache: %s (%s)", cache.uri, "reused" if cache.reused else "encoded")
     if counts["train"] < cfg.batch_size * cfg.num_workers:
         raise FinetuneError(
             f"{counts['train']} training pairs: fewer than batch_size × num_workers "

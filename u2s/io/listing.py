@@ -65,6 +65,7 @@ class Listing:
     unreadable_records: int
     shards: int
     duplicates_dropped: int = 0  # rows listed again with the same id and source
+    stage1_from: Any = None  # input.stage1_from: the earlier run read (a u2s.io.stage1_from.SourceRun)
 
     def stats(self) -> dict[str, Any]:
         """Counts for the run record (no paths)."""

@@ -96,6 +96,10 @@ class FluxKontextModel:
         )
         return embeds, pooled
 
+    def conditioning(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's text condition per sample: the edit instruction's (embeddings, pooled)."""
+        return self.encode_texts(batch.edit_instruction)
+
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """VAE latents of images in [-1, 1], shifted and scaled as the transformer sees them; a sample of
         the latent distribution under ``generator``, its mode without one."""
@@ -110,9 +114,11 @@ class FluxKontextModel:
         if shape not in self._black:
             _, h, w = shape
             scale = self.pipe.vae_scale_factor
+            vae = self.pipe.vae  # the real VAE, also while a latent cache stands in for `self.vae`
             with torch.no_grad():
                 black = torch.full((1, 3, h * scale, w * scale), -1.0, device=self.device)
-                self._black[shape] = self.encode_images(black)[0]
+                latent = vae.encode(black).latent_dist.mode()
+                self._black[shape] = ((latent - vae.config.shift_factor) * vae.config.scaling_factor)[0]
         return self._black[shape]
 
     def loss(
@@ -130,7 +136,7 @@ class FluxKontextModel:
                 batch.edited, torch.Generator(self.device).manual_seed(_draw(generator))
             )
             condition = self.encode_images(batch.original)
-            embeds, pooled = self.encode_texts(batch.edit_instruction)
+            embeds, pooled = self.conditioning(batch)
         return self.flow_loss(unet, target, condition, embeds, pooled, generator, dropout)
 
     def flow_loss(

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from u2s.config_base import ModelConfig
+from u2s.config_base import ModelConfig, model_location
 from u2s.stage2.editors.base import (
     Editor,
     EditorConfig,
@@ -43,6 +43,30 @@ class InstructPix2PixConfig(EditorConfig):
     resolution: int = Field(
         512, ge=64, description="Working size: the long side, sides rounded to multiples of 64."
     )
+    weights: str | None = Field(
+        None,
+        description="A `u2s finetune` checkpoint folder, local or s3:// (staged into the model cache like "
+        "the model): its full UNet (`unet/`) or LoRA adapters (`lora/`) load over the model's. None: the "
+        "model as it is.",
+    )
+
+    _weights_location = field_validator("weights")(model_location)
+
+
+def load_finetuned_unet(pipe: Any, folder: str) -> None:
+    """Load a `u2s finetune` checkpoint's UNet weights into ``pipe``: a full UNet (``folder/unet``) replaces
+    the pipeline's weights, LoRA adapters (``folder/lora``) are added with ``load_lora_weights``. A folder
+    with neither (SafeAttention weights only) changes nothing here."""
+    from pathlib import Path
+
+    path = Path(folder)
+    if (path / "unet").is_dir():
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=pipe.unet.dtype)
+        pipe.unet.load_state_dict(unet.state_dict())
+    if (path / "lora").is_dir():
+        pipe.load_lora_weights(str(path / "lora"))
 
 
 def load_ip2p_pipeline(model: ModelConfig, storage: StorageConfig | None = None) -> tuple[str, Any]:
@@ -66,6 +90,10 @@ class InstructPix2PixEditor(Editor):
     def __init__(self, stage2: Stage2Settings, storage: StorageConfig | None = None) -> None:
         super().__init__(stage2, storage)
         self.device, self.pipe = load_ip2p_pipeline(self.config.model, storage)
+        if self.config.weights:
+            from u2s.io.model_store import local_location
+
+            load_finetuned_unet(self.pipe, local_location(self.config.weights, storage))
         compile_denoiser(self.pipe, stage2)
 
     def working_size(self, width: int, height: int) -> tuple[int, int]:

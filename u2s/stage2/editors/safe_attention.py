@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 
 from u2s.config_base import model_location
 from u2s.stage2.editors.base import Editor, EditPrompt, compile_denoiser, fit_long_side, seeded_generators
-from u2s.stage2.editors.instruct_pix2pix import InstructPix2PixConfig, load_ip2p_pipeline
+from u2s.stage2.editors.instruct_pix2pix import InstructPix2PixConfig, load_finetuned_unet, load_ip2p_pipeline
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +41,8 @@ class SafeAttentionConfig(InstructPix2PixConfig):
     weights: str | None = Field(
         None,
         description="Saved SafeAttention weights: a folder or its .safetensors file, local or s3:// "
-        "(staged into the model cache like the model). None: untrained, equals plain IP2P.",
+        "(staged into the model cache like the model); a `u2s finetune` checkpoint folder also brings "
+        "its full UNet (`unet/`) or LoRA adapters (`lora/`). None: untrained, equals plain IP2P.",
     )
 
     _weights_location = field_validator("weights")(model_location)
@@ -66,10 +67,13 @@ class SafeAttentionEditor(Editor):
 
         super().__init__(stage2, storage)
         self.device, self.pipe = load_ip2p_pipeline(self.config.model, storage)
+        weights = local_location(self.config.weights, storage) if self.config.weights else None
+        if weights:
+            load_finetuned_unet(self.pipe, weights)  # before the processors, as the weights were trained
         self.processors = install_safe_attention(self.pipe.unet, self.config.variant)
-        if self.config.weights:
+        if weights:
             # Raises if the saved variant is not the configured one, or if any weight is missing.
-            load_safe_attention(self.pipe.unet, local_location(self.config.weights, storage))
+            load_safe_attention(self.pipe.unet, weights)
         compile_denoiser(self.pipe, stage2)  # after the processors: they are part of the compiled graph
 
     def working_size(self, width: int, height: int) -> tuple[int, int]:
