@@ -257,9 +257,15 @@ def pool_figures(actors: list[dict], end: float, start: float, samples: int = 12
 
 
 def spilled_mib() -> float:
+    """MiB the object store spilled to disk in this cluster (NaN when Ray cannot say)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    found = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+    try:
+        text = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
+    except Exception:  # a figure of the report, not of the run
+        return math.nan
+    found = re.search(r"Spilled (\d+) MiB", text)
     return float(found[1]) if found else 0.0
 
 
@@ -488,6 +494,8 @@ def main() -> None:
             r = simulate(args, endpoint, n, rate, autoscale)
             results.append(r)
             print("\n".join(report(r)), flush=True)
+            if args.json:  # after every run: a long session keeps what it measured
+                Path(args.json).write_text(json.dumps({"info": info, "runs": results}, indent=2, default=str))
     finally:
         server.terminate()
     earlier = [r for path in args.compare for r in json.loads(Path(path).read_text())["runs"]]
