@@ -159,6 +159,17 @@ def run(
     input_format: InputFormatOpt = None,
     output: OutputOpt = None,
     sensitive_output: SensitiveOutputOpt = None,
+    stage1_from: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URI",
+            rich_help_panel=IO_PANEL,
+            help="Take the rows, their ids and stage 1's results from an earlier run's sensitive output "
+            "and only edit (no VLM or LLM is loaded); images are read from each row's source. Rows without "
+            "a stage-1 result there stay error rows (--retry-errors cannot fix them here). Sets "
+            "input.stage1_from.",
+        ),
+    ] = None,
     ray_address: Annotated[
         str | None, typer.Option(metavar="ADDRESS", rich_help_panel=CLUSTER_PANEL, help=RAY_ADDRESS_HELP)
     ] = None,
@@ -193,6 +204,8 @@ def run(
     if retry_errors and not resume:
         raise typer.BadParameter("needs --resume", param_hint="--retry-errors")
     overrides = io_overrides(input, input_format, output, sensitive_output, ray_address) + (set_ or [])
+    if stage1_from is not None:
+        overrides.append(f"input.stage1_from={stage1_from}")
     cfg = resolve_config(preset, config, overrides)
     from u2s.io.errors import InputError
     from u2s.io.storage import OutputUnavailable

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
+    from u2s.config import CallPool
     from u2s.io.listing import Listing
     from u2s.stage import Stage
 
@@ -83,11 +84,17 @@ def stage_pools(cfg: JobConfig) -> dict[str, Resources]:
     pools: ``u2s plan`` and the cluster-config consistency tests read it.
     """
     pools = {"decode": cfg.ray.decode}
-    pools.update({pool.name: pool.resources for pool in cfg.stage1.pools()})
+    pools.update({pool.name: pool.resources for pool in stage1_pools(cfg)})
     pools["edit"] = cfg.stage2.resources
     pools.update(verify_pools(cfg))
     pools["write"] = Resources(num_cpus=cfg.ray.write_num_cpus, pool_size=1)
     return pools
+
+
+def stage1_pools(cfg: JobConfig) -> list[CallPool]:
+    """The stage-1 pools this config runs: none when ``input.stage1_from`` takes stage 1's results from an
+    earlier run (no VLM or LLM is loaded)."""
+    return [] if cfg.input.stage1_from else cfg.stage1.pools()
 
 
 def verify_pools(cfg: JobConfig) -> dict[str, Resources]:
@@ -119,7 +126,12 @@ def build_dataset(cfg: JobConfig, listing: Listing, done: Any = None) -> ray.dat
     from u2s.stage1.pool import pool_class
     from u2s.stage2.runner import EditStage
 
-    ds = read_listing(listing, cfg.input, cfg.storage, cfg.ray.decode, done)
+    if listing.stage1_from is not None:  # stage 1's results come with the rows
+        from u2s.io.stage1_from import read_stage1_from
+
+        ds = read_stage1_from(listing, cfg.storage, cfg.ray.decode, done)
+    else:
+        ds = read_listing(listing, cfg.input, cfg.storage, cfg.ray.decode, done)
     decode = DecodeStage(cfg.decode, thumbnail_side(cfg), cfg.output.metadata)
     ds = ds.map_batches(
         _stateless,
@@ -128,7 +140,12 @@ def build_dataset(cfg: JobConfig, listing: Listing, done: Any = None) -> ray.dat
         batch_format="pyarrow",
         **cfg.ray.decode.ray_remote_args(),
     )
-    for pool in cfg.stage1.pools():
+    if listing.stage1_from is not None:
+        from u2s.io.stage1_from import apply_stage1_results
+
+        ds = ds.map_batches(apply_stage1_results, batch_size=cfg.ray.decode.batch_size,
+                            batch_format="pyarrow", **cfg.ray.decode.ray_remote_args())  # fmt: skip
+    for pool in stage1_pools(cfg):
         pool_args = None
         if ENGINES[pool.engine].vllm_pool:  # several batches in flight per actor; a group for TP > 1
             from u2s.stage1.engines.vllm_pool import pool_kwargs
@@ -226,7 +243,7 @@ def running_cluster(address: str | None = None) -> str | None:
 def warn_person_name_labels(cfg: JobConfig) -> int:
     """With ``class_folders`` labels published, warn (one line, counts only: the names are private) when
     class folders look like people's names (``George_W_Bush``); returns how many do."""
-    if cfg.input.format != "class_folders" or "label" not in cfg.output.publish:
+    if cfg.input.format != "class_folders" or "label" not in cfg.output.publish or cfg.input.stage1_from:
         return 0
     from u2s.io.listing import top_folders
     from u2s.schema import looks_like_person_name
@@ -253,6 +270,7 @@ class _Records:
             "input_fingerprint": listing.fingerprint,
             "weights": weights_fingerprints(cfg),
             "input": listing.stats(),
+            **({"stage1_from": _source_record(listing)} if listing.stage1_from is not None else {}),
             "attempts": list((previous or {}).get("attempts", [])),
             "versions": package_versions(),
             "config": cfg.model_dump(mode="json"),
@@ -350,10 +368,17 @@ def run(
 
     start = time.perf_counter()
     resuming = prepare_outputs(cfg.output, cfg.storage, resume=resume)  # both checked: no bucket made
-    id_key = output_id_key(cfg.input, cfg.output, cfg.storage, resume=resuming)  # stored before any row
+    stage1_from = cfg.input.stage1_from  # ids, sources and stage 1's results from an earlier run
+    id_key = None if stage1_from else output_id_key(cfg.input, cfg.output, cfg.storage, resume=resuming)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
     retry_transient_errors(cfg.storage)  # before the listing's Dataset exists: it keeps the context it saw
-    listing = list_input(cfg.input, cfg.storage, cfg.ray.decode, id_key)
+    if stage1_from:
+        from u2s.io.stage1_from import adopt_id_key, list_stage1_from
+
+        listing = list_stage1_from(cfg.input, cfg.storage, cfg.ray.decode)
+        adopt_id_key(listing.stage1_from, cfg.output.sensitive_uri, cfg.storage)  # its ids are this run's
+    else:
+        listing = list_input(cfg.input, cfg.storage, cfg.ray.decode, id_key)
     warn_person_name_labels(cfg)
     previous = read_json(uri_join(cfg.output.sensitive_uri, "_run.json"), cfg.storage) if resuming else None
     done, retried = None, 0
@@ -361,7 +386,7 @@ def run(
         # Rows were written: they must come from this config and input. None yet (an attempt that failed
         # before its first file, e.g. a model that did not load): nothing to mix, a fixed config may resume.
         if not force and parquet_files(cfg.output.uri, cfg.storage):
-            check_resumable(previous, cfg, listing.fingerprint)
+            check_resumable(previous, cfg, listing.fingerprint, _source_record(listing))
         state = reconcile(cfg.output, cfg.storage, retry_errors=retry_errors)
         done, retried = (state.done if len(state.done) else None), state.retried
         logger.info("resuming: %d of %d rows already written%s", len(state.done), listing.rows,
@@ -422,6 +447,11 @@ def run(
     records.finish("succeeded", written=sink.summary.rows, retried=retried)
     records.save(summary)
     return summary
+
+
+def _source_record(listing: Listing) -> dict[str, Any] | None:
+    """What the run record keeps of the run ``input.stage1_from`` reads (None: this run runs stage 1)."""
+    return None if listing.stage1_from is None else listing.stage1_from.record()
 
 
 @contextlib.contextmanager
