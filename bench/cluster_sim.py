@@ -321,10 +321,19 @@ def simulate(args: argparse.Namespace, endpoint: str, n: int, flag_rate: float, 
     )
     # Twice the cores as logical CPUs: fetch tasks wait on S3 much of the time, and Ray Data budgets tasks
     # by logical CPUs (with exactly the cores, it ran one decode task at a time next to the pools).
-    ray.init(num_cpus=2 * cores + math.ceil(0.1 * actors_max), num_gpus=args.gpus, include_dashboard=False,
-             resources={f"accelerator_type:{gpu}": args.gpus for gpu in (args.stage1_gpu, args.edit_gpu)},
-             object_store_memory=args.object_store_mib * 2**20, log_to_driver=args.verbose,
-             runtime_env={"worker_process_setup_hook": "standins.install"})  # fmt: skip
+    for attempt in range(3):  # Ray gives its raylet 30 s to register: a loaded machine may miss that
+        try:
+            ray.init(
+                num_cpus=2 * cores + math.ceil(0.1 * actors_max), num_gpus=args.gpus, include_dashboard=False,
+                resources={f"accelerator_type:{gpu}": args.gpus for gpu in (args.stage1_gpu, args.edit_gpu)},
+                object_store_memory=args.object_store_mib * 2**20, log_to_driver=args.verbose,
+                runtime_env={"worker_process_setup_hook": "standins.install"},
+            )  # fmt: skip
+            break
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
     ray.data.DataContext.get_current().enable_progress_bars = False
     from u2s.pipeline import run
 
