@@ -1,5 +1,5 @@
 """FLUX Kontext LoRA fine-tuning on the tiny FLUX Kontext: the loss falls on a fixed batch, and the
-saved adapter loads into the ``flux_kontext`` editor through ``stage2.flux_kontext.lora``."""
+saved adapter loads into the ``flux_kontext`` editor through ``stage2.flux_kontext.weights``."""
 
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def test_a_tiny_run_reports_eval_metrics_per_validation_step(
         "checkpoint_every": 2, "validate_every": 1, "clip_ratio_threshold": None, "torch_threads": 1,
         "storage_path": f"{s3_bucket}/ft", "name": "val", "storage": {"endpoint_url": s3_endpoint},
         "validation": {"num_inference_steps": 2,
-                       "models": {"clip": {"model": str(tiny_models["clip"]), "device": "cpu"}}},
+                       "models": {"clip": {"model": str(tiny_models["clip"]), "device": "cpu"},
+                                  "face": {"size": 64, "upsample": 0}}},
     })  # fmt: skip
     rows = pair_rows(4)
     trainer = TorchTrainer(

@@ -8,7 +8,7 @@
   the mean over the val rows where it is defined. Each val original (centre crop at ``resolution``) is
   edited through the editor users run: the weights are saved as a checkpoint is (``save_weights``) into
   a temporary folder, the editor is built from that folder through its config field
-  (``stage2.<editor>.weights`` or ``.lora``: :meth:`editor_settings`) with a seed per row, and the eval
+  (``stage2.<editor>.weights``) with a seed per row, and the eval
   suite's metric families (:mod:`u2s.eval.metrics`) score the edit against the original;
 - ``val_ssim_target``: SSIM of the edit against the run's own edited image (how close the student gets
   to the editor that made the pairs).
@@ -93,15 +93,11 @@ def centre_crop(data: bytes, side: int) -> Image.Image:
     return ImageOps.fit(img, (side, side), Image.Resampling.BICUBIC)
 
 
-def editor_settings(model: Any, cfg: FinetuneConfig, folder: Path) -> dict[str, Any]:
+def editor_settings(model: Any, folder: Path) -> dict[str, Any]:
     """The editor's config fields that load the weights saved in ``folder`` (a checkpoint's layout)."""
     if hasattr(model, "editor_settings"):
         return model.editor_settings(folder)
-    if cfg.editor == "safe_attention":
-        return {"weights": str(folder)}
-    from u2s.finetune.models.ip2p import LORA_DIR, UNET_DIR
-
-    return {"lora": str(folder / LORA_DIR)} if cfg.method == "lora" else {"unet": str(folder / UNET_DIR)}
+    return {"weights": str(folder)}  # every editor loads a checkpoint folder through `weights`
 
 
 def edit_rows(
@@ -118,7 +114,7 @@ def edit_rows(
         folder = model.save_weights(Path(tmp))
         section: dict[str, Any] = {
             "model": cfg.model.model_dump(mode="json"), "resolution": cfg.resolution,
-            **editor_settings(model, cfg, Path(folder)),
+            **editor_settings(model, Path(folder)),
         }  # fmt: skip
         if cfg.validation.num_inference_steps is not None:
             section["num_inference_steps"] = cfg.validation.num_inference_steps
@@ -268,8 +264,8 @@ def render_html(record: dict[str, Any]) -> str:
         f"<style>{CSS}</style></head><body>"
         f"<h1>Validation: {html.escape(record['experiment'])}</h1>"
         f"<p class=muted>editor {html.escape(record['editor'])} ({html.escape(record['method'])}); "
-        f"updated {html.escape(record['updated'])}. Means over the val rows edited with the EMA weights at "
-        "each step; ↑/↓: which way is better; <sup>*</sup>: some rows skipped (hover for why).</p>"
+        f"updated {html.escape(record['updated'])}. Means over the val rows edited with the weights (EMA "
+        "when on) at each step; ↑/↓: which way is better; <sup>*</sup>: some rows skipped (hover: why).</p>"
         f"<table><thead><tr><th class=name>step</th><th>rows</th>{head}</tr></thead>"
         f"<tbody>{''.join(body)}</tbody></table></body></html>"
     )

@@ -11,7 +11,7 @@ for ``text_dropout`` of the samples, the original becomes a black image for ``im
 
 Only peft LoRA adapters on the transformer train (``method: lora``; ``lora.target_modules``); the VAE and
 both text encoders stay frozen. :meth:`FluxKontextModel.save_weights` writes ``lora/`` in diffusers'
-format, which the ``flux_kontext`` editor loads through ``stage2.flux_kontext.lora``.
+format, which the ``flux_kontext`` editor loads through ``stage2.flux_kontext.weights=<checkpoint>``.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ class FluxKontextModel:
     @staticmethod
     def editor_settings(folder: str | Path) -> dict[str, Any]:
         """The ``stage2.flux_kontext`` fields that load the weights :meth:`save_weights` wrote."""
-        return {"lora": str(Path(folder) / LORA_DIR)}
+        return {"weights": str(folder)}
 
 
 def _draw(generator: torch.Generator) -> int:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from u2s.config_base import ModelConfig
+from u2s.config_base import ModelConfig, model_location
 from u2s.stage2.editors.base import (
     Editor,
     EditorConfig,
@@ -45,10 +45,12 @@ class FluxKontextConfig(EditorConfig):
         1024, ge=64, description="Working size: the long side (Kontext is trained near 1 MP), sides rounded "
         "to multiples of 64.",
     )  # fmt: skip
-    lora: str | None = Field(
-        None, description="A LoRA adapter for the transformer (a folder `u2s finetune` writes, local or "
-        "s3://), loaded with `load_lora_weights`; None: the base model.",
+    weights: str | None = Field(
+        None, description="A LoRA adapter for the transformer, local or s3://: a `u2s finetune` checkpoint "
+        "(its `lora/`) or a diffusers LoRA folder, loaded with `load_lora_weights`; None: the base model.",
     )  # fmt: skip
+
+    _weights_location = field_validator("weights")(model_location)
 
 
 class FluxKontextEditor(Editor):
@@ -63,10 +65,13 @@ class FluxKontextEditor(Editor):
 
         super().__init__(stage2, storage)
         self.device, self.pipe = load_pipeline(FluxKontextPipeline, self.config.model, storage)
-        if self.config.lora:
+        if self.config.weights:
+            from pathlib import Path
+
             from u2s.io.model_store import local_location
 
-            self.pipe.load_lora_weights(local_location(self.config.lora, storage))
+            path = Path(local_location(self.config.weights, storage))
+            self.pipe.load_lora_weights(str(path / "lora" if (path / "lora").is_dir() else path))
         compile_denoiser(self.pipe, stage2)
 
     def working_size(self, width: int, height: int) -> tuple[int, int]:
