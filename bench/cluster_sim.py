@@ -177,6 +177,7 @@ class Sampler(threading.Thread):
         self.first: dict[int, float] = {}
         self.last: dict[int, float] = {}
         self.peak_all = self.peak_driver = 0
+        self.series: list[tuple[float, float]] = []  # (time, CPU-seconds used so far)
         self._done = threading.Event()
 
     def sample(self) -> None:
@@ -197,6 +198,15 @@ class Sampler(threading.Thread):
             if p.pid == self.me.pid:
                 self.peak_driver = max(self.peak_driver, rss)
         self.peak_all = max(self.peak_all, total)
+        self.series.append((time.time(), self.used()))
+
+    def used(self) -> float:
+        return sum(self.last[p] - self.first[p] for p in self.last)
+
+    def used_since(self, t: float) -> float:
+        """CPU-seconds used after time ``t`` (from the last sample before it)."""
+        before = [cpu for at, cpu in self.series if at <= t]
+        return self.used() - (before[-1] if before else 0.0)
 
     def run(self) -> None:
         while not self._done.wait(self.interval):
@@ -207,7 +217,7 @@ class Sampler(threading.Thread):
         self._done.set()
         self.join()
         self.sample()
-        return sum(self.last[p] - self.first[p] for p in self.last)
+        return self.used()
 
 
 def read_records(folder: Path) -> list[dict[str, Any]]:
@@ -227,9 +237,10 @@ def pool_figures(actors: list[dict], end: float, start: float, samples: int = 12
         a["pool"] = "edit" if a["kind"] == "editor" else ("vlm" if a["meta"]["vision"] else "llm")
         a["work"] = [e for e in a["events"] if e["event"] == ("call" if a["kind"] == "editor" else "step")]
         a["last"] = min(end, max(e["t"] for e in a["events"]))
-        p = pools.setdefault(a["pool"], {"actors": 0, "busy": 0.0, "life": 0.0, "filled": 0.0, "slots": 0.0,
-                                         "first": math.inf, "spans": []})  # fmt: skip
+        p = pools.setdefault(a["pool"], {"actors": 0, "worked": 0, "busy": 0.0, "life": 0.0, "filled": 0.0,
+                                         "slots": 0.0, "first": math.inf, "spans": []})  # fmt: skip
         p["actors"] += 1
+        p["worked"] += bool(a["work"])
         p["spans"].append((a["meta"]["t"], a["last"]))
         p["first"] = min([p["first"], *(e["start"] for e in a["work"])])
     for a in actors:
@@ -351,12 +362,14 @@ def simulate(args: argparse.Namespace, endpoint: str, n: int, flag_rate: float, 
     pools = {names[k]: v for k, v in pools.items()}
     first = min((p["first"] for p in pools.values()), default=start)
     steady = n / (end - first) if end > first else 0.0
+    cpu_steady = sampler.used_since(first)  # without Ray's and the actors' start-up (imports)
     return {
         "images": n, "flag_rate": flag_rate, "autoscale": autoscale, "scale": scale, "ideal": ideal,
         "bottleneck": bottleneck, "capacities": caps, "actors": fixed, "rows": summary.rows,
         "by_status": summary.by_status, "flagged": summary.flagged, "wall_s": end - start,
         "rows_per_s": n / (end - start), "steady_rows_per_s": steady, "startup_s": first - start,
-        "cpu_s_per_row": cpu / n, "cpu_busy": cpu / ((end - start) * cores),
+        "cpu_s_per_row": cpu_steady / n, "cpu_s_per_row_with_startup": cpu / n,
+        "cpu_busy": cpu_steady / ((end - first) * cores),
         "peak_driver_mib": sampler.peak_driver / 2**20,
         "peak_ray_mib": sampler.peak_all / 2**20, "spilled_mib": spilled, "pools": pools,
         "max_batch": t["max_batch"], "stage_seconds": summary.stage_seconds,
@@ -369,13 +382,25 @@ def simulate(args: argparse.Namespace, endpoint: str, n: int, flag_rate: float, 
 def held_back(r: dict) -> str:
     """What holds a run below its ideal."""
     b = r["pools"].get(r["bottleneck"], {})
+    if b.get("worked", b.get("actors", 0)) < b.get("actors", 0):
+        return (
+            f"{r['bottleneck']}: only {b['worked']} of its {b['actors']} actors got work (Ray Data queues "
+            "whole blocks at a few actors; rows per block: ray.decode.batch_size)"
+        )
     if r["cpu_busy"] >= 0.85:
         return f"the CPUs ({r['cpu_busy']:.0%} busy: fetch, decode, thumbnails, encode, writes, Ray)"
     if r["bottleneck"] == "edit" and b.get("fill", 1) < GOAL:
         return f"edit: calls only {b['fill']:.0%} full (Ray batches of rows, few of them flagged)"
-    busiest = max(r["pools"], key=lambda p: r["pools"][p]["busy_fraction"])
-    if busiest != r["bottleneck"] and r["pools"][busiest]["busy_fraction"] >= GOAL:
-        return f"{busiest} (busy {r['pools'][busiest]['busy_fraction']:.0%}, the real bottleneck)"
+    # A pool is saturated when it is busy and full (an engine step with few requests in flight is not).
+    use = {p: f["busy_fraction"] * (f["fill"] if p != "edit" else 1.0) for p, f in r["pools"].items()}
+    busiest = max(use, key=use.get)
+    if busiest != r["bottleneck"] and use[busiest] >= GOAL:
+        return f"{busiest} (busy x fill {use[busiest]:.0%}: the real bottleneck)"
+    if r["cpu_busy"] < 0.5:
+        return (
+            f"{r['bottleneck']} waits for rows while u2s's processes use {r['cpu_busy']:.0%} of the cores: "
+            "the machine's other load or Ray Data's queues between pools"
+        )
     busy = b.get("busy_fraction", 0.0)
     return f"{r['bottleneck']} waits for rows (busy {busy:.0%}): Ray Data's queues between pools"
 
@@ -385,19 +410,20 @@ def report(r: dict) -> list[str]:
     lines = [
         f"== {tag}: {r['rows']:,} rows ({', '.join(f'{k} {v}' for k, v in sorted(r['by_status'].items()))}), "
         f"{r['flagged']} flagged; simulated GPUs {r['scale']:.2f}x the real cards' time",
-        f"{'pool':<18}{'actors':>7}{'capacity':>10}{'busy':>7}{'fill':>7}  actors over time",
+        f"{'pool':<18}{'worked':>7}{'capacity':>10}{'busy':>7}{'fill':>7}  actors over time",
     ]
     for name, p in r["pools"].items():
         cap = r["capacities"].get(name, 0.0)
         mark = " <- bottleneck" if name == r["bottleneck"] else ""
-        lines.append(f"{name:<18}{p['actors']:>7}{cap:>8.1f}/s{p['busy_fraction']:>7.0%}{p['fill']:>7.0%}  "
+        actors = f"{p.get('worked', p['actors'])}/{p['actors']}"
+        lines.append(f"{name:<18}{actors:>7}{cap:>8.1f}/s{p['busy_fraction']:>7.0%}{p['fill']:>7.0%}  "
                      f"{' '.join(map(str, p['over_time']))}{mark}")  # fmt: skip
     lines += [
         f"job: {r['rows_per_s']:.1f} rows/s over {r['wall_s']:.0f} s, {r['steady_rows_per_s']:.1f} after "
         f"start-up ({r['startup_s']:.0f} s); ideal {r['ideal']:.1f} -> "
         f"{r['steady_rows_per_s'] / r['ideal']:.0%}",
-        f"CPU: {r['cpu_s_per_row'] * 1e3:.1f} ms/row outside the stand-ins ({r['cpu_busy']:.0%} of the "
-        "cores); "
+        f"CPU: {r['cpu_s_per_row'] * 1e3:.1f} ms/row outside the stand-ins after start-up "
+        f"({r.get('cpu_s_per_row_with_startup', 0) * 1e3:.0f} with it; {r['cpu_busy']:.0%} of the cores); "
         f"peak memory: driver {r['peak_driver_mib']:.0f} MiB, all Ray processes {r['peak_ray_mib']:.0f} MiB; "
         f"spilled {r['spilled_mib']:.0f} MiB",
     ]  # fmt: skip
