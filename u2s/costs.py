@@ -96,10 +96,11 @@ class CpuCost:
         return rows_per_s * self.seconds_per_row
 
 
-#: The figure ``bench/cluster_sim.py`` recorded (docs/benchmarks.md, "Simulated GPU cluster"): COCO-like
-#: JPEGs at a 25% flag rate, one 2-core VM; the Ray Data and Parquet overheads of a small cluster included.
+#: The figure ``bench/cluster_sim.py`` recorded (docs/benchmarks.md, "Simulated GPU cluster"): 1 000
+#: COCO-like JPEGs at 25% flags on a 2-core VM under other load, Ray's and the actors' start-up included, so
+#: an upper bound (the steps alone cost ~12 ms per kept COCO image on one core: ``bench/cpu_per_image.py``).
 RECORDED_CPU_COST = CpuCost(
-    0.050, "recorded: bench/cluster_sim.py, 2-core VM, COCO-like JPEGs, 25% flagged (docs/benchmarks.md)"
+    0.142, "recorded: bench/cluster_sim.py, 1,000 COCO-like JPEGs, 25% flagged, 2-core VM, start-up included"
 )
 
 
