@@ -9,6 +9,7 @@ RSS (``ru_maxrss`` and a 0.2 s psutil sample), and their ratio (the bar: ≤ 1.2
 
     python bench/driver_memory.py                     # 10 000 and 100 000 rows
     python bench/driver_memory.py --rows 5000 --json out.json
+    python bench/driver_memory.py --batch 64          # blocks of 64 rows, as a large run sets them
     python bench/driver_memory.py --outputs-only      # the driver's end of a run alone (below)
 
 ``--outputs-only`` measures just what the driver does with finished outputs, where it grew with the rows
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,8 +91,9 @@ def stand_in_server():
             proc.wait()
 
 
-def child(folder: str, out: str) -> dict:
-    """One run in this process; returns its wall time and this process's peak RSS."""
+def child(folder: str, out: str, batch: str) -> dict:
+    """One run in this process (``batch``: rows per block of every stage); returns its wall time and this
+    process's peak RSS."""
     import psutil
 
     from u2s.config import load_config
@@ -113,6 +116,8 @@ def child(folder: str, out: str) -> dict:
             "stage1.engine=http",
             f"stage1.http={{base_url: '{url}', api_key_env: null, max_concurrency: 16}}",
             "stage1.vlm.model=stand-in-vlm", "stage1.llm.model=stand-in-llm", "stage2.editor=blur",
+            f"ray.decode.batch_size={batch}", f"stage1.calls.inspect.resources.batch_size={batch}",
+            f"stage1.calls.instruct.resources.batch_size={batch}", f"stage2.resources.batch_size={batch}",
         ])  # fmt: skip
         start_ray()
         start = time.perf_counter()
@@ -190,13 +195,13 @@ def _run_child(arguments: list[str], n: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(n: int) -> dict:
+def measure(n: int, batch: int) -> dict:
     """Write ``n`` images and run the job on them in a fresh process."""
     with tempfile.TemporaryDirectory(prefix="u2s-driver-mem-") as tmp:
         folder = Path(tmp, "images")
         folder.mkdir()
         write_images(folder, n)
-        return _run_child(["--child", str(folder), str(Path(tmp, "out"))], n)
+        return _run_child(["--child", str(folder), str(Path(tmp, "out")), str(batch)], n)
 
 
 def main() -> None:
@@ -204,7 +209,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000, help="N: runs N and 10 N rows")
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--outputs-only", action="store_true", help="the driver's end of a run alone")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=4,
+        help="rows per block in every stage of a whole run (cpu-tiny: 4; paper's decode: 64)",
+    )
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--outputs-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,7 +228,7 @@ def main() -> None:
     if args.outputs_child:
         print(json.dumps(outputs_child(*args.outputs_child)))
         return
-    run_one = measure_outputs if args.outputs_only else measure
+    run_one = measure_outputs if args.outputs_only else partial(measure, batch=args.batch)
     results = [run_one(args.rows), run_one(10 * args.rows)]
     ratio = results[1]["ru_maxrss_mib"] / results[0]["ru_maxrss_mib"]
     rows = [[str(r["rows"]), str(r["wall_s"]), str(r["ru_maxrss_mib"]), str(r["sampled_peak_rss_mib"])]

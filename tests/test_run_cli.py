@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 from u2s.config import StorageConfig
 from u2s.demo_data import write_sample_dataset
 from u2s.io.writers import FAULT_AFTER_COMMIT, parquet_files, read_columns
+from u2s.testing.chat_server import ChatRequest, OracleChatServer, oracle_overrides
 from u2s.testing.cluster_job import tiny_model_overrides
 
 pytestmark = pytest.mark.slow
@@ -31,10 +33,10 @@ def samples(tmp_path_factory) -> Path:
 def _command(tiny_models, samples: Path, out: Path, *extra: str) -> list[str]:
     command = [sys.executable, "-m", "u2s.cli", "run", "--preset", "cpu-tiny", "--input", str(samples),
                "--output", str(out / "safe"), "--sensitive-output", str(out / "sensitive"),
-               "--set", "ray.num_cpus=2", *extra]  # fmt: skip
+               "--set", "ray.num_cpus=2"]  # fmt: skip
     for item in tiny_model_overrides(tiny_models):
         command += ["--set", item]
-    return command
+    return [*command, *extra]  # later settings win
 
 
 def _env() -> dict[str, str]:
@@ -48,9 +50,25 @@ def _records(out: Path) -> tuple[dict, dict]:
     return full, public
 
 
+def _nothing_private(request: ChatRequest) -> dict:
+    return {"privacy_flag": False, "categories": []}
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_a_stopped_run_says_interrupted_and_resume_finishes_it(tiny_models, samples, tmp_path, stop):
-    command = _command(tiny_models, samples, tmp_path, "--set", "output.rows_per_file=4")
+    extra = ["--set", "output.rows_per_file=4"]
+    with contextlib.ExitStack() as stack:
+        if stop == signal.SIGTERM:  # how it ends is what counts here: stage 1 on an instant stand-in server
+            url = stack.enter_context(OracleChatServer(_nothing_private))
+            extra += [item for override in oracle_overrides(url) for item in ("--set", override)]
+            extra += ["--set", "stage2.editor=blur"]
+        _stop_and_resume(tiny_models, samples, tmp_path, stop, extra)
+
+
+def _stop_and_resume(
+    tiny_models, samples: Path, tmp_path: Path, stop: signal.Signals, extra: list[str]
+) -> None:
+    command = _command(tiny_models, samples, tmp_path, *extra)
     # The test-only write fault hook: the first write task commits one file pair, then every write hangs,
     # so the signal arrives with files written and rows left (u2s.io.writers.FAULT_AFTER_COMMIT).
     marker = tmp_path / "committed"
