@@ -112,10 +112,11 @@ def edit_rows(
     assert cfg.model is not None
     with tempfile.TemporaryDirectory(prefix="u2s-val-") as tmp:
         folder = model.save_weights(Path(tmp))
+        # The crops are edited at their own size (``edit`` never resizes), whatever the editor's resolution.
         section: dict[str, Any] = {
-            "model": cfg.model.model_dump(mode="json"), "resolution": cfg.resolution,
+            "model": cfg.model.model_dump(mode="json"),
             **editor_settings(model, Path(folder)),
-        }  # fmt: skip
+        }
         if cfg.validation.num_inference_steps is not None:
             section["num_inference_steps"] = cfg.validation.num_inference_steps
         editor = load_editor(
