@@ -82,6 +82,7 @@ def test_every_config_field_is_classified_as_outcome_or_runtime():
         "output.rows_per_file=10",
         "output.uri=/elsewhere/safe",
         "run.max_error_fraction=0.9",
+        "stage2.max_batch=2",
     ],
 )
 def test_runtime_knobs_may_change_on_resume(change):
@@ -101,6 +102,7 @@ def test_runtime_knobs_may_change_on_resume(change):
         ("stage2.seed=7", "stage2.seed"),
         ("stage2.instruct_pix2pix.num_inference_steps=3", "stage2.instruct_pix2pix.num_inference_steps"),
         ("stage2.editor=blur", "stage2.editor"),
+        ("stage2.aspect_buckets=[[1, 1]]", "stage2.aspect_buckets"),
         ("decode.max_pixels=1000000", "decode.max_pixels"),
         ("output.metadata=keep", "output.metadata"),
         ("output.publish=[]", "output.publish"),

@@ -48,6 +48,7 @@ OUTCOME_SETTINGS = frozenset({
         "chat_template_kwargs", "engine_kwargs",
     )),
     "stage2.editor", "stage2.seed", "stage2.output_format",
+    "stage2.aspect_buckets",  # the working size an image is edited at
     "stage2.blur", "stage2.blur_image", "stage2.mask", "stage2.pixelate",
     "stage2.instruct_pix2pix", "stage2.safe_attention", "stage2.flowedit_sd3", "stage2.flux_kontext",
     "stage2.verify.checks", "stage2.verify.max_attempts", "stage2.verify.face_distance",
@@ -71,6 +72,7 @@ RUNTIME_SETTINGS = frozenset({
         "request_timeout_s",
     )),
     "stage2.compile", "stage2.compile_mode", "stage2.resources", "stage2.*.model.device",
+    "stage2.max_batch",  # images per editor call: per-row seeds keep each output independent of batch-mates
     "stage2.*.model.trust_remote_code", "stage2.verify.resources", "stage2.verify.ladder.resources",
 })  # fmt: skip
 
