@@ -52,6 +52,17 @@ class LoraSettings(ConfigModel):
         "gaussian", description="peft `init_lora_weights`: gaussian (the paper) or peft's default."
     )
 
+    def peft_config(self) -> Any:
+        """These settings as peft's ``LoraConfig`` (for ``model.add_adapter``)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            init_lora_weights="gaussian" if self.init == "gaussian" else True,
+            target_modules=self.target_modules,
+        )
+
 
 class ValidationSettings(ConfigModel):
     """What each validation computes: the val rows edited through the editor, scored by the eval suite."""

@@ -41,7 +41,6 @@ class FluxKontextModel:
     def __init__(self, cfg: FinetuneConfig, device: str = "cpu") -> None:
         import torch
         from diffusers import FluxKontextPipeline
-        from peft import LoraConfig
 
         from u2s.io.model_store import local_model
         from u2s.log_privacy import silence_input_echo
@@ -67,15 +66,7 @@ class FluxKontextModel:
         self.pipe.to(self.device)
         self.vae, self.transformer = self.pipe.vae, self.pipe.transformer
         self.vae.eval()
-        lora = cfg.lora
-        self.transformer.add_adapter(
-            LoraConfig(
-                r=lora.rank,
-                lora_alpha=lora.alpha,
-                init_lora_weights="gaussian" if lora.init == "gaussian" else True,
-                target_modules=lora.target_modules,
-            )
-        )
+        self.transformer.add_adapter(cfg.lora.peft_config())
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()

@@ -76,17 +76,7 @@ class IP2PModel:
         self.safe_attention = cfg.editor == "safe_attention"
         self.unet.requires_grad_(cfg.method == "full" and (cfg.train_unet or not self.safe_attention))
         if cfg.method == "lora" and (cfg.train_unet or not self.safe_attention):
-            from peft import LoraConfig
-
-            lora = cfg.lora
-            self.unet.add_adapter(
-                LoraConfig(
-                    r=lora.rank,
-                    lora_alpha=lora.alpha,
-                    init_lora_weights="gaussian" if lora.init == "gaussian" else True,
-                    target_modules=lora.target_modules,
-                )
-            )
+            self.unet.add_adapter(cfg.lora.peft_config())
         if self.safe_attention:
             from u2s.stage2.safe_attention_processor import install_safe_attention
 
