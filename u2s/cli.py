@@ -730,11 +730,23 @@ def tiny_models(
 
 
 @app.command("sample-data")
-def sample_data(out: Annotated[Path, typer.Argument(help="Folder to write the sample images into.")]) -> None:
+def sample_data(
+    out: Annotated[Path, typer.Argument(help="Folder to write the sample images into.")],
+    list_files: Annotated[
+        bool, typer.Option("--list", help="Print each file: its kind, size and header.")
+    ] = False,
+) -> None:
     """Write the demo's sample dataset (faces, text, plates, odd formats, broken files)."""
     from u2s.demo_data import describe_samples, write_sample_dataset
 
-    typer.echo(describe_samples(write_sample_dataset(out)))
+    samples = write_sample_dataset(out)
+    if list_files:
+        typer.echo(describe_samples(samples))
+        return
+    broken = sum(sample.expected == "error" for sample in samples)
+    images = len(samples) - broken
+    typer.echo(f"{out}: {len(samples)} sample files, {images} images and {broken} broken files (they become "
+               "error rows); --list shows each")  # fmt: skip
 
 
 @app.callback()

@@ -478,15 +478,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def _progress_line(budget: Any, total: int, resumed: int) -> Any:
     """u2s's progress line over ``budget``'s tally, with Ray Data's own progress output off (``--verbose``,
     i.e. DEBUG logging of ``u2s``, keeps Ray Data's)."""
-    import ray.data
-
     from u2s.progress import ProgressLine
+    from u2s.quiet import quiet_ray_data
 
-    if not logging.getLogger("u2s").isEnabledFor(logging.DEBUG):
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Starting execution", plans, operator stats
-        # Ray Data's issue detectors' advice (per-operator memory, hanging tasks): multi-line, every 30 s.
-        logging.getLogger("ray.data._internal.issue_detection").setLevel(logging.ERROR)
+    quiet_ray_data()
     return ProgressLine(budget.progress, total, resumed).start()
 
 

@@ -123,6 +123,26 @@ def quiet_driver() -> None:
     logging.getLogger("ray.data.dataset").addFilter(
         _DropMessages("The Dataset job will hang unless more CPUs")
     )
+    # The same, said again while it runs: a task operator (fetch, decode, read) waits for CPUs that the
+    # actor pools hold; it runs as they free them. A pool that cannot start (a GPU the cluster lacks) is
+    # still reported: its operator is an ActorPoolMapOperator.
+    logging.getLogger("ray.data._internal.execution.resource_manager").addFilter(
+        _DropMessages("Cluster resources are not enough to run any task from TaskPoolMapOperator")
+    )
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's own progress output off, where a u2s command reports its own: progress bars, INFO lines
+    (execution plans, operator stats, "Starting execution") and the issue detectors' multi-line advice
+    (per-operator memory, hanging tasks) every 30 s. ``--verbose`` (DEBUG logging of ``u2s``) keeps them."""
+    if logging.getLogger("u2s").isEnabledFor(logging.DEBUG):
+        return
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").addFilter(_DropMessages("Progress bars disabled"))
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.issue_detection").setLevel(logging.ERROR)
 
 
 def quiet_worker() -> None:

@@ -129,10 +129,12 @@ def _prepare_out(cfg: EvalConfig) -> dict[str, str]:
 def run_eval(cfg: EvalConfig) -> EvalResult:
     """Evaluate every method of ``cfg`` against the originals and write the three outputs."""
     from u2s.pipeline import init_ray
+    from u2s.quiet import quiet_ray_data
 
     start = time.perf_counter()
     targets = _prepare_out(cfg)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    quiet_ray_data()  # the command prints its own summary
     metrics = metric_names(cfg)
     schema = pa.schema([*ROW_COLUMNS, *metric_fields(metrics)])
     accumulator = Accumulator(list(cfg.methods), metrics)
