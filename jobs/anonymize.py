@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import sys
 
-from u2s.cli import app
+from u2s.cli import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `u2s run` with ``argv`` (default: the command line); returns its exit status."""
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        app(["run", *args], prog_name="jobs/anonymize.py")
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
+    return run_command("run", argv, prog_name="jobs/anonymize.py")
 
 
 if __name__ == "__main__":

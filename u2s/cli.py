@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
@@ -764,3 +765,14 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 
 if __name__ == "__main__":
     app()
+
+
+def run_command(command: str, argv: list[str] | None, prog_name: str) -> int:
+    """Run ``u2s COMMAND`` with ``argv`` (default: the command line) and return its exit status: the
+    body of a Ray job entrypoint (``jobs/*.py``)."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        app([command, *args], prog_name=prog_name)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
